@@ -1,0 +1,325 @@
+"""The :class:`Stat` base: declared, mergeable, dtype-pinned state held in buffers.
+
+A stat declares each piece of its state once, in ``__init__``, with :meth:`Stat.add_state` and the
+rule by which that piece merges across ranks. Everything is a registered buffer, so it is saved in
+``state_dict``, moved by ``.to()`` and never seen by an optimizer.
+
+Sync protocol (used by :func:`statplug.sync_stats`, which coalesces it over every stat): a stat
+contributes float64 tensors to a first SUM all-reduce and to one MAX all-reduce (a minimum travels
+as a negated maximum), then, knowing the phase-1 totals, to a second SUM all-reduce. Only data seen
+*since the last sync* is contributed, so a second sync changes nothing and a checkpoint loaded on N
+ranks counts once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from statplug._buffers import PinnedDtypeModule
+
+__all__ = ["NanPolicy", "Stat"]
+
+NanPolicy = Literal["raise", "skip", "propagate"]
+_NAN_POLICIES = ("raise", "skip", "propagate")
+_REDUCES = ("sum", "min", "max", "custom")
+_ACCUMULATOR_DTYPES = (torch.float32, torch.float64)
+
+# Contributions of one stat to the coalesced collectives: float64 tensors, flattened by the engine.
+Contribution = list[Tensor]
+
+
+def _as_shape(shape: int | Sequence[int], owner: str) -> tuple[int, ...]:
+    if isinstance(shape, int):
+        shape = (shape,)
+    try:
+        out = tuple(int(s) for s in shape)
+    except TypeError as err:
+        raise ValueError(
+            f"{owner}: `shape` must be an int or a tuple of ints, got {shape!r}"
+        ) from err
+    if any(s <= 0 for s in out):
+        raise ValueError(f"{owner}: `shape` must have positive sizes, got {out}")
+    return out
+
+
+class Stat(PinnedDtypeModule):
+    """Base class of every running statistic.
+
+    Subclasses call :meth:`add_state` in ``__init__`` for each piece of state and implement
+    :meth:`_update`, :meth:`_merge_from` and the sync hooks. The base owns argument checking, the
+    nan policy, freezing, the int64 ``count``, and ``sum``-reduced states' bookkeeping.
+
+    Args:
+        shape: feature shape; every leading dim of an update is a sample dim.
+        accumulator_dtype: dtype of the saved state and the read-outs, ``torch.float32`` or
+            ``torch.float64``. It survives ``.half()``, ``.to(torch.bfloat16)`` and precision
+            plugins. Default: ``torch.float32``.
+        nan_policy: ``"raise"`` (``ValueError``, stat unchanged), ``"skip"`` (rows with a
+            non-finite value are dropped and counted in ``n_skipped``) or ``"propagate"``.
+            Default: ``"raise"``.
+    """
+
+    n_skipped: Tensor
+    frozen_flag: Tensor
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        *,
+        accumulator_dtype: torch.dtype = torch.float32,
+        nan_policy: NanPolicy = "raise",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.shape = _as_shape(shape, name)
+        if accumulator_dtype not in _ACCUMULATOR_DTYPES:
+            raise ValueError(
+                f"{name}: `accumulator_dtype` must be torch.float32 or torch.float64, got "
+                f"{accumulator_dtype}; low precision accumulators silently stop growing"
+            )
+        if nan_policy not in _NAN_POLICIES:
+            raise ValueError(
+                f"{name}: `nan_policy` must be one of {_NAN_POLICIES}, got {nan_policy!r}"
+            )
+        self.accumulator_dtype = accumulator_dtype
+        self.nan_policy: NanPolicy = nan_policy
+        self.n_features = math.prod(self.shape)
+        self._device = torch.device(device) if device is not None else None
+        self._reduces: dict[str, str] = {}
+        self._frozen = False
+        self.add_state("count", torch.zeros((), dtype=torch.int64), reduce="sum")
+        self.add_state("n_skipped", torch.zeros((), dtype=torch.int64), reduce="sum")
+        # Saved so that a warm-up-then-freeze normalizer stays frozen after a reload.
+        self.register_buffer("frozen_flag", self._on_device(torch.zeros((), dtype=torch.bool)))
+
+    # ----------------------------------------------------------------------------- declaration
+    def add_state(
+        self, name: str, default: Tensor, *, reduce: str, persistent: bool = True
+    ) -> None:
+        """Register ``default`` as buffer ``name`` that merges across ranks by ``reduce``.
+
+        ``reduce`` is resolved here, once: ``"sum"`` (counts; only the part added since the last
+        sync travels), ``"min"``, ``"max"`` or ``"custom"`` (the subclass's sync hooks merge it).
+        """
+        if reduce not in _REDUCES:
+            raise ValueError(
+                f"{type(self).__name__}.add_state({name!r}): `reduce` must be one of {_REDUCES}, "
+                f"got {reduce!r}"
+            )
+        if default.is_floating_point() and default.dtype not in _ACCUMULATOR_DTYPES:
+            raise ValueError(
+                f"{type(self).__name__}.add_state({name!r}): floating state must be float32 or "
+                f"float64, got {default.dtype}"
+            )
+        # Written directly (as ``register_buffer`` does) so a class property of the same name can
+        # serve the read-out: ``stat.mean`` brings the saved buffer up to date first.
+        self._buffers[name] = self._on_device(default)
+        self._reduces[name] = reduce
+        if reduce == "sum":
+            # The value at the last sync (or load): what every rank already agrees on.
+            self._hidden(f"_base_{name}", default.clone())
+
+    def _on_device(self, t: Tensor) -> Tensor:
+        return t if self._device is None else t.to(self._device)
+
+    def _hidden(self, name: str, default: Tensor) -> None:
+        """A non-persistent working buffer (moved with the stat, never saved or synced)."""
+        self.register_buffer(name, self._on_device(default), persistent=False)
+
+    @property
+    def count(self) -> Tensor:
+        """Number of samples seen (int64, exact), shape ``()``."""
+        self._flush()
+        return self._buffers["count"]  # type: ignore[return-value]
+
+    def _flush(self) -> None:
+        """Fold work deferred by the update fast path into the buffers (subclasses)."""
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """Names of the declared (saved, synced) state buffers."""
+        return tuple(self._reduces)
+
+    # ----------------------------------------------------------------------------- update path
+    def _check_input(self, x: Tensor) -> Tensor:
+        """Validate ``x`` and view it as ``[n_samples, n_features]`` in a float dtype."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self.stat_name}.update: expected a torch.Tensor, got {type(x)}")
+        k = len(self.shape)
+        if x.dim() < k or tuple(x.shape[x.dim() - k :]) != self.shape:
+            raise ValueError(
+                f"{self.stat_name}: expected input whose trailing shape is {self.shape} "
+                f"(got shape {tuple(x.shape)}); leading dims are samples"
+            )
+        if not x.is_floating_point():
+            x = x.to(self.accumulator_dtype)
+        return x.detach().reshape(-1, self.n_features)
+
+    def update(self, x: Tensor) -> None:
+        """Add the samples in ``x`` (shape ``[..., *shape]``) to the statistic.
+
+        Never builds a graph and never reads a tensor value on the host, except with
+        ``nan_policy="raise"``, which looks once per update to decide whether to raise.
+        """
+        if self._frozen:
+            return
+        x2 = self._check_input(x)
+        if x2.shape[0] == 0:
+            return
+        with torch.no_grad():
+            if self.nan_policy == "skip":
+                self._update_skip(x2)
+            else:
+                self._update(x2, check=self.nan_policy == "raise")
+
+    def _raise_non_finite(self) -> None:
+        raise ValueError(
+            f"{self.stat_name}: input contains NaN or Inf and nan_policy='raise'; the stat was "
+            "left unchanged. Use nan_policy='skip' to drop such rows or 'propagate' to keep them"
+        )
+
+    def _update(self, x: Tensor, check: bool) -> None:
+        raise NotImplementedError
+
+    def _update_skip(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Update in training mode; return ``x`` unchanged (a stat can sit in a Sequential)."""
+        if self.training:
+            self.update(x)
+        return x
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def freeze(self) -> Stat:
+        """Make :meth:`update` a no-op until :meth:`unfreeze`; saved with the state."""
+        self._frozen = True
+        self.frozen_flag.fill_(True)
+        return self
+
+    def unfreeze(self) -> Stat:
+        """Let :meth:`update` change the statistic again."""
+        self._frozen = False
+        self.frozen_flag.fill_(False)
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def reset(self) -> None:
+        """Forget every sample (keeps frozen-ness, dtype and device)."""
+        with torch.no_grad():
+            for name in self._reduces:
+                buf = self._buffers[name]
+                assert buf is not None
+                buf.copy_(self._initial_value(name, buf))
+                if self._reduces[name] == "sum":
+                    base = self._buffers[f"_base_{name}"]
+                    assert base is not None
+                    base.zero_()
+            self._reset_hidden()
+
+    def _initial_value(self, name: str, buf: Tensor) -> Tensor:
+        if self._reduces[name] == "min":
+            return torch.full_like(buf, math.inf)
+        if self._reduces[name] == "max":
+            return torch.full_like(buf, -math.inf)
+        return torch.zeros_like(buf)
+
+    def _reset_hidden(self) -> None:
+        """Reset non-persistent working buffers (subclasses)."""
+
+    def merge_(self, other: Stat) -> Stat:
+        """Merge ``other`` (same class and shape) into this stat, exactly; returns ``self``."""
+        if type(other) is not type(self) or other.shape != self.shape:
+            raise ValueError(
+                f"{self.stat_name}.merge_: expected a {type(self).__name__} of shape {self.shape}, "
+                f"got {type(other).__name__} of shape {getattr(other, 'shape', None)}"
+            )
+        with torch.no_grad():
+            self.count.add_(other.count)
+            self.n_skipped.add_(other.n_skipped)
+            self._merge_from(other)
+        return self
+
+    def _merge_from(self, other: Any) -> None:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- persistence
+    def _migrate_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, version: int | None
+    ) -> None:
+        # Stats saved without the optional bookkeeping buffers load with their defaults.
+        for key, default in (("n_skipped", self.n_skipped), ("frozen_flag", self.frozen_flag)):
+            state_dict.setdefault(prefix + key, torch.zeros_like(default))
+
+    def _after_load(self) -> None:
+        # A loaded state is what every rank agrees on: it is the base, never re-counted at a sync.
+        # Loading is not a hot path, so reading the frozen flag on the host is fine here.
+        self._frozen = bool(self.frozen_flag.item())
+        for name, reduce in self._reduces.items():
+            if reduce == "sum":
+                base = self._buffers[f"_base_{name}"]
+                buf = self._buffers[name]
+                assert base is not None and buf is not None
+                base.copy_(buf)
+        self._rebase_after_load()
+
+    def _rebase_after_load(self) -> None:
+        """Rebuild hidden working state from the loaded persistent buffers (subclasses)."""
+
+    # ----------------------------------------------------------------------------- sync hooks
+    def _sum_states(self) -> list[str]:
+        return [n for n, r in self._reduces.items() if r == "sum"]
+
+    def _sync_phase1(self) -> tuple[Contribution, Contribution]:
+        """Float64 tensors for the first SUM all-reduce and for the MAX all-reduce."""
+        sums = [
+            (self._buffers[n] - self._buffers[f"_base_{n}"]).to(torch.float64).reshape(-1)  # type: ignore[operator]
+            for n in self._sum_states()
+        ]
+        maxes: Contribution = []
+        for n, r in self._reduces.items():
+            buf = self._buffers[n]
+            assert buf is not None
+            if r == "max":
+                maxes.append(buf.to(torch.float64).reshape(-1))
+            elif r == "min":
+                maxes.append(-buf.to(torch.float64).reshape(-1))
+        return sums, maxes
+
+    def _sync_phase2(self, sums1: Contribution) -> Contribution:
+        """Float64 tensors for the second SUM all-reduce, given the reduced phase-1 tensors."""
+        return []
+
+    def _sync_apply(self, sums1: Contribution, maxes: Contribution, sums2: Contribution) -> None:
+        """Write the reduced tensors back; afterwards every rank holds the global state."""
+        names = self._sum_states()
+        for name, total in zip(names, sums1[: len(names)], strict=True):
+            base = self._buffers[f"_base_{name}"]
+            buf = self._buffers[name]
+            assert base is not None and buf is not None
+            # Counts travel as float64, exact below 2**53.
+            buf.copy_(base + total.reshape(buf.shape).round().to(buf.dtype))
+            base.copy_(buf)
+        i = 0
+        for n, r in self._reduces.items():
+            if r in ("min", "max"):
+                buf = self._buffers[n]
+                assert buf is not None
+                v = maxes[i].reshape(buf.shape)
+                buf.copy_(v if r == "max" else -v)
+                i += 1
+
+    def extra_repr(self) -> str:
+        extra = f"shape={self.shape}, accumulator_dtype={self.accumulator_dtype}"
+        if self.nan_policy != "raise":
+            extra += f", nan_policy={self.nan_policy!r}"
+        return extra

@@ -1,0 +1,490 @@
+"""Exact running mean and variance: :class:`RunningMoments` and :class:`EMAMoments`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from statplug.stats._kernels import GROUP_ROWS, grouped_moments
+from statplug.stats.base import Contribution, NanPolicy, Stat
+
+__all__ = ["EMAMoments", "RunningMoments"]
+
+_F64 = torch.float64
+# Small-batch float32 sums are folded into float64 at least this often.
+_PENDING_STEPS = 32
+
+
+class _HostState:
+    """Mutable host-side flags of a :class:`RunningMoments` (never tensor values)."""
+
+    __slots__ = ("dirty", "pending_n", "pending_steps", "shift_set")
+
+    def __init__(self) -> None:
+        self.pending_n = 0  # samples folded into the float32 pending sums but not yet `count`
+        self.pending_steps = 0  # updates since the float32 pending sums were last folded
+        self.shift_set = False  # is K chosen for the pending local data?
+        self.dirty = False  # are the saved buffers behind the working state?
+
+
+class RunningMoments(Stat):
+    r"""Exact running mean and variance over every sample seen (Welford/Chan merging).
+
+    State (``state_dict`` keys): ``count`` (int64), ``mean`` and ``m2`` (sum of squared deviations)
+    in ``accumulator_dtype``, plus ``n_skipped`` and ``frozen_flag``.
+
+    How it stays exact and fast: each batch's column means and variances come from torch's fused
+    batch-norm statistics kernel (by interleaved groups of rows, see ``statplug.stats._kernels``)
+    and are folded into float64 sums of deviations from a shift ``K`` (the shifted-data algorithm),
+    a handful of tiny ops per batch and no host sync. Reading ``mean``/``var`` or saving merges the
+    pending sums into the saved buffers with Chan's formula and re-centres ``K``. Data already
+    agreed across ranks (loaded, or synced) is held apart from data added since, so a sync
+    contributes only the latter and never double counts.
+
+    Args:
+        shape: feature shape (int or tuple). Leading dims of an update are samples.
+        accumulator_dtype: dtype of the saved state and read-outs. Default: ``torch.float32``.
+        nan_policy: ``"raise"``, ``"skip"`` or ``"propagate"``. Default: ``"raise"``.
+
+    Shape:
+        - update input: :math:`(*, \text{shape})`
+        - ``mean``, ``var``, ``std``: ``shape``; ``count``: ``()``
+
+    Example:
+        >>> import torch
+        >>> from statplug import RunningMoments
+        >>> m = RunningMoments(2)
+        >>> m.update(torch.tensor([[1.0, 10.0], [3.0, 30.0]]))
+        >>> m.update(torch.tensor([[5.0, 50.0]]))
+        >>> m.count.item(), m.mean.tolist(), m.var.tolist()
+        (3, [3.0, 30.0], [2.6666667461395264, 266.6666564941406])
+    """
+
+    _version = 1
+    _base_count: Tensor
+    _mean_base: Tensor
+    _m2_base: Tensor
+    _shift: Tensor
+    _s1: Tensor
+    _s2: Tensor
+    _shift32: Tensor
+    _p1: Tensor
+    _p2: Tensor
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        *,
+        accumulator_dtype: torch.dtype = torch.float32,
+        nan_policy: NanPolicy = "raise",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
+        )
+        acc = accumulator_dtype
+        self.add_state("mean", torch.zeros(self.shape, dtype=acc), reduce="custom")
+        self.add_state("m2", torch.zeros(self.shape, dtype=acc), reduce="custom")
+        f = self.n_features
+        # float64 working state. Base: what all ranks agree on (loaded or synced).
+        self._hidden("_mean_base", torch.zeros(f, dtype=_F64))
+        self._hidden("_m2_base", torch.zeros(f, dtype=_F64))
+        # Local data since the last sync: sums of (x - K) and (x - K)**2 around the shift K.
+        self._hidden("_shift", torch.zeros(f, dtype=_F64))
+        self._hidden("_s1", torch.zeros(f, dtype=_F64))
+        self._hidden("_s2", torch.zeros(f, dtype=_F64))
+        # Update fast path: float32 sums of a few small batches around K (exactly float32), and
+        # their sample count kept on the host (the shapes tell it; no device op, no sync).
+        self._hidden("_shift32", torch.zeros(f, dtype=torch.float32))
+        self._hidden("_p1", torch.zeros(f, dtype=torch.float32))
+        self._hidden("_p2", torch.zeros(f, dtype=torch.float32))
+        self._n_dims = len(self.shape)
+        # Host-side bookkeeping in a plain object: nn.Module.__setattr__ costs ~1.5 us a call.
+        self._host = _HostState()
+
+    # ------------------------------------------------------------------ read-outs
+    @property  # type: ignore[override]
+    def mean(self) -> Tensor:
+        """Mean of every sample seen, shape ``shape``, in ``accumulator_dtype``."""
+        self._materialize()
+        return self._buffers["mean"]  # type: ignore[return-value]
+
+    @property
+    def m2(self) -> Tensor:
+        """Sum of squared deviations from the mean (Welford's M2)."""
+        self._materialize()
+        return self._buffers["m2"]  # type: ignore[return-value]
+
+    @property
+    def var(self) -> Tensor:
+        """Population variance (ddof=0); 0 before the first sample."""
+        return self.m2 / self.count.clamp(min=1)
+
+    @property
+    def sample_var(self) -> Tensor:
+        """Sample variance (ddof=1); 0 before the second sample."""
+        return self.m2 / (self.count - 1).clamp(min=1)
+
+    @property
+    def std(self) -> Tensor:
+        """Population standard deviation."""
+        return self.var.sqrt()
+
+    # ------------------------------------------------------------------ update
+    def update(self, x: Tensor) -> None:
+        """Add the samples in ``x`` (shape ``[..., *shape]``) to the statistic.
+
+        About one pass over ``x`` (torch's fused batch-norm statistics kernel) plus a few ops on
+        ``shape``-sized tensors; never builds a graph; never reads a tensor on the host except with
+        ``nan_policy="raise"``, which looks once per update.
+        """
+        if self._frozen:
+            return
+        if x.shape[-self._n_dims :] != self.shape or self.nan_policy == "skip" or x.dim() == 0:
+            Stat.update(self, x)  # validation, the skip policy and unusual inputs
+            return
+        x2 = x.detach().reshape(-1, self.n_features)
+        n = x2.shape[0]
+        if n == 0:
+            return
+        if n <= GROUP_ROWS and x2.dtype is torch.float32:
+            # Hot path for small batches, inlined: Python overhead is a third of its cost.
+            mb, vb = torch.batch_norm_update_stats(x2, None, None, 0.0)
+            if self.nan_policy == "raise" and math.isnan(float(vb.sum())):
+                self._raise_non_finite()  # a NaN or Inf in a column makes its variance NaN
+            host = self._host
+            if not host.shift_set:
+                self._set_shift(mb)
+            # float32 sums around the float32-exact shift K, folded into float64 every
+            # _PENDING_STEPS updates; the count is kept on the host until then.
+            b = self._buffers
+            d = mb - b["_shift32"]  # type: ignore[operator]
+            b["_p1"].add_(d, alpha=n)  # type: ignore[union-attr]
+            p2 = b["_p2"]
+            p2.add_(vb, alpha=n)  # type: ignore[union-attr]
+            p2.addcmul_(d, d, value=n)  # type: ignore[union-attr]
+            host.pending_n += n
+            host.pending_steps += 1
+            host.dirty = True
+            if host.pending_steps >= _PENDING_STEPS:
+                self._flush()
+            return
+        if x2.dtype is not torch.float32 and x2.dtype is not torch.float64:
+            x2 = x2.float()
+        self._update(x2, self.nan_policy == "raise")
+
+    def _update(self, x: Tensor, check: bool) -> None:
+        means, variances, rows = grouped_moments(x)
+        if check and math.isnan(float(variances.sum())):
+            self._raise_non_finite()
+        if not self._host.shift_set:
+            self._set_shift(means[0])
+        b = self._buffers
+        d = means.to(_F64) - b["_shift"]  # type: ignore[operator]
+        if d.shape[0] == 1:
+            d = d[0]
+            b["_s1"].add_(d, alpha=rows)  # type: ignore[union-attr]
+            b["_s2"].add_(variances[0], alpha=rows)  # type: ignore[union-attr]
+            b["_s2"].addcmul_(d, d, value=rows)  # type: ignore[union-attr]
+        else:
+            b["_s1"].add_(d.sum(0), alpha=rows)  # type: ignore[union-attr]
+            b["_s2"].add_(torch.addcmul(variances, d, d).sum(0), alpha=rows)  # type: ignore[union-attr]
+        self._host.pending_n += x.shape[0]
+        self._host.dirty = True
+
+    def _set_shift(self, value: Tensor) -> None:
+        """Choose the shift K for new local data; float32-representable so both sums share it."""
+        self._shift32.copy_(value.reshape(-1))
+        self._shift.copy_(self._shift32)
+        self._host.shift_set = True
+
+    def _flush(self) -> None:
+        """Fold the float32 pending sums and the host-side pending count into the buffers."""
+        if self._host.pending_steps:
+            with torch.no_grad():
+                self._s1.add_(self._p1)
+                self._s2.add_(self._p2)
+                self._p1.zero_()
+                self._p2.zero_()
+            self._host.pending_steps = 0
+        if self._host.pending_n:
+            self._buffers["count"].add_(self._host.pending_n)  # type: ignore[union-attr]
+            self._host.pending_n = 0
+
+    def _update_skip(self, x: Tensor) -> None:
+        self._flush()
+        x = x.to(_F64)
+        ok = torch.isfinite(x).all(dim=1, keepdim=True)
+        n_ok = ok.sum()
+        xz = torch.where(ok, x, 0.0)
+        if not self._host.shift_set:
+            self._set_shift(xz.sum(0) / n_ok.clamp(min=1))
+        d = (xz - self._shift) * ok
+        self._s1.add_(d.sum(0))
+        self._s2.add_((d * d).sum(0))
+        self.count.add_(n_ok)
+        self.n_skipped.add_(x.shape[0] - n_ok)
+        self._host.dirty = True
+
+    # ------------------------------------------------------------------ merging
+    def _local(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(n, mean, m2) of the local data since the last sync, float64 (after a flush)."""
+        n = (self.count - self._base_count).to(_F64)
+        n1 = n.clamp(min=1)
+        mean = self._shift + self._s1 / n1
+        m2 = (self._s2 - self._s1 * self._s1 / n1).clamp(min=0)
+        return n, mean, m2
+
+    @staticmethod
+    def _chan(
+        na: Tensor, ma: Tensor, m2a: Tensor, nb: Tensor, mb: Tensor, m2b: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Chan et al.'s exact merge of two (count, mean, M2) summaries."""
+        n = (na + nb).clamp(min=1)
+        delta = mb - ma
+        frac = nb / n
+        return ma + delta * frac, m2a + m2b + delta * delta * (na * frac)
+
+    def _total(self) -> tuple[Tensor, Tensor]:
+        """(mean, m2) over base and local data, float64."""
+        n_l, mean_l, m2_l = self._local()
+        n_b = self._base_count.to(_F64)
+        return self._chan(n_b, self._mean_base, self._m2_base, n_l, mean_l, m2_l)
+
+    def _materialize(self) -> None:
+        self._flush()
+        if not self._host.dirty:
+            return
+        with torch.no_grad():
+            n_l, mean_l, m2_l = self._local()
+            mean, m2 = self._total()
+            # Re-centre the local sums near their own mean (exact algebra) so K follows the data.
+            self._shift32.copy_(mean_l)
+            self._shift.copy_(self._shift32)
+            d = mean_l - self._shift
+            self._s1.copy_(n_l * d)
+            self._s2.copy_(m2_l + n_l * d * d)
+            self._buffers["mean"].copy_(mean.view(self.shape))  # type: ignore[union-attr]
+            self._buffers["m2"].copy_(m2.view(self.shape))  # type: ignore[union-attr]
+        self._host.dirty = False
+
+    def _merge_from(self, other: Any) -> None:
+        self._flush()
+        mean_o, m2_o = other._total()
+        n_o = other.count.to(_F64)
+        if not self._host.shift_set:
+            self._set_shift(mean_o)
+        d = mean_o - self._shift
+        self._s1.add_(n_o * d)
+        self._s2.add_(m2_o + n_o * d * d)
+        self._host.dirty = True
+
+    def _reset_hidden(self) -> None:
+        for buf in (self._mean_base, self._m2_base, self._shift, self._s1, self._s2):
+            buf.zero_()
+        for buf in (self._shift32, self._p1, self._p2):
+            buf.zero_()
+        self._host.pending_n = 0
+        self._host.pending_steps = 0
+        self._host.shift_set = False
+        self._host.dirty = False
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        self._materialize()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _rebase_after_load(self) -> None:
+        with torch.no_grad():
+            self._mean_base.copy_(self._buffers["mean"].reshape(-1))  # type: ignore[union-attr]
+            self._m2_base.copy_(self._buffers["m2"].reshape(-1))  # type: ignore[union-attr]
+            self._s1.zero_()
+            self._s2.zero_()
+            self._p1.zero_()
+            self._p2.zero_()
+        self._host.pending_n = 0
+        self._host.pending_steps = 0
+        self._host.shift_set = False
+        self._host.dirty = False
+
+    # ------------------------------------------------------------------ sync hooks
+    def _sync_phase1(self) -> tuple[Contribution, Contribution]:
+        self._flush()
+        sums, maxes = super()._sync_phase1()
+        n_l = (self.count - self._base_count).to(_F64)
+        sums.append(n_l * self._shift + self._s1)  # sum of local samples
+        return sums, maxes
+
+    def _sync_phase2(self, sums1: Contribution) -> Contribution:
+        n_global = sums1[0].clamp(min=1)
+        g = sums1[2] / n_global  # global mean of the data added since the last sync
+        n_l = (self.count - self._base_count).to(_F64)
+        k = self._shift - g
+        # Sum over local samples of (x - g)**2, from the sums around K.
+        return [self._s2 + 2 * k * self._s1 + n_l * k * k]
+
+    def _sync_apply(self, sums1: Contribution, maxes: Contribution, sums2: Contribution) -> None:
+        n_new = sums1[0]
+        g = sums1[2] / n_new.clamp(min=1)
+        n_b = self._base_count.to(_F64)
+        mean, m2 = self._chan(n_b, self._mean_base, self._m2_base, n_new, g, sums2[0])
+        self._mean_base.copy_(mean)
+        self._m2_base.copy_(m2)
+        super()._sync_apply(sums1, maxes, sums2)
+        self._s1.zero_()
+        self._s2.zero_()
+        self._host.shift_set = False
+        self._host.dirty = True
+
+
+class EMAMoments(Stat):
+    r"""Bias-corrected exponential moving mean and variance of batches.
+
+    Each :meth:`update` is one step: with momentum ``m`` the weights of past batches decay by
+    ``1 - m`` per step. State is normalised by the running weight ``weight = 1 - (1 - m)**t``,
+    so the read-outs are bias corrected from the first step (no warm-up towards zero). The
+    variance is the exponentially weighted variance of the samples (within-batch spread plus the
+    spread of batch means), merged exactly per step.
+
+    State: ``count`` (int64, samples seen), ``weight``, ``mean``, ``var`` in ``accumulator_dtype``.
+
+    Args:
+        shape: feature shape.
+        momentum: weight of the newest batch, in (0, 1]. Default: 0.01.
+        accumulator_dtype: Default: ``torch.float32``.
+        nan_policy: Default: ``"raise"``.
+
+    Example:
+        >>> import torch
+        >>> from statplug import EMAMoments
+        >>> ema = EMAMoments(1, momentum=0.5)
+        >>> ema.update(torch.tensor([[2.0], [2.0]]))
+        >>> ema.mean.item()
+        2.0
+        >>> ema.update(torch.tensor([[4.0], [4.0]]))
+        >>> round(ema.mean.item(), 4)   # weights 0.25 and 0.5, normalised by 0.75
+        3.3333
+    """
+
+    _version = 1
+    _base_count: Tensor
+    weight: Tensor
+    mean: Tensor
+    var: Tensor
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        *,
+        momentum: float = 0.01,
+        accumulator_dtype: torch.dtype = torch.float32,
+        nan_policy: NanPolicy = "raise",
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not 0.0 < float(momentum) <= 1.0:
+            raise ValueError(f"EMAMoments: `momentum` must be in (0, 1], got {momentum!r}")
+        super().__init__(
+            shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
+        )
+        self.momentum = float(momentum)
+        acc = accumulator_dtype
+        self.add_state("weight", torch.zeros((), dtype=acc), reduce="custom")
+        self.add_state("mean", torch.zeros(self.shape, dtype=acc), reduce="custom")
+        self.add_state("var", torch.zeros(self.shape, dtype=acc), reduce="custom")
+
+    @property
+    def std(self) -> Tensor:
+        """Exponentially weighted standard deviation."""
+        return self.var.clamp(min=0).sqrt()
+
+    def _step(self, mb: Tensor, vb: Tensor, n: Tensor | int) -> None:
+        """One EMA step with batch mean ``mb`` and population variance ``vb`` (flat)."""
+        m = self.momentum
+        mean = self.mean.view(-1)
+        var = self.var.view(-1)
+        self.weight.mul_(1.0 - m).add_(m)
+        r = m / self.weight
+        delta = mb - mean
+        mean.addcmul_(delta, r)
+        var.lerp_(vb + delta * (mb - mean), r)
+        self.count.add_(n)
+
+    def _update(self, x: Tensor, check: bool) -> None:
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        means, variances, _ = grouped_moments(x)
+        if check and not bool(torch.isfinite(variances).all()):
+            self._raise_non_finite()
+        acc = self.accumulator_dtype
+        if means.shape[0] == 1:
+            mb, vb = means[0].to(acc), variances[0].to(acc)
+        else:
+            m64 = means.to(_F64)
+            mb64 = m64.mean(0)
+            vb64 = variances.to(_F64).mean(0) + (m64 - mb64).square().mean(0)
+            mb, vb = mb64.to(acc), vb64.to(acc)
+        self._step(mb, vb, x.shape[0])
+
+    def _update_skip(self, x: Tensor) -> None:
+        x = x.to(_F64)
+        ok = torch.isfinite(x).all(dim=1, keepdim=True)
+        n_ok = ok.sum()
+        n1 = n_ok.clamp(min=1)
+        xz = torch.where(ok, x, 0.0)
+        mb = xz.sum(0) / n1
+        vb = (((xz - mb) * ok) ** 2).sum(0) / n1
+        self.n_skipped.add_(x.shape[0] - n_ok)
+        # A batch whose rows were all skipped is no step at all.
+        any_ok = n_ok > 0
+        acc = self.accumulator_dtype
+        before = (self.weight.clone(), self.mean.clone(), self.var.clone())
+        self._step(mb.to(acc), vb.to(acc), n_ok)
+        for buf, old in zip((self.weight, self.mean, self.var), before, strict=True):
+            buf.copy_(torch.where(any_ok, buf, old))
+
+    def _merge_from(self, other: Any) -> None:
+        # Count-weighted: the EMA summaries of two disjoint streams, weighted by their samples.
+        n_s = (self.count - other.count).to(_F64)  # count already includes other's
+        n_o = other.count.to(_F64)
+        self._weighted_merge(n_s, n_o, other.weight, other.mean, other.var)
+
+    def _weighted_merge(
+        self, w_s: Tensor, w_o: Tensor, weight_o: Tensor, mean_o: Tensor, var_o: Tensor
+    ) -> None:
+        tot = (w_s + w_o).clamp(min=1e-300)
+        a, b = w_s / tot, w_o / tot
+        acc = self.accumulator_dtype
+        mean = a * self.mean.to(_F64) + b * mean_o.to(_F64)
+        var = a * (self.var.to(_F64) + (self.mean.to(_F64) - mean) ** 2) + b * (
+            var_o.to(_F64) + (mean_o.to(_F64) - mean) ** 2
+        )
+        self.weight.copy_((a * self.weight.to(_F64) + b * weight_o.to(_F64)).to(acc))
+        self.mean.copy_(mean.to(acc))
+        self.var.copy_(var.to(acc))
+
+    def _ema_weight(self) -> Tensor:
+        # Weight of this rank's summary: its samples since the last sync (ties: equal weights).
+        return (self.count - self._base_count).to(_F64) + 1e-9
+
+    def _sync_phase1(self) -> tuple[Contribution, Contribution]:
+        sums, maxes = super()._sync_phase1()
+        w = self._ema_weight()
+        sums += [w.reshape(1), (w * self.weight).reshape(1), (w * self.mean.to(_F64)).reshape(-1)]
+        return sums, maxes
+
+    def _sync_phase2(self, sums1: Contribution) -> Contribution:
+        w = self._ema_weight()
+        g = sums1[4] / sums1[2]
+        mean = self.mean.to(_F64).reshape(-1)
+        return [w * (self.var.to(_F64).reshape(-1) + (mean - g) ** 2)]
+
+    def _sync_apply(self, sums1: Contribution, maxes: Contribution, sums2: Contribution) -> None:
+        acc = self.accumulator_dtype
+        w_total = sums1[2]
+        self.weight.copy_((sums1[3] / w_total).reshape(()).to(acc))
+        self.mean.copy_((sums1[4] / w_total).view(self.shape).to(acc))
+        self.var.copy_((sums2[0] / w_total).view(self.shape).to(acc))
+        super()._sync_apply(sums1, maxes, sums2)
