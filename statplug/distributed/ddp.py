@@ -13,7 +13,7 @@ __all__ = ["exclude_from_ddp_broadcast", "stat_buffer_names"]
 
 def stat_buffer_names(module: nn.Module) -> list[str]:
     """Qualified names of every buffer (saved or working) owned by a :class:`Stat` in ``module``."""
-    names = []
+    names: list[str] = []
     for mod_name, mod in module.named_modules():
         if isinstance(mod, Stat):
             prefix = f"{mod_name}." if mod_name else ""
