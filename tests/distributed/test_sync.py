@@ -1,0 +1,282 @@
+"""sync_stats across real gloo processes: exactness, idempotence, coalescing, layout errors, DDP."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from dist_utils import run_distributed
+from torch import nn
+
+from statplug import (
+    EMAMoments,
+    RunningMinMax,
+    RunningMoments,
+    RunningNorm,
+    StatLayoutError,
+    exclude_from_ddp_broadcast,
+    sync_stats,
+)
+
+pytestmark = pytest.mark.slow
+
+DTYPE = torch.float64
+
+# Rows per rank; one rank sees no sample at all.
+ROWS = {2: [0, 1037], 3: [5, 0, 4100]}
+
+
+def _rank_data(rank: int, world: int, seed: int = 0) -> np.ndarray:
+    """float64 data, so the per-batch kernel is exact and any error would be the merge's."""
+    rng = np.random.default_rng(seed + rank)
+    n = ROWS[world][rank]
+    # Each rank's data comes from another distribution, so a wrong merge cannot hide.
+    return rng.normal(10.0 * rank + 1e3, 1.0 + rank, size=(n, 3))
+
+
+class _Stats(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.moments = RunningMoments(3)
+        self.moments64 = RunningMoments(3, accumulator_dtype=torch.float64)
+        self.minmax = RunningMinMax(3)
+        self.norm = RunningNorm(3)
+
+
+def _feed(model: _Stats, x: np.ndarray) -> None:
+    t = torch.from_numpy(x).to(DTYPE)
+    for chunk in (t[: len(t) // 3], t[len(t) // 3 :]):
+        model.moments.update(chunk)
+        model.moments64.update(chunk)
+        model.minmax.update(chunk)
+        model.norm.moments.update(chunk)
+
+
+def _summary(model: _Stats) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _exact_body(rank: int, world: int) -> dict:
+    model = _Stats()
+    _feed(model, _rank_data(rank, world))
+    report = sync_stats(model)
+    first = _summary(model)
+    report2 = sync_stats(model)  # idempotent: nothing new to merge
+    return {"first": first, "second": _summary(model), "n_coll": report.n_collectives,
+            "n_coll2": report2.n_collectives, "n_stats": report.n_stats}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_uneven_ranks_match_single_process_float64(world):
+    results = run_distributed(_exact_body, world)
+    data = np.concatenate([_rank_data(r, world) for r in range(world)]).astype(np.float64)
+    mean, var = data.mean(0), data.var(0)
+    for res in results:
+        s = res["first"]
+        assert res["n_stats"] == 4
+        assert res["n_coll"] <= 4
+        assert s["moments.count"].item() == len(data)
+        for prefix in ("moments", "moments64", "norm.moments"):
+            np.testing.assert_allclose(s[f"{prefix}.mean"].double().numpy(), mean, rtol=1e-6)
+            np.testing.assert_allclose(
+                (s[f"{prefix}.m2"].double() / len(data)).numpy(), var, rtol=1e-6
+            )
+        np.testing.assert_array_equal(s["minmax.min"].numpy(), data.min(0).astype(np.float32))
+        np.testing.assert_array_equal(s["minmax.max"].numpy(), data.max(0).astype(np.float32))
+        # The float64 accumulator is exact to float64 rounding.
+        np.testing.assert_allclose(s["moments64.mean"].numpy(), mean, rtol=1e-12)
+        np.testing.assert_allclose((s["moments64.m2"] / len(data)).numpy(), var, rtol=1e-10)
+        # Syncing again changes nothing.
+        for key, value in s.items():
+            torch.testing.assert_close(res["second"][key], value, rtol=0, atol=0)
+    # Every rank holds the same global stats.
+    for res in results[1:]:
+        for key, value in results[0]["first"].items():
+            torch.testing.assert_close(res["first"][key], value, rtol=0, atol=0)
+
+
+def _float32_body(rank: int, world: int) -> dict:
+    stat = RunningMoments(3)
+    for x in _chunks(rank, world):
+        stat.update(x)
+    sync_stats(stat)
+    return {k: v.clone() for k, v in stat.state_dict().items()}
+
+
+def _chunks(rank: int, world: int) -> list[torch.Tensor]:
+    t = torch.from_numpy(_rank_data(rank, world)).float()
+    return [t[: len(t) // 3], t[len(t) // 3 :]]
+
+
+def test_float32_sync_equals_single_process_over_the_same_batches():
+    """With float32 inputs the sync adds no error to what one process computes from them."""
+    world = 3
+    single = RunningMoments(3)
+    for r in range(world):
+        for x in _chunks(r, world):
+            single.update(x)
+    for s in run_distributed(_float32_body, world):
+        assert s["count"].item() == single.count.item()
+        torch.testing.assert_close(s["mean"], single.mean, rtol=1e-7, atol=0)
+        torch.testing.assert_close(s["m2"], single.m2, rtol=1e-6, atol=0)
+
+
+def _incremental_body(rank: int, world: int) -> dict:
+    model = _Stats()
+    _feed(model, _rank_data(rank, world, seed=0))
+    sync_stats(model)
+    _feed(model, _rank_data(rank, world, seed=100))
+    sync_stats(model)
+    return _summary(model)
+
+
+def test_update_sync_update_sync_counts_each_sample_once():
+    world = 3
+    results = run_distributed(_incremental_body, world)
+    data = np.concatenate(
+        [_rank_data(r, world, s) for s in (0, 100) for r in range(world)]
+    ).astype(np.float64)
+    for s in results:
+        assert s["moments.count"].item() == len(data)
+        np.testing.assert_allclose(s["moments64.mean"].numpy(), data.mean(0), rtol=1e-9)
+        np.testing.assert_allclose((s["moments64.m2"] / len(data)).numpy(), data.var(0), rtol=1e-9)
+        np.testing.assert_array_equal(s["minmax.max"].numpy(), data.max(0).astype(np.float32))
+
+
+def _loaded_body(rank: int, world: int, blob: bytes) -> dict:
+    model = _Stats()
+    model.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))
+    sync_stats(model)
+    return _summary(model)
+
+
+def test_checkpoint_loaded_on_three_ranks_counts_once():
+    source = _Stats()
+    _feed(source, _rank_data(2, 3))
+    buf = io.BytesIO()
+    torch.save(source.state_dict(), buf)
+    expected = _summary(source)
+    results = run_distributed(_loaded_body, 3, buf.getvalue())
+    for s in results:
+        for key, value in expected.items():
+            torch.testing.assert_close(s[key], value, rtol=0, atol=0)
+
+
+class _CountingCollectives:
+    """Counts torch.distributed collective calls while letting every call through."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce",
+             "all_gather_object", "broadcast_object_list", "reduce_scatter", "barrier")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._saved: dict = {}
+
+    def __enter__(self) -> _CountingCollectives:
+        for name in self.NAMES:
+            fn = getattr(dist, name)
+            self._saved[name] = fn
+
+            def counted(*args, _fn=fn, **kwargs):
+                self.calls += 1
+                return _fn(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+
+def _count_body(rank: int, world: int) -> dict:
+    out = {}
+    kinds = {"moments": (RunningMoments,), "mixed": (RunningMoments, RunningMinMax, EMAMoments)}
+    for kind, classes in kinds.items():
+        for k in (1 if kind == "moments" else 3, 200):
+            stats = [classes[i % len(classes)](4) for i in range(k)]
+            for s in stats:
+                s.update(torch.randn(3 + rank, 4))
+            with _CountingCollectives() as counter:
+                report = sync_stats(stats)
+            out[kind, k] = (counter.calls, report.n_collectives, report.n_bytes)
+    return out
+
+
+def test_collective_count_is_constant_in_the_number_of_stats():
+    for res in run_distributed(_count_body, 2):
+        for kind, few in (("moments", 1), ("mixed", 3)):
+            calls_few, reported_few, bytes_few = res[kind, few]
+            calls_200, reported_200, bytes_200 = res[kind, 200]
+            assert calls_few == calls_200 == reported_few == reported_200, kind
+            assert calls_200 <= 4
+            assert bytes_200 > bytes_few
+
+
+def _mismatch_body(rank: int, world: int) -> str:
+    stats = nn.Module()
+    stats.a = RunningMoments(3)
+    # Rank 1 builds a different second stat: another shape.
+    stats.b = RunningMoments(4 if rank == 0 else 5)
+    stats.c = RunningMinMax(2)
+    start = time.monotonic()
+    try:
+        sync_stats(stats)
+    except StatLayoutError as err:
+        assert time.monotonic() - start < 10
+        return str(err)
+    return "no error"
+
+
+def test_layout_mismatch_raises_on_every_rank():
+    messages = run_distributed(_mismatch_body, 2, timeout=60)
+    for msg in messages:
+        assert "stat #1" in msg
+        assert "'b'" in msg or " b RunningMoments" in msg
+
+
+class _DDPModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+        self.moments = RunningMoments(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.moments.update(x)
+        return self.lin(x)
+
+
+def _ddp_body(rank: int, world: int, exclude: bool) -> dict:
+    torch.manual_seed(0)
+    model = _DDPModel()
+    if exclude:
+        exclude_from_ddp_broadcast(model)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    for step in range(3):
+        x = torch.full((4, 2), float(rank * 10 + step))
+        ddp(x).sum().backward()
+    return {"count": model.moments.count.item(), "mean": model.moments.mean.tolist()}
+
+
+def test_plain_ddp_keeps_local_stats_only_with_exclusion():
+    kept = run_distributed(_ddp_body, 2, True)
+    # Each rank keeps its own data: rank r saw values 10r, 10r+1, 10r+2.
+    assert kept[0] == {"count": 12, "mean": [1.0, 1.0]}
+    assert kept[1] == {"count": 12, "mean": [11.0, 11.0]}
+    clobbered = run_distributed(_ddp_body, 2, False)
+    # Without it DDP copies rank 0's buffers over rank 1's before each forward.
+    assert clobbered[0] == kept[0]
+    assert clobbered[1] != kept[1]
+    assert clobbered[1]["mean"][0] < 11.0
+
+
+def test_no_process_group_is_a_noop():
+    stat = RunningMoments(2)
+    stat.update(torch.ones(3, 2))
+    report = sync_stats(stat)
+    assert (report.n_stats, report.n_collectives, report.n_bytes) == (1, 0, 0)
+    assert stat.count.item() == 3
