@@ -1,0 +1,175 @@
+"""Benchmark: one statplug sync against torchmetrics and a naive per-buffer all_reduce loop.
+
+Two gloo ranks on CPU (real processes). For K = 1, 16, 64, 256 stats of shape (64,) it times:
+- ``statplug``: ``sync_stats`` over K ``RunningMoments`` (mean and variance, exact);
+- ``flat``: one ``all_reduce`` of a float64 buffer as large as statplug's payload (the floor);
+- ``torchmetrics``: K ``MeanMetric`` plus K variance metrics (count, sum, sum of squares states)
+  synced by ``compute()``;
+- ``naive``: one ``all_reduce`` per buffer (count, mean, M2 per stat; means averaged unweighted,
+  which is also wrong for uneven counts).
+Each is interleaved over several rounds; the median time per call is printed with the number of
+collectives each made (counted by wrapping ``torch.distributed``'s collectives, which still run).
+
+Run: ``python benchmarks/sync.py [--quick] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+KS = (1, 16, 64, 256)
+SHAPE = 64
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier",
+               "all_gather_object", "reduce", "gather")
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.calls = 0
+        for name in COLLECTIVES:
+            fn = getattr(dist, name)
+
+            def counted(*args: Any, _fn: Any = fn, **kwargs: Any) -> Any:
+                self.calls += 1
+                return _fn(*args, **kwargs)
+
+            setattr(dist, name, counted)
+            # torchmetrics imports the functions it uses from torch.distributed at call time
+            # through the module, so patching the module attribute is enough.
+
+
+def _time(fn: Any, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _worker(rank: int, world: int, port: int, quick: bool, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import torchmetrics
+
+    from statplug import RunningMoments, sync_stats
+
+    counter = _Counter()
+
+    class VarMetric(torchmetrics.Metric):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("n", torch.zeros(()), dist_reduce_fx="sum")
+            self.add_state("s", torch.zeros(SHAPE), dist_reduce_fx="sum")
+            self.add_state("ss", torch.zeros(SHAPE), dist_reduce_fx="sum")
+
+        def update(self, x: torch.Tensor) -> None:
+            self.n += x.shape[0]
+            self.s += x.sum(0)
+            self.ss += (x * x).sum(0)
+
+        def compute(self) -> torch.Tensor:
+            return self.ss / self.n - (self.s / self.n) ** 2
+
+    reps = 3 if quick else 7
+    results: dict[str, Any] = {}
+    for k in KS:
+        x = torch.randn(32 + rank, SHAPE)
+        stats = [RunningMoments(SHAPE) for _ in range(k)]
+        means = [torchmetrics.MeanMetric() for _ in range(k)]
+        variances = [VarMetric() for _ in range(k)]
+        buffers = []
+        for s, m, v in zip(stats, means, variances, strict=True):
+            s.update(x)
+            m.update(x)
+            v.update(x)
+            buffers += [s.count.clone().double(), s.mean.clone(), s.m2.clone()]
+
+        def run_statplug() -> None:
+            # After the first sync the local part is empty, but the sync does the same work.
+            sync_stats(stats)
+
+        payload = sync_stats(stats).n_bytes // 8
+        flat = torch.zeros(payload, dtype=torch.float64)
+
+        def run_flat() -> None:
+            dist.all_reduce(flat)
+
+        def run_torchmetrics() -> None:
+            for m, v in zip(means, variances, strict=True):
+                m._computed = None
+                v._computed = None
+                m.compute()
+                v.compute()
+
+        def run_naive() -> None:
+            for b in buffers:
+                dist.all_reduce(b)
+
+        cands = {"statplug": run_statplug, "flat": run_flat, "naive": run_naive,
+                 "torchmetrics": run_torchmetrics}
+        times: dict[str, list[float]] = {c: [] for c in cands}
+        calls: dict[str, int] = {}
+        for c, fn in cands.items():  # warm-up, and count collectives of one call
+            fn()
+            before = counter.calls
+            fn()
+            calls[c] = counter.calls - before
+        rounds = 1 if (k >= 64 and quick) else 2
+        for _ in range(rounds):
+            for c, fn in cands.items():
+                times[c] += _time(fn, reps if c != "torchmetrics" or k < 64 else max(2, reps // 3))
+        results[str(k)] = {
+            c: {"ms": 1e3 * statistics.median(times[c]), "collectives": calls[c]} for c in cands
+        }
+        results[str(k)]["payload_bytes"] = payload * 8
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args(argv)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "sync.json")
+        mp.start_processes(_worker, args=(2, port, args.quick, out), nprocs=2, start_method="spawn")
+        with open(out) as f:
+            results = json.load(f)
+    print("sync of K RunningMoments(64) stats, 2 gloo ranks on CPU (median ms per sync)")
+    header = (f"{'K':>4} {'statplug':>9} {'flat':>7} {'naive':>8} {'torchmetrics':>13} "
+              f"{'vs flat':>8} {'tm/statplug':>12} {'naive/statplug':>15}  collectives s/n/tm")
+    print(header)
+    for k, r in results.items():
+        sp, fl, nv, tm = (r[c]["ms"] for c in ("statplug", "flat", "naive", "torchmetrics"))
+        colls = "/".join(str(r[c]["collectives"]) for c in ("statplug", "naive", "torchmetrics"))
+        print(f"{k:>4} {sp:9.3f} {fl:7.3f} {nv:8.2f} {tm:13.2f} {sp / fl:8.2f} {tm / sp:12.1f} "
+              f"{nv / sp:15.1f}  {colls}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
