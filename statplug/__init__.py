@@ -1,5 +1,7 @@
 """statplug: exact, fast, distributed-safe state that a model keeps but does not train."""
 
+from typing import TYPE_CHECKING, Any
+
 from statplug.audit import AuditReport, Finding, audit
 from statplug.distributed import SyncReport, exclude_from_ddp_broadcast, sync_stats
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
@@ -9,13 +11,43 @@ from statplug.stats import EMAMoments, RunningMinMax, RunningMoments, RunningNor
 
 __version__ = "0.1.0"
 
+# The Lightning names load lightning (~5 s) on first use only, so `import statplug` stays light.
+_LIGHTNING_NAMES = (
+    "ActivationStats",
+    "AuditBuffers",
+    "MagnitudePruning",
+    "StatsMixin",
+    "SyncStats",
+)
+
+if TYPE_CHECKING:
+    from statplug.lightning import (
+        ActivationStats,
+        AuditBuffers,
+        MagnitudePruning,
+        StatsMixin,
+        SyncStats,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_NAMES:
+        import statplug.lightning
+
+        return getattr(statplug.lightning, name)
+    raise AttributeError(f"module 'statplug' has no attribute {name!r}")
+
+
 __all__ = [
+    "ActivationStats",
+    "AuditBuffers",
     "AuditError",
     "AuditReport",
     "CausalMask",
     "CheckpointMismatchError",
     "EMAMoments",
     "Finding",
+    "MagnitudePruning",
     "RandomMask",
     "RotaryEncoding",
     "RunningMinMax",
@@ -25,7 +57,9 @@ __all__ = [
     "Stat",
     "StatLayoutError",
     "StatplugError",
+    "StatsMixin",
     "SyncReport",
+    "SyncStats",
     "audit",
     "exclude_from_ddp_broadcast",
     "sync_stats",

@@ -1,0 +1,413 @@
+r"""
+Activation stats
+================
+
+Exact running mean, variance and min/max of the outputs of chosen layers, per feature, kept by the
+callback (the model is untouched: its ``state_dict`` loads without statplug) and saved in the
+callback's checkpoint state.
+
+Which feature axis:
+
+* by default the **last** dimension; all leading dims are samples (``[B, F]`` and ``[B, T, F]``);
+* **channels** (dim 1) for outputs with 4 or more dims (``[B, C, H, W]``, ``[B, C, D, H, W]``,
+  PyTorch's channels-first convention) and for 3-D outputs of convolution, batch/instance norm
+  and pooling layers (``[B, C, L]``): the channel axis is moved last before the update (one copy);
+* ``channels="last"`` always uses the last dimension.
+
+The axis of each layer is chosen at its first training forward and saved with its stats.
+
+When: stats are created lazily at a layer's first training forward (their shape is known then),
+updated only in training forward passes (between ``on_train_batch_start`` and
+``on_train_batch_end``, with the layer in training mode), without building a graph or reading a
+value on the host. They are merged across ranks (:func:`statplug.sync_stats` over the callback's
+stats, one coalesced sync for all layers) at the same points as
+:class:`~statplug.lightning.SyncStats`: epoch end, validation start and end, before a step-based
+``ModelCheckpoint`` saves, and at the end of training. At epoch end the per-layer averages over
+features of the mean and std (and the min and max over features) are logged with
+``pl_module.log_dict`` as ``activations/<layer>/mean`` etc.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.modules.pooling import (
+    _AdaptiveAvgPoolNd,
+    _AdaptiveMaxPoolNd,
+    _AvgPoolNd,
+    _MaxPoolNd,
+)
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from statplug.distributed import SyncReport, sync_stats
+from statplug.lightning._utils import checkpoint_due_after_batch, matches, process_group
+from statplug.stats import RunningMinMax, RunningMoments, Stat
+
+__all__ = ["ActivationStats"]
+
+log = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+_CHANNEL_FIRST_TYPES = (
+    _ConvNd,
+    _BatchNorm,
+    _InstanceNorm,
+    _MaxPoolNd,
+    _AvgPoolNd,
+    _AdaptiveAvgPoolNd,
+    _AdaptiveMaxPoolNd,
+)
+_FAST_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class _LayerStats:
+    feature_dim: int  # 1 (channels) or -1 (last)
+    moments: RunningMoments
+    minmax: RunningMinMax | None
+
+    def stats(self) -> list[Stat]:
+        return [self.moments] if self.minmax is None else [self.moments, self.minmax]
+
+
+class ActivationStats(Callback):
+    r"""Running moments and min/max of layer outputs, synced, logged and checkpointed.
+
+    Args:
+        patterns: glob patterns (``fnmatch``) on qualified module names (``"encoder.*"``,
+            ``"*.fc?"``); every matching submodule except the root is hooked. ``"*"`` matches
+            containers too (a ``Sequential`` records its last layer's output). Default: ``("*",)``.
+        min_max: also keep a :class:`~statplug.stats.RunningMinMax` per layer. Default: True.
+        log_every_n_steps: also log each layer's local (not yet synced) summary every ``n``
+            optimizer steps; each log reads values on the host. Default: None (epoch ends only).
+        channels: ``"auto"`` (see the module docstring) or ``"last"``. Default: ``"auto"``.
+        accumulator_dtype: of the stats. Default: ``torch.float32``.
+        prefix: of the logged keys. Default: ``"activations"``.
+
+    Attributes:
+        layer_stats: ``{layer name: (moments, minmax or None)}``, in creation order.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from statplug import ActivationStats
+        >>> cb = ActivationStats(["body.*"])
+        >>> model = nn.Module()
+        >>> model.body = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        >>> cb.attach(model)                     # what ``setup`` does
+        >>> with cb.recording():                 # what a training step does
+        ...     _ = model.body(torch.randn(8, 3))
+        >>> sorted(cb.layer_stats), int(cb.layer_stats["body.1"][0].count)
+        (['body.0', 'body.1'], 8)
+        >>> bool((cb.layer_stats["body.1"][1].min >= 0).all())   # after the ReLU
+        True
+    """
+
+    def __init__(
+        self,
+        patterns: tuple[str, ...] | list[str] = ("*",),
+        *,
+        min_max: bool = True,
+        log_every_n_steps: int | None = None,
+        channels: Literal["auto", "last"] = "auto",
+        accumulator_dtype: torch.dtype = torch.float32,
+        prefix: str = "activations",
+    ) -> None:
+        if isinstance(patterns, str):
+            patterns = (patterns,)
+        if not patterns:
+            raise ValueError("ActivationStats: `patterns` must name at least one glob pattern")
+        if channels not in ("auto", "last"):
+            raise ValueError(
+                f"ActivationStats: `channels` must be 'auto' or 'last', got {channels!r}"
+            )
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or int(log_every_n_steps) < 1
+        ):
+            raise ValueError(
+                "ActivationStats: `log_every_n_steps` must be a positive int or None, got "
+                f"{log_every_n_steps!r}"
+            )
+        self.patterns = tuple(patterns)
+        self.min_max = bool(min_max)
+        self.log_every_n_steps = log_every_n_steps
+        self.channels = channels
+        self.accumulator_dtype = accumulator_dtype
+        self.prefix = prefix
+        self._layers: dict[str, _LayerStats] = {}
+        self._handles: list[RemovableHandle] = []
+        self._recording = False
+        self._skipped: set[str] = set()
+        self._last_step_synced = -1
+        self.last_report: SyncReport | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            patterns=self.patterns, min_max=self.min_max, channels=self.channels
+        )
+
+    @property
+    def layer_stats(self) -> dict[str, tuple[RunningMoments, RunningMinMax | None]]:
+        return {name: (ls.moments, ls.minmax) for name, ls in self._layers.items()}
+
+    def all_stats(self) -> list[Stat]:
+        """Every stat, in a fixed order (by layer name) that is the same on every rank."""
+        return [s for name in sorted(self._layers) for s in self._layers[name].stats()]
+
+    # ------------------------------------------------------------------ hooks on the model
+    def attach(self, model: nn.Module) -> None:
+        """Register forward hooks on the submodules of ``model`` matching ``patterns``."""
+        self.detach()
+        for name, mod in model.named_modules():
+            if name and matches(name, self.patterns):
+                self._handles.append(mod.register_forward_hook(self._make_hook(name)))
+        if not self._handles:
+            rank_zero_warn(
+                f"ActivationStats: no submodule matches {list(self.patterns)}; nothing will be "
+                "recorded. Check the patterns against `model.named_modules()`."
+            )
+
+    def detach(self) -> None:
+        """Remove the forward hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def recording(self) -> _Recording:
+        """Context manager: record the hooked layers' outputs inside it (a training step)."""
+        return _Recording(self)
+
+    def _make_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._recording and module.training and isinstance(output, Tensor):
+                self._record(name, module, output)
+
+        return hook
+
+    def _record(self, name: str, module: nn.Module, output: Tensor) -> None:
+        if not output.is_floating_point() or output.dim() == 0 or name in self._skipped:
+            return
+        layer = self._layers.get(name)
+        if layer is None:
+            layer = self._create(name, module, output)
+        x = output.detach()
+        if layer.feature_dim == 1 and x.dim() >= 3:
+            x = x.movedim(1, -1)
+        if x.dim() == 0 or x.shape[-1] != layer.moments.shape[0]:
+            self._skipped.add(name)
+            rank_zero_warn(
+                f"ActivationStats: layer {name!r} produced an output of shape {tuple(output.shape)}"
+                f" whose feature axis no longer has {layer.moments.shape[0]} features; it is no "
+                "longer recorded. Exclude it with `patterns` to silence this warning."
+            )
+            return
+        if x.dtype not in _FAST_DTYPES:
+            x = x.float()  # bf16/fp16 activations: the stats' fast path is float32
+        layer.moments.update(x)
+        if layer.minmax is not None:
+            layer.minmax.update(x)
+
+    def _feature_dim(self, module: nn.Module, output: Tensor) -> int:
+        if self.channels == "last" or output.dim() < 3:
+            return -1
+        if output.dim() >= 4 or isinstance(module, _CHANNEL_FIRST_TYPES):
+            return 1
+        return -1
+
+    def _create(self, name: str, module: nn.Module, output: Tensor) -> _LayerStats:
+        fdim = self._feature_dim(module, output)
+        layer = self._new_layer(name, fdim, int(output.shape[fdim]), output.device)
+        self._layers[name] = layer
+        return layer
+
+    def _new_layer(
+        self, name: str, feature_dim: int, n_features: int, device: torch.device | str
+    ) -> _LayerStats:
+        # nan_policy="propagate": "raise" would read a value on the host at every update.
+        moments = RunningMoments(
+            n_features,
+            accumulator_dtype=self.accumulator_dtype,
+            nan_policy="propagate",
+            device=device,
+        )
+        moments._statplug_name = f"{name} (activations)"
+        minmax = None
+        if self.min_max:
+            minmax = RunningMinMax(
+                n_features,
+                accumulator_dtype=self.accumulator_dtype,
+                nan_policy="propagate",
+                device=device,
+            )
+            minmax._statplug_name = f"{name} (activation min/max)"
+        return _LayerStats(feature_dim, moments, minmax)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.attach(pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.detach()
+        self._recording = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Stats restored from a checkpoint were built on the CPU.
+        for layer in self._layers.values():
+            for s in layer.stats():
+                s.to(pl_module.device)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._recording = True
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._recording = False
+        step = trainer.global_step
+        n = self.log_every_n_steps
+        if n is not None and step % n == 0 and step != self._last_step_synced:
+            pl_module.log_dict(self._summary(), on_step=True, on_epoch=False, sync_dist=False)
+        if step != self._last_step_synced and checkpoint_due_after_batch(trainer):
+            self._last_step_synced = step
+            self.sync(trainer)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.sync(trainer)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.sync(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.sync(trainer)
+        if self._layers:
+            pl_module.log_dict(self._summary(), on_step=False, on_epoch=True, sync_dist=False)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.sync(trainer)
+
+    def sync(self, trainer: pl.Trainer | None = None) -> SyncReport:
+        """Merge the stats across ranks (every rank must call this together)."""
+        group = process_group(trainer) if trainer is not None else None
+        report = sync_stats(self.all_stats(), group=group)
+        self.last_report = report
+        log.debug(
+            "ActivationStats: synced %d stats with %d collectives (%d bytes, %.2f ms)",
+            report.n_stats,
+            report.n_collectives,
+            report.n_bytes,
+            report.seconds * 1e3,
+        )
+        return report
+
+    def _summary(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name in sorted(self._layers):
+            layer = self._layers[name]
+            key = f"{self.prefix}/{name}"
+            out[f"{key}/mean"] = layer.moments.mean.mean()
+            out[f"{key}/std"] = layer.moments.std.mean()
+            if layer.minmax is not None:
+                out[f"{key}/min"] = layer.minmax.min.min()
+                out[f"{key}/max"] = layer.minmax.max.max()
+        return out
+
+    # ------------------------------------------------------------------ checkpoint state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        layers = []
+        for name, layer in self._layers.items():  # creation order
+            layers.append(
+                {
+                    "name": name,
+                    "feature_dim": layer.feature_dim,
+                    "n_features": int(layer.moments.shape[0]),
+                    "moments": _tensors(layer.moments),
+                    "minmax": None if layer.minmax is None else _tensors(layer.minmax),
+                }
+            )
+        return {
+            "version": _STATE_VERSION,
+            "accumulator_dtype": str(self.accumulator_dtype).removeprefix("torch."),
+            "layers": layers,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        layers = state_dict.get("layers")
+        if not isinstance(layers, list):
+            rank_zero_warn(
+                "ActivationStats: the checkpoint's state for this callback has no `layers` list; "
+                "activation stats start empty."
+            )
+            return
+        self._layers = {}
+        self._skipped = set()
+        for entry in layers:
+            layer = self._new_layer(
+                entry["name"], int(entry["feature_dim"]), int(entry["n_features"]), "cpu"
+            )
+            layer.moments.load_state_dict(entry["moments"])
+            if layer.minmax is not None:
+                if entry.get("minmax") is not None:
+                    layer.minmax.load_state_dict(entry["minmax"])
+                else:
+                    rank_zero_warn(
+                        f"ActivationStats: the checkpoint has no min/max for layer "
+                        f"{entry['name']!r}; they start empty."
+                    )
+            self._layers[entry["name"]] = layer
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            rank_zero_warn(
+                f"ActivationStats: the checkpoint holds no state for {self.state_key}; activation "
+                "stats start empty. This is expected when the callback was added after the "
+                "checkpoint was written."
+            )
+
+
+def _tensors(stat: Stat) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in stat.state_dict().items()}
+
+
+class _Recording:
+    def __init__(self, cb: ActivationStats) -> None:
+        self.cb = cb
+
+    def __enter__(self) -> None:
+        self.cb._recording = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.cb._recording = False
