@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from statplug._buffers import name_modules
 from statplug.errors import StatLayoutError, StatplugError
-from statplug.stats.base import Stat
+from statplug.stats.base import Stat, SyncBatch
 
 __all__ = ["SyncReport", "find_stats", "sync_stats"]
 
@@ -83,12 +83,9 @@ def _device_of(stats: list[Stat]) -> torch.device:
     return devices.pop()
 
 
-def _check_layout(
-    stats: list[Stat], group: dist.ProcessGroup | None, device: torch.device
-) -> None:
-    layout = [_describe(s) for s in stats]
-    fp = _fingerprint(layout)
-    t = torch.tensor([fp, -fp], dtype=torch.int64, device=device)
+def _check_layout(plan: _Plan, group: dist.ProcessGroup | None) -> None:
+    layout, fp = plan.layout, plan.fingerprint
+    t = torch.tensor([fp, -fp], dtype=torch.int64, device=plan.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     if int(t[0]) == -int(t[1]):  # max == min: every rank holds the same layout
         return
@@ -112,8 +109,47 @@ def _check_layout(
     )
 
 
-def _split(flat: Tensor, sizes: list[int]) -> list[Tensor]:
-    return list(flat.split(sizes)) if sizes else []
+class _Plan:
+    """What a sync of one set of stats needs besides the data: cached between syncs."""
+
+    def __init__(self, stats: list[Stat]) -> None:
+        self.layout = [_describe(s) for s in stats]
+        self.fingerprint = _fingerprint(self.layout)
+        self.device = _device_of(stats)
+        groups: dict[type[Stat], list[Stat]] = {}
+        for s in stats:
+            groups.setdefault(type(s), []).append(s)
+        self.groups = list(groups.items())
+
+
+_PLANS: dict[tuple[int, ...], tuple[list[Stat], _Plan]] = {}
+
+
+def _plan_for(stats: list[Stat]) -> _Plan:
+    key = tuple(map(id, stats))
+    hit = _PLANS.get(key)
+    # The stats are kept alongside, so their ids cannot be reused while the entry lives.
+    if hit is None:
+        if len(_PLANS) >= 64:
+            _PLANS.clear()
+        hit = (stats, _Plan(stats))
+        _PLANS[key] = hit
+    return hit[1]
+
+
+def _coalesced_all_reduce(
+    segments: list[list[Tensor]], op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None,
+    device: torch.device,
+) -> tuple[list[list[Tensor]], int, dist.Work | None]:
+    """Start one all-reduce over every segment; returns (segments, bytes, work) -- views."""
+    flat_parts = [t.reshape(-1) for parts in segments for t in parts]
+    if not flat_parts:
+        return [[] for _ in segments], 0, None
+    flat = torch.cat(flat_parts).to(device, torch.float64)
+    work = dist.all_reduce(flat, op=op, group=group, async_op=True)
+    pieces = iter(flat.split([t.numel() for t in flat_parts]))
+    out = [[next(pieces).view(t.shape) for t in parts] for parts in segments]
+    return out, flat.numel() * 8, work
 
 
 def sync_stats(
@@ -151,51 +187,30 @@ def sync_stats(
         or dist.get_world_size(group) == 1
     ):
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
-    device = _device_of(stats)
-    _check_layout(stats, group, device)
+    plan = _plan_for(stats)
+    device = plan.device
+    _check_layout(plan, group)
     n_coll, n_bytes = 1, 16
 
     with torch.no_grad():
-        phase1 = [s._sync_phase1() for s in stats]
-        sum_parts = [[t.reshape(-1) for t in p[0]] for p in phase1]
-        max_parts = [[t.reshape(-1) for t in p[1]] for p in phase1]
-        sum_sizes = [t.numel() for parts in sum_parts for t in parts]
-        max_sizes = [t.numel() for parts in max_parts for t in parts]
-        work = []
-        flat_sum = torch.cat([t for parts in sum_parts for t in parts]).to(device, torch.float64)
-        work.append(dist.all_reduce(flat_sum, group=group, async_op=True))
-        flat_max = None
-        if max_sizes:
-            flat_max = torch.cat([t for parts in max_parts for t in parts]).to(
-                device, torch.float64
-            )
-            work.append(
-                dist.all_reduce(flat_max, op=dist.ReduceOp.MAX, group=group, async_op=True)
-            )
-        for w in work:
-            w.wait()
-        n_coll += len(work)
-        n_bytes += flat_sum.numel() * 8 + (flat_max.numel() * 8 if flat_max is not None else 0)
-
-        sums_iter = iter(_split(flat_sum, sum_sizes))
-        maxes_iter = iter(_split(flat_max, max_sizes) if flat_max is not None else [])
-        sums1 = [[next(sums_iter) for _ in parts] for parts in sum_parts]
-        maxes = [[next(maxes_iter) for _ in parts] for parts in max_parts]
-
+        batches = [SyncBatch(group_stats) for _, group_stats in plan.groups]
+        phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(plan.groups, batches, strict=True)]
+        sums1, b1, w1 = _coalesced_all_reduce([p[0] for p in phase1], dist.ReduceOp.SUM, group,
+                                              device)
+        maxes, b2, w2 = _coalesced_all_reduce([p[1] for p in phase1], dist.ReduceOp.MAX, group,
+                                              device)
+        for w in (w1, w2):
+            if w is not None:
+                w.wait()
+                n_coll += 1
         phase2 = [
-            [t.reshape(-1) for t in s._sync_phase2(s1)]
-            for s, s1 in zip(stats, sums1, strict=True)
+            cls._sync_phase2(b, s1)
+            for (cls, _), b, s1 in zip(plan.groups, batches, sums1, strict=True)
         ]
-        p2_sizes = [t.numel() for parts in phase2 for t in parts]
-        sums2: list[list[Tensor]] = [[] for _ in stats]
-        if p2_sizes:
-            flat2 = torch.cat([t for parts in phase2 for t in parts]).to(device, torch.float64)
-            dist.all_reduce(flat2, group=group)
+        sums2, b3, w3 = _coalesced_all_reduce(phase2, dist.ReduceOp.SUM, group, device)
+        if w3 is not None:
+            w3.wait()
             n_coll += 1
-            n_bytes += flat2.numel() * 8
-            it2 = iter(_split(flat2, p2_sizes))
-            sums2 = [[next(it2) for _ in parts] for parts in phase2]
-
-        for s, s1, mx, s2 in zip(stats, sums1, maxes, sums2, strict=True):
-            s._sync_apply(s1, mx, s2)
-    return SyncReport(len(stats), n_coll, n_bytes, time.perf_counter() - start)
+        for (cls, _), b, s1, mx, s2 in zip(plan.groups, batches, sums1, maxes, sums2, strict=True):
+            cls._sync_apply(b, s1, mx, s2)
+    return SyncReport(len(stats), n_coll, n_bytes + b1 + b2 + b3, time.perf_counter() - start)

@@ -22,15 +22,13 @@ from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
 
-__all__ = ["NanPolicy", "Stat"]
+__all__ = ["NanPolicy", "Stat", "SyncBatch"]
 
 NanPolicy = Literal["raise", "skip", "propagate"]
 _NAN_POLICIES = ("raise", "skip", "propagate")
 _REDUCES = ("sum", "min", "max", "custom")
 _ACCUMULATOR_DTYPES = (torch.float32, torch.float64)
 
-# Contributions of one stat to the coalesced collectives: float64 tensors, flattened by the engine.
-Contribution = list[Tensor]
 
 
 def _as_shape(shape: int | Sequence[int], owner: str) -> tuple[int, ...]:
@@ -276,50 +274,107 @@ class Stat(PinnedDtypeModule):
         """Rebuild hidden working state from the loaded persistent buffers (subclasses)."""
 
     # ----------------------------------------------------------------------------- sync hooks
-    def _sum_states(self) -> list[str]:
-        return [n for n, r in self._reduces.items() if r == "sum"]
+    # Class-level and batched: one call handles every stat of a class with a constant number of
+    # tensor ops (gather with one ``cat``, math on the flat tensors, scatter with one foreach
+    # copy), so a sync costs no per-stat tensor op. Each hook returns a few flat float64
+    # segments; the engine coalesces them into one collective per phase.
 
-    def _sync_phase1(self) -> tuple[Contribution, Contribution]:
-        """Float64 tensors for the first SUM all-reduce and for the MAX all-reduce."""
+    @classmethod
+    def _sync_phase1(cls, batch: SyncBatch) -> tuple[list[Tensor], list[Tensor]]:
+        """Segments for the first SUM all-reduce and for the MAX all-reduce."""
+        proto = batch.stats[0]
         sums = [
-            (self._buffers[n] - self._buffers[f"_base_{n}"]).to(torch.float64).reshape(-1)  # type: ignore[operator]
-            for n in self._sum_states()
+            (batch.stack(n) - batch.stack(f"_base_{n}")).to(torch.float64)
+            for n in proto._sum_states()
         ]
-        maxes: Contribution = []
-        for n, r in self._reduces.items():
-            buf = self._buffers[n]
-            assert buf is not None
-            if r == "max":
-                maxes.append(buf.to(torch.float64).reshape(-1))
-            elif r == "min":
-                maxes.append(-buf.to(torch.float64).reshape(-1))
+        maxes = []
+        for n, r in proto._reduces.items():
+            if r in ("min", "max"):
+                flat = batch.gather(n).to(torch.float64)
+                maxes.append(flat if r == "max" else -flat)
         return sums, maxes
 
-    def _sync_phase2(self, sums1: Contribution) -> Contribution:
-        """Float64 tensors for the second SUM all-reduce, given the reduced phase-1 tensors."""
+    @classmethod
+    def _sync_phase2(cls, batch: SyncBatch, sums1: list[Tensor]) -> list[Tensor]:
+        """Segments for the second SUM all-reduce, given the reduced phase-1 segments."""
         return []
 
-    def _sync_apply(self, sums1: Contribution, maxes: Contribution, sums2: Contribution) -> None:
-        """Write the reduced tensors back; afterwards every rank holds the global state."""
-        names = self._sum_states()
+    @classmethod
+    def _sync_apply(
+        cls, batch: SyncBatch, sums1: list[Tensor], maxes: list[Tensor], sums2: list[Tensor]
+    ) -> None:
+        """Write the reduced segments back; afterwards every rank holds the global state."""
+        proto = batch.stats[0]
+        names = proto._sum_states()
         for name, total in zip(names, sums1[: len(names)], strict=True):
-            base = self._buffers[f"_base_{name}"]
-            buf = self._buffers[name]
-            assert base is not None and buf is not None
             # Counts travel as float64, exact below 2**53.
-            buf.copy_(base + total.reshape(buf.shape).round().to(buf.dtype))
-            base.copy_(buf)
-        i = 0
-        for n, r in self._reduces.items():
-            if r in ("min", "max"):
-                buf = self._buffers[n]
-                assert buf is not None
-                v = maxes[i].reshape(buf.shape)
-                buf.copy_(v if r == "max" else -v)
-                i += 1
+            value = batch.stack(f"_base_{name}") + total.round().to(torch.int64)
+            batch.scatter(name, value)
+            batch.scatter(f"_base_{name}", value)
+        extrema = [(n, r) for n, r in proto._reduces.items() if r in ("min", "max")]
+        for (name, r), flat in zip(extrema, maxes, strict=True):
+            batch.scatter(name, flat if r == "max" else -flat)
+
+    def _sum_states(self) -> list[str]:
+        return [n for n, r in self._reduces.items() if r == "sum"]
 
     def extra_repr(self) -> str:
         extra = f"shape={self.shape}, accumulator_dtype={self.accumulator_dtype}"
         if self.nan_policy != "raise":
             extra += f", nan_policy={self.nan_policy!r}"
         return extra
+
+
+class SyncBatch:
+    """The stats of one class taking part in a sync, with gather/scatter helpers.
+
+    Gathered tensors are cached for the duration of the sync (the hooks of all phases share
+    them); every helper is one tensor op whatever the number of stats.
+    """
+
+    def __init__(self, stats: Sequence[Stat]) -> None:
+        self.stats = list(stats)
+        self.sizes = [s.n_features for s in self.stats]
+        self.device = self.stats[0]._buffers["count"].device  # type: ignore[union-attr]
+        self._cache: dict[str, Tensor] = {}
+        self._repeats: Tensor | None = None
+
+    def _bufs(self, name: str) -> list[Tensor]:
+        return [s._buffers[name] for s in self.stats]  # type: ignore[misc]
+
+    def gather(self, name: str) -> Tensor:
+        """Every stat's buffer ``name`` flattened and concatenated."""
+        out = self._cache.get(name)
+        if out is None:
+            out = torch.cat([b.reshape(-1) for b in self._bufs(name)])
+            self._cache[name] = out
+        return out
+
+    def stack(self, name: str) -> Tensor:
+        """Every stat's 0-dim buffer ``name`` as one ``[K]`` tensor."""
+        key = "stack:" + name
+        out = self._cache.get(key)
+        if out is None:
+            out = torch.stack(self._bufs(name))
+            self._cache[key] = out
+        return out
+
+    def per_element(self, per_stat: Tensor) -> Tensor:
+        """Repeat a ``[K]`` tensor so it lines up with :meth:`gather`'s flat layout."""
+        if self._repeats is None:
+            self._repeats = torch.tensor(self.sizes, device=self.device)
+        return per_stat.repeat_interleave(self._repeats, output_size=sum(self.sizes))
+
+    def scatter(self, name: str, flat: Tensor) -> None:
+        """Copy ``flat`` (the :meth:`gather` or :meth:`stack` layout) into each stat's buffer."""
+        bufs = self._bufs(name)
+        self._cache.pop(name, None)
+        self._cache.pop("stack:" + name, None)
+        if bufs[0].dim() == 0:
+            torch._foreach_copy_(bufs, list(flat.unbind()))
+        else:
+            torch._foreach_copy_([b.view(-1) for b in bufs], list(flat.split(self.sizes)))
+
+    def zero(self, name: str) -> None:
+        self._cache.pop(name, None)
+        torch._foreach_zero_(self._bufs(name))

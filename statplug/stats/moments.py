@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from statplug.stats._kernels import GROUP_ROWS, grouped_moments
-from statplug.stats.base import Contribution, NanPolicy, Stat
+from statplug.stats.base import NanPolicy, Stat, SyncBatch
 
 __all__ = ["EMAMoments", "RunningMoments"]
 
@@ -311,33 +311,46 @@ class RunningMoments(Stat):
         self._host.dirty = False
 
     # ------------------------------------------------------------------ sync hooks
-    def _sync_phase1(self) -> tuple[Contribution, Contribution]:
-        self._flush()
-        sums, maxes = super()._sync_phase1()
-        n_l = (self.count - self._base_count).to(_F64)
-        sums.append(n_l * self._shift + self._s1)  # sum of local samples
+    @classmethod
+    def _sync_phase1(cls, batch: SyncBatch) -> tuple[list[Tensor], list[Tensor]]:
+        for stat in batch.stats:
+            stat._flush()
+        sums, maxes = super()._sync_phase1(batch)
+        n_l = batch.per_element(sums[0])  # local samples since the last sync, per element
+        sums.append(n_l * batch.gather("_shift") + batch.gather("_s1"))  # sum of local samples
         return sums, maxes
 
-    def _sync_phase2(self, sums1: Contribution) -> Contribution:
-        n_global = sums1[0].clamp(min=1)
-        g = sums1[2] / n_global  # global mean of the data added since the last sync
-        n_l = (self.count - self._base_count).to(_F64)
-        k = self._shift - g
+    @classmethod
+    def _sync_phase2(cls, batch: SyncBatch, sums1: list[Tensor]) -> list[Tensor]:
+        n_global = batch.per_element(sums1[0])
+        g = sums1[2] / n_global.clamp(min=1)  # global mean of the data added since the last sync
+        n_l = batch.per_element(
+            (batch.stack("count") - batch.stack("_base_count")).to(_F64)
+        )
+        k = batch.gather("_shift") - g
+        s1 = batch.gather("_s1")
         # Sum over local samples of (x - g)**2, from the sums around K.
-        return [self._s2 + 2 * k * self._s1 + n_l * k * k]
+        return [batch.gather("_s2") + 2 * k * s1 + n_l * k * k]
 
-    def _sync_apply(self, sums1: Contribution, maxes: Contribution, sums2: Contribution) -> None:
-        n_new = sums1[0]
+    @classmethod
+    def _sync_apply(
+        cls, batch: SyncBatch, sums1: list[Tensor], maxes: list[Tensor], sums2: list[Tensor]
+    ) -> None:
+        n_new = batch.per_element(sums1[0])
         g = sums1[2] / n_new.clamp(min=1)
-        n_b = self._base_count.to(_F64)
-        mean, m2 = self._chan(n_b, self._mean_base, self._m2_base, n_new, g, sums2[0])
-        self._mean_base.copy_(mean)
-        self._m2_base.copy_(m2)
-        super()._sync_apply(sums1, maxes, sums2)
-        self._s1.zero_()
-        self._s2.zero_()
-        self._host.shift_set = False
-        self._host.dirty = True
+        n_b = batch.per_element(batch.stack("_base_count").to(_F64))
+        mean, m2 = cls._chan(
+            n_b, batch.gather("_mean_base"), batch.gather("_m2_base"), n_new, g, sums2[0]
+        )
+        batch.scatter("_mean_base", mean)
+        batch.scatter("_m2_base", m2)
+        super()._sync_apply(batch, sums1, maxes, sums2)
+        batch.zero("_s1")
+        batch.zero("_s2")
+        for stat in batch.stats:
+            host = cast(RunningMoments, stat)._host
+            host.shift_set = False
+            host.dirty = True
 
 
 class EMAMoments(Stat):
@@ -465,26 +478,33 @@ class EMAMoments(Stat):
         self.mean.copy_(mean.to(acc))
         self.var.copy_(var.to(acc))
 
-    def _ema_weight(self) -> Tensor:
-        # Weight of this rank's summary: its samples since the last sync (ties: equal weights).
-        return (self.count - self._base_count).to(_F64) + 1e-9
-
-    def _sync_phase1(self) -> tuple[Contribution, Contribution]:
-        sums, maxes = super()._sync_phase1()
-        w = self._ema_weight()
-        sums += [w.reshape(1), (w * self.weight).reshape(1), (w * self.mean.to(_F64)).reshape(-1)]
+    @classmethod
+    def _sync_phase1(cls, batch: SyncBatch) -> tuple[list[Tensor], list[Tensor]]:
+        sums, maxes = super()._sync_phase1(batch)
+        # Weight of each rank's summary: its samples since the last sync (ties: equal weights).
+        w = sums[0] + 1e-9
+        sums += [
+            w,
+            w * batch.stack("weight").to(_F64),
+            batch.per_element(w) * batch.gather("mean").to(_F64),
+        ]
         return sums, maxes
 
-    def _sync_phase2(self, sums1: Contribution) -> Contribution:
-        w = self._ema_weight()
-        g = sums1[4] / sums1[2]
-        mean = self.mean.to(_F64).reshape(-1)
-        return [w * (self.var.to(_F64).reshape(-1) + (mean - g) ** 2)]
+    @classmethod
+    def _sync_phase2(cls, batch: SyncBatch, sums1: list[Tensor]) -> list[Tensor]:
+        w = batch.stack("count") - batch.stack("_base_count")
+        w_el = batch.per_element(w.to(_F64) + 1e-9)
+        g = sums1[4] / batch.per_element(sums1[2])
+        mean = batch.gather("mean").to(_F64)
+        return [w_el * (batch.gather("var").to(_F64) + (mean - g) ** 2)]
 
-    def _sync_apply(self, sums1: Contribution, maxes: Contribution, sums2: Contribution) -> None:
-        acc = self.accumulator_dtype
+    @classmethod
+    def _sync_apply(
+        cls, batch: SyncBatch, sums1: list[Tensor], maxes: list[Tensor], sums2: list[Tensor]
+    ) -> None:
         w_total = sums1[2]
-        self.weight.copy_((sums1[3] / w_total).reshape(()).to(acc))
-        self.mean.copy_((sums1[4] / w_total).view(self.shape).to(acc))
-        self.var.copy_((sums2[0] / w_total).view(self.shape).to(acc))
-        super()._sync_apply(sums1, maxes, sums2)
+        w_el = batch.per_element(w_total)
+        batch.scatter("weight", sums1[3] / w_total)
+        batch.scatter("mean", sums1[4] / w_el)
+        batch.scatter("var", sums2[0] / w_el)
+        super()._sync_apply(batch, sums1, maxes, sums2)
