@@ -164,7 +164,8 @@ class MagnitudePruning(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Registered here, before a checkpoint is restored: a buffer registered in on_fit_start
-        # or later would make strict loading fail with "Unexpected key(s)".
+        # or later would make strict loading fail with "Unexpected key(s)". The hooks stay after
+        # the run (the model keeps applying its masks); a new setup replaces them.
         self._remove_hooks()
         targets = self.pruned(pl_module)
         if not targets:
@@ -191,10 +192,6 @@ class MagnitudePruning(Callback):
                 self._hooked.append(mod)
                 self._handles.append(mod.register_forward_pre_hook(self._apply_hook))
         log.debug("MagnitudePruning: %d tensors masked", len(targets))
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
 
     def _remove_hooks(self) -> None:
         for h in self._handles:
