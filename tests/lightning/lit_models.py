@@ -22,7 +22,9 @@ QUIET: dict[str, Any] = {
 }
 
 
-def make_data(n: int, n_in: int = 4, *, seed: int = 0, loc: float = 0.0, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+def make_data(
+    n: int, n_in: int = 4, *, seed: int = 0, loc: float = 0.0, scale: float = 1.0
+) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, n_in, generator=g) * scale + loc
     w = torch.linspace(-1.0, 1.0, n_in)
@@ -37,7 +39,9 @@ def loader(x: Tensor, y: Tensor, batch_size: int = 8) -> DataLoader:
 class TinyModel(StatsMixin, pl.LightningModule):
     """A normaliser in forward, a target stat in training_step, a random mask, a small MLP."""
 
-    def __init__(self, n_in: int = 4, hidden: int = 8, lr: float = 0.05, extra_stat: bool = False) -> None:
+    def __init__(
+        self, n_in: int = 4, hidden: int = 8, lr: float = 0.05, extra_stat: bool = False
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.norm = RunningNorm(n_in)

@@ -284,7 +284,9 @@ def test_activation_stats_warns_on_a_checkpoint_without_its_state(tmp_path: Path
     trainer.save_checkpoint(path)
     cb = ActivationStats(["head"])
     with pytest.warns(UserWarning, match="holds no state"):
-        _trainer(tmp_path, [cb], max_epochs=2).fit(TinyModel(), loader(*make_data(16)), ckpt_path=path)
+        _trainer(tmp_path, [cb], max_epochs=2).fit(
+            TinyModel(), loader(*make_data(16)), ckpt_path=path
+        )
     assert int(cb.layer_stats["head"][0].count) == 16
 
 
