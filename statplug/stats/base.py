@@ -224,6 +224,12 @@ class Stat(PinnedDtypeModule):
                     base.zero_()
             self._reset_hidden()
 
+    def reset_parameters(self) -> None:
+        """Same as :meth:`reset`: the meta-device flow (``to_empty()`` then ``reset_parameters()``)
+        leaves an empty, valid stat instead of uninitialised memory."""
+        self.reset()
+        self.unfreeze()
+
     def _initial_value(self, name: str, buf: Tensor) -> Tensor:
         if self._reduces[name] == "min":
             return torch.full_like(buf, math.inf)

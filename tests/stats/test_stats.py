@@ -372,3 +372,19 @@ def test_docstring_examples_run():
     for mod in mods:
         result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, mod.__name__
+
+
+def test_meta_device_then_to_empty_and_reset_parameters_gives_empty_stats():
+    with torch.device("meta"):
+        model = _Model()
+    model.to_empty(device="cpu")
+    for mod in model.modules():
+        if hasattr(mod, "reset_parameters"):
+            mod.reset_parameters()
+    x = torch.randn(6, 4)
+    model.moments.update(x)
+    model.minmax.update(x)
+    assert model.moments.count.item() == 6
+    torch.testing.assert_close(model.moments.mean, x.mean(0))
+    torch.testing.assert_close(model.minmax.max, x.max(0).values)
+    assert not model.norm.frozen
