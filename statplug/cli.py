@@ -85,6 +85,8 @@ def _checkpoint_path(trainer: Any) -> str:
 def _metrics_line(trainer: Any) -> str:
     parts = []
     for key, value in sorted(trainer.callback_metrics.items()):
+        if "/" in key:  # per-layer details (ActivationStats): see `statplug inspect`
+            continue
         try:
             parts.append(f"{key}={float(value):.4f}")
         except (TypeError, ValueError):

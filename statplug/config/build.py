@@ -7,6 +7,7 @@ checkpoint must load with ``torch.load(path, weights_only=True)``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +85,16 @@ def build(run: Run, *, trainer_overrides: dict[str, Any] | None = None) -> Built
     checkpoint), so a checkpoint can re-run its recipe.
     """
     import lightning.pytorch as pl
+    import torch
 
     cfg = run.config
+    threads = cfg.get("num_threads")
+    if threads is not None:
+        # Tiny models gain nothing from intra-op threads, and on a busy or small machine the
+        # threads' spinning costs several times the work. The environment variable reaches DDP's
+        # re-launched ranks, and Lightning keeps an OMP_NUM_THREADS that is already set.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(int(threads))
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
     model = build_node(cfg["model"], "model")

@@ -132,8 +132,15 @@ def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
         for k, v in obj.items():
             yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(obj, list | tuple):
+        # Named items (ActivationStats' ``layers``: ``[{"name": "features.conv1", ...}]``) are
+        # keyed by their name instead of the list's key and index.
+        parent = prefix.rpartition(".")[0]
         for i, v in enumerate(obj):
-            yield from _flatten(v, f"{prefix}.{i}" if prefix else str(i))
+            name = v.get("name") if isinstance(v, Mapping) else None
+            if isinstance(name, str) and name:
+                yield from _flatten(v, f"{parent}.{name}" if parent else name)
+            else:
+                yield from _flatten(v, f"{prefix}.{i}" if prefix else str(i))
 
 
 def _dtype(t: Tensor) -> str:
@@ -287,11 +294,10 @@ def summarize(ckpt: dict[str, Any], path: str = "") -> CheckpointSummary:
         for state_key, cb_state in callbacks.items():
             label = _callback_label(str(state_key))
             cb_tensors = dict(_flatten(cb_state))
-            cb_entries, cb_rest = _walk(cb_tensors, f"callback {label}", f"{label}:")
-            entries.extend(cb_entries)
-            entries.extend(
-                _buffer_entry(f"{label}:{k}", f"callback {label}", t) for k, t in cb_rest.items()
-            )
+            cb_entries, _ = _walk(cb_tensors, f"callback {label}", f"{label}:")
+            # A callback's other tensors are its bookkeeping (ModelCheckpoint's best score), not
+            # buffers of the model: only its stats and masks are listed.
+            entries.extend(e for e in cb_entries if e.group != "buffer")
     meta = ckpt.get("statplug")
     summary = CheckpointSummary(
         path=path,
@@ -382,7 +388,7 @@ def format_table(summary: CheckpointSummary) -> str:
             (
                 e.name,
                 e.kind,
-                "x".join(map(str, e.shape)) if e.shape else "()",
+                "x".join(map(str, e.shape)) if e.shape else ("()" if e.dtype != "-" else "-"),
                 e.dtype,
                 "-" if e.count is None else f"{e.count:,}",
                 _fmt_summary(e.summary),

@@ -18,11 +18,22 @@ def _finite(values: list[float]) -> list[float]:
     return [v if math.isfinite(v) else math.nan for v in values[:_MAX_FEATURES]]
 
 
+def _panels(stats: list[Entry]) -> list[tuple[str, list[Entry]]]:
+    """Stats grouped per panel: a layer's ``moments`` and ``minmax`` share one."""
+    groups: dict[str, list[Entry]] = {}
+    for e in stats:
+        parent, _, leaf = e.name.rpartition(".")
+        key = parent if parent and leaf in ("moments", "minmax") else e.name
+        groups.setdefault(key, []).append(e)
+    return list(groups.items())
+
+
 def plot_summary(summary: CheckpointSummary, out: str | Path, *, dpi: int = 100) -> Path:
     """Draw one panel per stat (up to 12) and save a PNG to ``out``; return its path.
 
-    Moments are drawn as the per-feature mean with a ±1 std band, min/max stats as a range bar
-    per feature. Features beyond the first 512 of a stat are left out.
+    Moments are drawn as the per-feature mean with a ±1 std band, min/max stats as a grey range
+    bar per feature; a layer's moments and min/max (``ActivationStats``) share a panel. Features
+    beyond the first 512 of a stat are left out.
 
     Raises:
         ConfigError: the checkpoint holds no stat with a count, or ``out`` cannot be written.
@@ -35,36 +46,43 @@ def plot_summary(summary: CheckpointSummary, out: str | Path, *, dpi: int = 100)
     stats: list[Entry] = [e for e in summary.entries if e.group == "stat" and e.count]
     if not stats:
         raise ConfigError(f"`{summary.path}` holds no stat with samples to plot")
-    shown = stats[:_MAX_PANELS]
+    panels = _panels(stats)
+    shown = panels[:_MAX_PANELS]
     cols = 1 if len(shown) == 1 else 2
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 2.8 * rows), squeeze=False)
-    for ax, e in zip(axes.flat, shown, strict=False):
-        if "mean" in e.arrays:
-            mean = _finite(e.arrays["mean"])
-            std = _finite(e.arrays["std"])
-            x = list(range(len(mean)))
-            lo = [m - s for m, s in zip(mean, std, strict=True)]
-            hi = [m + s for m, s in zip(mean, std, strict=True)]
-            ax.fill_between(x, lo, hi, alpha=0.3, label="mean ± std", step="mid")
-            ax.plot(x, mean, marker=".", linewidth=1, label="mean")
-        else:
-            lo = _finite(e.arrays["min"])
-            hi = _finite(e.arrays["max"])
-            x = list(range(len(lo)))
-            ax.vlines(x, lo, hi, linewidth=2, alpha=0.7, label="min .. max")
-            ax.plot(x, lo, "v", markersize=3)
-            ax.plot(x, hi, "^", markersize=3)
-        span = [v for v in (lo + hi) if math.isfinite(v)]
-        if span and min(span) > 0 and max(span) / min(span) > 1e3:
-            ax.set_yscale("log")
-        ax.set_title(f"{e.name} ({e.kind}, n={e.count:,})", fontsize=9)
+    for ax, (title, group) in zip(axes.flat, shown, strict=False):
+        values: list[float] = []
+        for e in group:
+            if "mean" in e.arrays:
+                mean = _finite(e.arrays["mean"])
+                std = _finite(e.arrays["std"])
+                x = list(range(len(mean)))
+                lo = [m - s for m, s in zip(mean, std, strict=True)]
+                hi = [m + s for m, s in zip(mean, std, strict=True)]
+                ax.fill_between(x, lo, hi, alpha=0.3, label="mean ± std", step="mid")
+                ax.plot(x, mean, marker=".", linewidth=1, label="mean")
+            else:
+                lo = _finite(e.arrays["min"])
+                hi = _finite(e.arrays["max"])
+                x = list(range(len(lo)))
+                ax.vlines(x, lo, hi, colors="gray", linewidth=1, alpha=0.6, label="min .. max")
+                ax.plot(x, lo, "v", color="gray", markersize=3)
+                ax.plot(x, hi, "^", color="gray", markersize=3)
+            values += lo + hi
+        mags = sorted(abs(v) for v in values if math.isfinite(v) and v != 0)
+        if mags and mags[-1] / mags[len(mags) // 2] > 100:
+            # Raw features span orders of magnitude (areas next to ratios): a linear axis would
+            # flatten all but the largest.
+            ax.set_yscale("symlog", linthresh=max(mags[len(mags) // 4], 1e-6))
+        kinds = " + ".join(e.kind for e in group)
+        ax.set_title(f"{title} ({kinds}, n={group[0].count:,})", fontsize=9)
         ax.set_xlabel("feature", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
-    more = f" (first {_MAX_PANELS} of {len(stats)} stats)" if len(stats) > len(shown) else ""
+    more = f" (first {_MAX_PANELS} of {len(panels)} panels)" if len(panels) > len(shown) else ""
     fig.suptitle(f"{Path(summary.path).name}{more}", fontsize=10)
     fig.tight_layout()
     out = Path(out)

@@ -27,6 +27,7 @@ __all__ = ["TOP_LEVEL_KEYS", "resolve_target", "validate"]
 TOP_LEVEL_KEYS: dict[str, str] = {
     "description": "one line shown by `statplug recipes`",
     "seed": "int or null: seeds torch, numpy and random on every rank",
+    "num_threads": "int or null: torch intra-op threads per process (null: torch's default)",
     "model": "the LightningModule: a node with `_target_`",
     "data": "the LightningDataModule: a node with `_target_`",
     "trainer": "keyword arguments of lightning.pytorch.Trainer",
@@ -232,9 +233,12 @@ def validate(
             )
         if key == "description" and not isinstance(value, str | None):
             raise ConfigError(f"bad value for `description`: expected text, got {value!r}")
-        if key == "seed" and not (value is None or (isinstance(value, int) and value is not True
-                                                   and value is not False)):
-            raise ConfigError(f"bad value for `seed`: expected int or null, got {value!r}{suffix}")
+        if key in ("seed", "num_threads") and not (
+            value is None or (isinstance(value, int) and not isinstance(value, bool))
+        ):
+            raise ConfigError(f"bad value for `{key}`: expected int or null, got {value!r}{suffix}")
+        if key == "num_threads" and value is not None and value < 1:
+            raise ConfigError(f"bad value for `num_threads`: expected >= 1, got {value}{suffix}")
     for key in require:
         if plain.get(key) is None:
             raise ConfigError(

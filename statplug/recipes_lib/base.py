@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from statplug.lightning.mixin import StatsMixin
+from statplug.lightning import StatsMixin
 
 __all__ = ["Classifier"]
 
