@@ -230,11 +230,26 @@ class MagnitudePruning(Callback):
         for mod in self._hooked:
             self._apply(mod)
 
+    def _due(self, epoch: int) -> bool:
+        return epoch >= 0 and (self.schedule is None or self.schedule(epoch))
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A checkpoint saved on validation end (ModelCheckpoint's default when there is a
+        # validation loop) is written before on_train_epoch_end, and a run resumed from it starts
+        # with the next epoch: the round of the epoch that ended is done here instead. The weights
+        # have not changed since, so the masks are those of an uninterrupted run.
+        previous = trainer.current_epoch - 1
+        if self._due(previous) and self.last_pruned_epoch < previous:
+            self._round(trainer, pl_module, previous)
+
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self.schedule is not None and not self.schedule(epoch):
-            return
+        if self._due(epoch):
+            self._round(trainer, pl_module, epoch)
+
+    def _round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         for fn in self._listeners:
             fn(trainer, pl_module, "before_pruning")
         self.prune_(pl_module, self.amount_at(epoch))
