@@ -75,7 +75,8 @@ def main() -> None:
         elif mode == "first":
             fit(out_dir, N_EPOCHS, None)
         elif mode == "resume":
-            model, cbs = fit(out_dir, 2 * N_EPOCHS, os.path.join(out_dir, f"epoch{N_EPOCHS - 1}.ckpt"))
+            ckpt = os.path.join(out_dir, f"epoch{N_EPOCHS - 1}.ckpt")
+            model, cbs = fit(out_dir, 2 * N_EPOCHS, ckpt)
             dump(model, cbs, f"{out_dir}/resumed.pt")
         else:
             raise SystemExit(f"unknown mode {mode!r}")
