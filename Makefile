@@ -22,6 +22,9 @@ lint: venv
 test: venv lint
 	$(VENV)/bin/pytest -q
 
+# bash with pipefail: a failed fit must fail the demo, not hand `tee`'s status to make.
+demo: SHELL := /bin/bash
+demo: .SHELLFLAGS := -eu -o pipefail -c
 demo: venv
 	mkdir -p demo_out
 	cd demo_out && ../$(VENV)/bin/statplug fit tabular trainer=ddp-cpu-2 | tee fit.log

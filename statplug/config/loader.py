@@ -11,10 +11,10 @@ fragments in order, then the recipe's own keys, then the command-line overrides.
 ``group=name`` (``trainer=ddp-cpu-2``) selects another fragment for a group; ``a.b=value`` sets
 a key (values are parsed as YAML: ``3``, ``1e-3``, ``null``, ``[1, 2]``).
 
-Fragments are looked up in a ``configs/`` folder beside the recipe's folder (so a project can
-keep its own), then in the configs shipped with statplug. Bundled recipes and configs live in
-``statplug/resources/`` (links to the top-level ``configs/`` and ``recipes/`` of a source
-checkout, real files in an installed package).
+Fragments are looked up in a ``configs/`` folder beside the recipe or beside its folder (so a
+project can keep its own), then in the configs shipped with statplug. Bundled recipes and
+configs live in ``statplug/resources/`` (links to the top-level ``configs/`` and ``recipes/`` of
+a source checkout, real files in an installed package).
 """
 
 from __future__ import annotations
@@ -142,10 +142,11 @@ class Recipe:
 
 
 def _group_dirs(recipe_path: Path) -> list[Path]:
-    dirs = []
-    local = recipe_path.resolve().parent.parent / "configs"
-    if local.is_dir():
-        dirs.append(local)
+    dirs: list[Path] = []
+    here = recipe_path.resolve().parent
+    for local in (here / "configs", here.parent / "configs"):
+        if local.is_dir() and local not in dirs:
+            dirs.append(local)
     bundled = bundled_configs_dir().resolve()
     if bundled.is_dir() and bundled not in dirs:
         dirs.append(bundled)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import logging
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -48,6 +49,9 @@ def resolve_target(target: Any, where: str) -> Callable[..., Any]:
 
     if not isinstance(target, str) or not target:
         raise ConfigError(f"`{where}._target_` must be a dotted import path, got {target!r}")
+    hydra_log = logging.getLogger("hydra.utils")
+    was_disabled = hydra_log.disabled
+    hydra_log.disabled = True  # it logs the failure on several lines; ours is one
     try:
         obj = get_object(target)
     except Exception as err:  # hydra wraps ImportError/AttributeError in its own exceptions
@@ -67,6 +71,8 @@ def resolve_target(target: Any, where: str) -> Callable[..., Any]:
         raise ConfigError(
             f"`{where}._target_`: cannot import `{target}`{hint} ({reason})"
         ) from None
+    finally:
+        hydra_log.disabled = was_disabled
     if not callable(obj):
         raise ConfigError(f"`{where}._target_`: `{target}` is not callable")
     return obj  # type: ignore[no-any-return]
@@ -136,7 +142,7 @@ def _check_value(where: str, value: Any, ann: Any, suffix: str) -> None:
     if not _type_ok(value, ann):
         raise ConfigError(
             f"bad value for `{where}`: expected {_type_name(ann)}, got "
-            f"{type(value).__name__} {value!r}{suffix}"
+            f"{'null' if value is None else f'{type(value).__name__} {value!r}'}{suffix}"
         )
 
 

@@ -41,7 +41,7 @@ class Classifier(StatsMixin, pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, acc = self._loss_acc(batch)
         self.log("train_loss", loss, prog_bar=True)
-        self.log("train_acc", acc, on_step=False, on_epoch=True)
+        self.log("train_acc", acc, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
