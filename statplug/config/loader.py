@@ -42,6 +42,8 @@ __all__ = [
     "to_plain",
 ]
 
+# ``statplug fit run.ckpt`` re-runs the config stored in a checkpoint.
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 _RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 _CHECKOUT = Path(__file__).resolve().parent.parent.parent
 
@@ -240,6 +242,9 @@ def parse_overrides(
 def compose(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read ``recipe`` (a path or a bundled name), merge its fragments and apply ``overrides``.
 
+    ``recipe`` may also be a checkpoint written by ``statplug fit``: its stored config is re-run
+    (a ``group=name`` override then goes over the stored group).
+
     The result is not yet validated against the targets' signatures; see
     :func:`statplug.config.validate.validate`.
 
@@ -247,7 +252,8 @@ def compose(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         ConfigError: missing file, bad YAML, unknown fragment, malformed override.
     """
     path = find_recipe(recipe)
-    raw = load_yaml(path)
+    stored = path.suffix in CHECKPOINT_SUFFIXES
+    raw = _stored_config(path) if stored else load_yaml(path)
     dirs = _group_dirs(path)
     groups = _groups(dirs)
     fragments = _parse_defaults(raw.pop("defaults", None), path)
@@ -255,10 +261,14 @@ def compose(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     fragments.update(selections)
     try:
         cfg: Any = OmegaConf.create()
+        if stored:
+            # A stored config is already composed: a selected fragment goes over it.
+            cfg = raw
         for group, name in fragments.items():
             frag = load_yaml(_fragment_path(group, name, dirs))
             cfg = OmegaConf.merge(cfg, {group: frag})
-        cfg = OmegaConf.merge(cfg, raw)
+        if not stored:
+            cfg = OmegaConf.merge(cfg, raw)
         for key, value in assignments:
             OmegaConf.update(cfg, key, value, merge=True, force_add=True)
     except OmegaConfBaseException as err:
@@ -271,6 +281,21 @@ def compose(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         fragments=fragments,
         overridden={k for k, _ in assignments},
     )
+
+
+def _stored_config(path: Path) -> DictConfig:
+    """The resolved recipe config stored by ``statplug fit`` in ``checkpoint["statplug"]``."""
+    from statplug.config.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(path).get("statplug")
+    cfg = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(cfg, dict):
+        raise ConfigError(
+            f"checkpoint `{path}` holds no recipe config (checkpoint[\"statplug\"][\"config\"]); "
+            "only checkpoints written by `statplug fit` (or a model with `statplug_config`) can "
+            "be re-run"
+        )
+    return OmegaConf.create(cfg)
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
