@@ -32,6 +32,15 @@ def make_data(
     return x, y
 
 
+def ddp_rank_data(rank: int) -> tuple[Tensor, Tensor, int]:
+    """(x, y, batch size) of one DDP rank: different distributions and sizes, same step count."""
+    if rank == 0:
+        x, y = make_data(40, seed=10, loc=0.0, scale=1.0)
+        return x, y, 8
+    x, y = make_data(30, seed=11, loc=5.0, scale=2.0)
+    return x, y, 6
+
+
 def loader(x: Tensor, y: Tensor, batch_size: int = 8) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 

@@ -328,17 +328,23 @@ class ActivationStats(Callback):
         )
         return report
 
-    def _summary(self) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
+    def _summary(self) -> dict[str, float]:
+        """Per layer: mean over features of the mean and std, min of min, max of max."""
+        keys: list[str] = []
+        values: list[Tensor] = []
         for name in sorted(self._layers):
             layer = self._layers[name]
             key = f"{self.prefix}/{name}"
-            out[f"{key}/mean"] = layer.moments.mean.mean()
-            out[f"{key}/std"] = layer.moments.std.mean()
+            keys += [f"{key}/mean", f"{key}/std"]
+            values += [layer.moments.mean.mean(), layer.moments.std.mean()]
             if layer.minmax is not None:
-                out[f"{key}/min"] = layer.minmax.min.min()
-                out[f"{key}/max"] = layer.minmax.max.max()
-        return out
+                keys += [f"{key}/min", f"{key}/max"]
+                values += [layer.minmax.min.min(), layer.minmax.max.max()]
+        if not values:
+            return {}
+        # One host read for all layers. Plain floats: the values are already global (synced),
+        # so Lightning must not reduce them again (and does not warn about sync_dist).
+        return dict(zip(keys, torch.stack(values).double().tolist(), strict=True))
 
     # ------------------------------------------------------------------ checkpoint state
     @override

@@ -1,0 +1,62 @@
+"""2-process DDP fit on CPU: ``ddp_fit.py OUT_DIR TAG [TAG ...]``, TAG in {sync, nosync}.
+
+Lightning's ``strategy="ddp"`` re-runs this script for rank 1. Each rank draws data of its own
+distribution and size (rank 0: 40 samples ~ N(0, 1), batches of 8; rank 1: 30 samples ~ N(5, 2),
+batches of 6; the same number of steps). After each fit every rank dumps its stats to
+OUT_DIR/TAG_rank{r}.pt, and the checkpoint goes to OUT_DIR/TAG.ckpt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lit_models import QUIET, TinyModel, ddp_rank_data, loader
+from torch.utils.data import DataLoader
+
+from statplug import ActivationStats, AuditBuffers, MagnitudePruning, SyncStats
+
+EPOCHS = 2
+
+
+class RankDataModel(TinyModel):
+    def train_dataloader(self) -> DataLoader:
+        x, y, batch_size = ddp_rank_data(self.trainer.global_rank)
+        return loader(x, y, batch_size)
+
+
+def fit(out_dir: str, tag: str) -> None:
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    model = RankDataModel()
+    callbacks: list[Any] = [ActivationStats(["net.0", "head"]), MagnitudePruning(0.3)]
+    if tag == "sync":
+        callbacks += [SyncStats(), AuditBuffers()]  # audit: rank divergence after each sync
+    trainer = pl.Trainer(
+        devices=2,
+        strategy="ddp",
+        max_epochs=EPOCHS,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        default_root_dir=os.path.join(out_dir, tag),
+        **QUIET,
+    )
+    trainer.fit(model)
+    trainer.save_checkpoint(os.path.join(out_dir, f"{tag}.ckpt"))  # every rank calls it
+    activation = callbacks[0]
+    torch.save(
+        {
+            "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "activations": activation.state_dict(),
+            "world_size": trainer.world_size,
+        },
+        os.path.join(out_dir, f"{tag}_rank{trainer.global_rank}.pt"),
+    )
+
+
+if __name__ == "__main__":
+    for tag in sys.argv[2:]:
+        fit(sys.argv[1], tag)
