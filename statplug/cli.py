@@ -141,7 +141,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from statplug.audit import audit
     from statplug.config.build import build_node, load_recipe
 
-    run = load_recipe(args.recipe, args.overrides)
+    run = load_recipe(args.recipe, args.overrides, require=("model",))
     with contextlib.redirect_stdout(sys.stderr):
         model = build_node(run.config["model"], "model")
         model.statplug_config = run.config

@@ -36,14 +36,24 @@ class Run:
         return self.recipe.path
 
 
-def load_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> Run:
+def load_recipe(
+    recipe: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    require: tuple[str, ...] = ("model", "data"),
+) -> Run:
     """Compose ``recipe`` with ``overrides`` and validate it (nothing is built yet).
+
+    ``require`` names the top-level nodes that must be present (``statplug audit`` needs only
+    the model).
 
     Raises:
         ConfigError: missing file, bad YAML, unknown key (with the closest valid key), bad value.
     """
     composed = compose(recipe, overrides)
-    plain = validate(composed.config, overridden=composed.overridden, recipe=composed.path)
+    plain = validate(
+        composed.config, overridden=composed.overridden, recipe=composed.path, require=require
+    )
     return Run(composed, plain)
 
 

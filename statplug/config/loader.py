@@ -19,6 +19,7 @@ a source checkout, real files in an installed package).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from statplug.config.errors import ConfigError, closest
 
 __all__ = [
+    "CHECKPOINT_SUFFIXES",
     "Recipe",
     "bundled_configs_dir",
     "bundled_recipes",
@@ -39,11 +41,37 @@ __all__ = [
     "find_recipe",
     "load_yaml",
     "parse_overrides",
+    "parse_yaml",
     "to_plain",
 ]
 
 # ``statplug fit run.ckpt`` re-runs the config stored in a checkpoint.
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: ``1e-3`` is a number (PyYAML's YAML 1.1 rules read it as text)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+        |[-+]?[0-9][0-9_]*\.[0-9_]*
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text (``1e-3`` is a float, as in OmegaConf)."""
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 _RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 _CHECKOUT = Path(__file__).resolve().parent.parent.parent
 
@@ -108,7 +136,7 @@ def load_yaml(path: Path) -> DictConfig:
     except OSError as err:
         raise ConfigError(f"cannot read `{path}`: {err.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
@@ -229,7 +257,7 @@ def parse_overrides(
                for part in key.split(".")):
             raise ConfigError(f"bad override `{item}`: `{key}` is not a dotted key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw  # not YAML: keep the text
         if key in groups and "." not in key and isinstance(value, str):
