@@ -13,6 +13,18 @@ from statplug.stats.base import NanPolicy, Stat
 
 __all__ = ["RunningMinMax"]
 
+# Column-wise min and max of a [rows, features] batch on CPU: from 32 features on, amin + amax are
+# ~10x faster than torch.aminmax(x, dim=0) (128x256: 7 us vs 67 us; 65536x64: 1.3 ms vs 13 ms);
+# below that aminmax is ~2x faster.
+_AMINMAX_MAX_FEATURES = 31
+
+
+def _column_min_max(x: Tensor) -> tuple[Tensor, Tensor]:
+    if x.shape[1] > _AMINMAX_MAX_FEATURES:
+        return x.amin(0), x.amax(0)
+    lo, hi = torch.aminmax(x, dim=0)
+    return lo, hi
+
 
 class RunningMinMax(Stat):
     r"""Running per-feature minimum and maximum, exact and merged with MIN/MAX reductions.
@@ -60,7 +72,7 @@ class RunningMinMax(Stat):
         torch.maximum(flat_max, hi, out=flat_max)
 
     def _update(self, x: Tensor, check: bool) -> None:
-        lo, hi = torch.aminmax(x, dim=0)
+        lo, hi = _column_min_max(x)
         if check and not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
             self._raise_non_finite()
         self._fold(lo, hi)
