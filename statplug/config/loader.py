@@ -141,6 +141,9 @@ def load_yaml(path: Path) -> DictConfig:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context, cmark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and cmark is not None and (mark is None or cmark.line != mark.line):
+            problem += f" ({context} at line {cmark.line + 1})"
         raise ConfigError(f"bad YAML in {where}: {problem}") from None
     if data is None:
         data = {}

@@ -1,0 +1,233 @@
+"""Recipe composition, overrides and validation (no training)."""
+
+from __future__ import annotations
+
+import ast
+import glob
+import re
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from statplug.config import (
+    ConfigError,
+    bundled_configs_dir,
+    bundled_recipes,
+    bundled_recipes_dir,
+    compose,
+    load_recipe,
+    to_plain,
+)
+from statplug.config.errors import closest
+from statplug.config.loader import parse_overrides, parse_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = ("digits", "pruning", "tabular", "tinylm")
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- bundled files
+def test_bundled_recipes_are_found_and_listed() -> None:
+    assert set(bundled_recipes()) == set(RECIPES)
+    assert (bundled_configs_dir() / "trainer" / "cpu.yaml").is_file()
+    assert (bundled_configs_dir() / "trainer" / "ddp-cpu-2.yaml").is_file()
+
+
+def test_package_data_globs_cover_configs_and_recipes() -> None:
+    """pyproject's package-data patterns ship every bundled YAML file with a pip install."""
+    # tomllib is Python 3.11+; the package-data line is a plain list of strings.
+    text = (REPO / "pyproject.toml").read_text()
+    section = text.split("[tool.setuptools.package-data]", 1)[1]
+    match = re.search(r"^statplug\s*=\s*(\[.*?\])", section, re.M | re.S)
+    assert match
+    patterns = ast.literal_eval(match.group(1))
+    pkg = REPO / "statplug"
+    shipped = {
+        Path(p).resolve()
+        for pat in patterns
+        for p in glob.glob(str(pkg / pat), recursive=True)
+        if Path(p).is_file()
+    }
+    canonical = {p.resolve() for p in (REPO / "configs").rglob("*.yaml")}
+    canonical |= {p.resolve() for p in (REPO / "recipes").glob("*.yaml")}
+    assert canonical and canonical <= shipped
+    # The package's resources point at the canonical top-level folders of the checkout.
+    assert bundled_recipes_dir().resolve() == (REPO / "recipes").resolve()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_bundled_recipe_validates(name: str) -> None:
+    run = load_recipe(name)
+    assert run.config["model"]["_target_"].startswith("statplug.recipes_lib.")
+    assert run.config["trainer"]["accelerator"] == "cpu"
+    assert "sync" in run.config["callbacks"]  # SyncStats in every recipe's stack
+    assert isinstance(run.config["description"], str) and run.config["description"]
+
+
+# ----------------------------------------------------------------------------- composition
+def test_fragments_then_recipe_then_overrides() -> None:
+    run = load_recipe("tabular", ["trainer.max_epochs=3", "model.lr=1e-3"])
+    trainer = run.config["trainer"]
+    assert trainer["devices"] == 1  # from configs/trainer/cpu.yaml
+    assert trainer["max_epochs"] == 3  # the override beats the recipe's 15
+    assert run.config["model"]["lr"] == pytest.approx(1e-3)  # YAML 1.2 float
+    assert run.config["callbacks"]["sync"]["_target_"].endswith("SyncStats")
+
+
+def test_group_selection_keeps_recipe_keys() -> None:
+    run = load_recipe("tabular", ["trainer=ddp-cpu-2"])
+    trainer = run.config["trainer"]
+    assert (trainer["strategy"], trainer["devices"]) == ("ddp", 2)
+    assert trainer["max_epochs"] == 15  # the recipe's own value still wins over the fragment
+
+
+def test_callback_can_be_disabled_with_null() -> None:
+    run = load_recipe("tabular", ["callbacks.audit=null"])
+    assert run.config["callbacks"]["audit"] is None
+    assert run.config["callbacks"]["sync"] is not None
+
+
+def test_interpolation_is_resolved_in_the_plain_copy() -> None:
+    run = load_recipe("tinylm", ["data.vocab_size=20"])
+    assert run.config["model"]["vocab_size"] == 20
+
+
+def test_plain_copy_has_only_python_types() -> None:
+    run = load_recipe("digits")
+
+    def walk(x: object) -> None:
+        assert x is None or isinstance(x, bool | int | float | str | list | dict), type(x)
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(run.config)
+    assert to_plain(OmegaConf.create({"a": "${b}", "b": 1})) == {"a": 1, "b": 1}
+
+
+def test_local_configs_folder_beside_recipe_wins(tmp_path: Path) -> None:
+    (tmp_path / "configs" / "trainer").mkdir(parents=True)
+    _write(tmp_path / "configs" / "trainer" / "tiny.yaml", "accelerator: cpu\nmax_steps: 2\n")
+    (tmp_path / "recipes").mkdir()
+    src = (REPO / "recipes" / "tabular.yaml").read_text()
+    mine = src.replace("trainer: cpu", "trainer: tiny")
+    recipe = _write(tmp_path / "recipes" / "mine.yaml", mine)
+    run = load_recipe(recipe)
+    assert run.config["trainer"]["max_steps"] == 2
+    assert run.config["callbacks"]["sync"] is not None  # bundled callbacks/stats.yaml still found
+
+
+def test_defaults_may_be_a_mapping(tmp_path: Path) -> None:
+    recipe = _write(
+        tmp_path / "r.yaml",
+        "defaults: {trainer: cpu}\nmodel: {_target_: statplug.recipes_lib.TabularMLP, "
+        "n_features: 3}\ndata: {_target_: statplug.recipes_lib.SklearnDataModule}\n",
+    )
+    assert load_recipe(recipe).config["trainer"]["accelerator"] == "cpu"
+
+
+# ----------------------------------------------------------------------------- overrides
+def test_parse_overrides_splits_groups_and_keys() -> None:
+    selections, assignments = parse_overrides(
+        ["trainer=ddp-cpu-2", "trainer.max_steps=5", "model.channels=[8, 16]", "seed=null"],
+        {"trainer", "callbacks"},
+    )
+    assert selections == {"trainer": "ddp-cpu-2"}
+    assert assignments == [
+        ("trainer.max_steps", 5),
+        ("model.channels", [8, 16]),
+        ("seed", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1e-3", 1e-3), ("3", 3), ("1.5", 1.5), ("-2e+4", -2e4), ("abc", "abc"), ("true", True)],
+)
+def test_yaml_values(text: str, value: object) -> None:
+    assert parse_yaml(text) == value
+
+
+def test_closest() -> None:
+    assert closest("max_epoch", ["max_epochs", "min_epochs", "max_steps"]) == "max_epochs"
+    assert closest("zzzz", ["max_epochs"]) is None
+
+
+# ----------------------------------------------------------------------------- errors
+def _error(recipe: str | Path, *overrides: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(recipe, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_trainer_key_suggests_closest() -> None:
+    msg = _error("tabular", "trainer.max_epoch=1")
+    assert "`trainer.max_epoch`" in msg and "`trainer.max_epochs`" in msg
+    assert "command-line override" in msg
+
+
+def test_unknown_model_key_in_recipe_file_names_the_file(tmp_path: Path) -> None:
+    src = (REPO / "recipes" / "tabular.yaml").read_text().replace("hidden: 64", "hiden: 64")
+    recipe = _write(tmp_path / "typo.yaml", src)
+    msg = _error(recipe)
+    assert "`model.hiden`" in msg and "`model.hidden`" in msg and "typo.yaml" in msg
+
+
+def test_unknown_callback_key_and_top_level_key() -> None:
+    msg = _error("tabular", "callbacks.sync.every_n_train_step=2")
+    assert "`callbacks.sync.every_n_train_steps`" in msg
+    msg = _error("tabular", "sede=1")
+    assert "`sede`" in msg and "`seed`" in msg
+
+
+def test_bad_value_types() -> None:
+    assert "expected int" in _error("tabular", "trainer.max_epochs=abc")
+    assert "expected int" in _error("tabular", "trainer.max_epochs=1.5")
+    assert "expected int" in _error("tabular", "model.hidden=wide")
+    assert "one of" in _error("tabular", "data.dataset=mnist")
+    assert "expected int or null" in _error("tabular", "seed=abc")
+
+
+def test_missing_and_bundled_name_errors(tmp_path: Path) -> None:
+    msg = _error(tmp_path / "nope.yaml")
+    assert "not found" in msg and "nope.yaml" in msg
+    assert "`tabular`" in _error("tabulr")
+
+
+def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:
+    recipe = _write(tmp_path / "bad.yaml", "model:\n  _target_: x\n  a: [1, 2\nb: 3\n")
+    msg = _error(recipe)
+    assert "bad.yaml" in msg and "line 4" in msg
+
+
+def test_unknown_fragment_and_target() -> None:
+    msg = _error("tabular", "trainer=ddp-cpu-3")
+    assert "`ddp-cpu-2`" in msg
+    msg = _error("tabular", "model._target_=statplug.recipes_lib.TabularMLp")
+    assert "`statplug.recipes_lib.TabularMLP`" in msg
+
+
+def test_missing_required_constructor_argument(tmp_path: Path) -> None:
+    src = (REPO / "recipes" / "tabular.yaml").read_text().replace("  n_features: 30\n", "")
+    msg = _error(_write(tmp_path / "r.yaml", src))
+    assert "`model.n_features`" in msg
+
+
+def test_malformed_override() -> None:
+    assert "key=value" in _error("tabular", "trainer.max_epochs")
+
+
+def test_compose_keeps_track_of_overrides() -> None:
+    recipe = compose("tabular", ["trainer.max_steps=4", "trainer=ddp-cpu-2"])
+    assert recipe.overridden == {"trainer.max_steps"}
+    assert recipe.fragments == {"trainer": "ddp-cpu-2", "callbacks": "stats"}
