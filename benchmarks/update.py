@@ -44,6 +44,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -319,7 +320,7 @@ def plot(results: list[Result], path: Path, title: str) -> None:
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels([f"{'x'.join(map(str, s))}\n{DATA_LABELS[d]}" for s, d in cases])
     ax.set_ylabel("min time / min batch_norm_update_stats time (log)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 120), fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
     ax.margins(y=0.15)
     fig.tight_layout()
