@@ -225,3 +225,16 @@ def test_recipe_runs_on_two_process_ddp(name: str, tmp_path: Path) -> None:
     for state in ckpt.get("callbacks", {}).values():
         for layer in state.get("layers", []):
             assert int(layer["moments"]["count"]) % (2 * 3 * BATCH[name]) == 0
+
+
+def test_inspect_refuses_pickles_unless_trusted(
+    fitted: dict[str, tuple[Result, Path]], tmp_path: Path
+) -> None:
+    ckpt = _load(fitted["tabular"][0].last_line)
+    ckpt["hyper_parameters"] = OmegaConf.create({"a": 1})  # a pickled object
+    path = tmp_path / "pickled.ckpt"
+    torch.save(ckpt, path)
+    res = run_inprocess(["inspect", str(path)], tmp_path)
+    assert res.code == 2 and "--trust" in res.err and len(res.err.strip().splitlines()) == 1
+    res = run_inprocess(["inspect", str(path), "--trust"], tmp_path)
+    assert res.code == 0 and "norm.moments" in res.out
