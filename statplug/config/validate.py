@@ -154,7 +154,6 @@ def _check_kwargs(
     overridden: set[str],
     recipe: Path | None,
     *,
-    skip: set[str] = frozenset(),  # type: ignore[assignment]
     require: bool = True,
 ) -> None:
     sig, hints = _signature(obj)
@@ -165,7 +164,7 @@ def _check_kwargs(
     }
     open_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     for key, value in node.items():
-        if key in _HYDRA_KEYS or key in skip:
+        if key in _HYDRA_KEYS:
             continue
         full = f"{where}.{key}"
         suffix = _origin(full, overridden, recipe)
