@@ -196,7 +196,7 @@ def _conv_data(n: int = 24) -> tuple[Tensor, Tensor]:
 
 def test_activation_stats_match_a_float64_reference(tmp_path: Path) -> None:
     img, seq = _conv_data()
-    cb = ActivationStats(["conv", "seq", "fixed"])
+    cb = ActivationStats(["conv", "seq", "fixed"], log_min_max=True)
     model = ConvModel()
     dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(img, seq), batch_size=8)
     trainer = _trainer(tmp_path, [cb], max_epochs=2)
@@ -247,6 +247,8 @@ def test_activation_stats_no_graph_and_no_update_outside_training_steps() -> Non
         model(torch.randn(4, 3))  # eval mode: ignored
         model.train()
     assert out.requires_grad
+    # The Sequential returned its child's output tensor: recorded once, as the child.
+    assert list(cb.layer_stats) == ["0"]
     moments, minmax = cb.layer_stats["0"]
     assert int(moments.count) == 4 and minmax is not None
     assert not any(b.requires_grad for b in moments.buffers())

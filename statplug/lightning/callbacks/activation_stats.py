@@ -23,13 +23,16 @@ value on the host. They are merged across ranks (:func:`statplug.sync_stats` ove
 stats, one coalesced sync for all layers) at the same points as
 :class:`~statplug.lightning.SyncStats`: epoch end, validation start and end, before a step-based
 ``ModelCheckpoint`` saves, and at the end of training. At epoch end the per-layer averages over
-features of the mean and std (and the min and max over features) are logged with
-``pl_module.log_dict`` as ``activations/<layer>/mean`` etc.
+features of the mean and std are logged with ``pl_module.log_dict`` as
+``activations/<layer>/mean`` and ``activations/<layer>/std`` (``log_min_max=True`` adds the min
+and max over features).
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -87,10 +90,14 @@ class ActivationStats(Callback):
     Args:
         patterns: glob patterns (``fnmatch``) on qualified module names (``"encoder.*"``,
             ``"*.fc?"``); every matching submodule except the root is hooked. ``"*"`` matches
-            containers too (a ``Sequential`` records its last layer's output). Default: ``("*",)``.
+            containers too; a container whose output is the very tensor a recorded child
+            returned (a ``Sequential``) is not recorded again. Default: ``("*",)``.
         min_max: also keep a :class:`~statplug.stats.RunningMinMax` per layer. Default: True.
         log_every_n_steps: also log each layer's local (not yet synced) summary every ``n``
             optimizer steps; each log reads values on the host. Default: None (epoch ends only).
+        log_min_max: also log each layer's minimum and maximum (``self.log`` costs about a
+            millisecond per key in Lightning, hence off by default; they are always kept and
+            saved). Default: False.
         channels: ``"auto"`` (see the module docstring) or ``"last"``. Default: ``"auto"``.
         accumulator_dtype: of the stats. Default: ``torch.float32``.
         prefix: of the logged keys. Default: ``"activations"``.
@@ -120,6 +127,7 @@ class ActivationStats(Callback):
         *,
         min_max: bool = True,
         log_every_n_steps: int | None = None,
+        log_min_max: bool = False,
         channels: Literal["auto", "last"] = "auto",
         accumulator_dtype: torch.dtype = torch.float32,
         prefix: str = "activations",
@@ -142,6 +150,7 @@ class ActivationStats(Callback):
         self.patterns = tuple(patterns)
         self.min_max = bool(min_max)
         self.log_every_n_steps = log_every_n_steps
+        self.log_min_max = bool(log_min_max)
         self.channels = channels
         self.accumulator_dtype = accumulator_dtype
         self.prefix = prefix
@@ -149,15 +158,18 @@ class ActivationStats(Callback):
         self._handles: list[RemovableHandle] = []
         self._recording = False
         self._skipped: set[str] = set()
+        self._last: Callable[[], Tensor | None] = _none
         self._last_step_synced = -1
         self.last_report: SyncReport | None = None
+        # Lightning reads state_key around every hook call (profiler names): build it once.
+        self._state_key = self._generate_state_key(
+            patterns=self.patterns, min_max=self.min_max, channels=self.channels
+        )
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            patterns=self.patterns, min_max=self.min_max, channels=self.channels
-        )
+        return self._state_key
 
     @property
     def layer_stats(self) -> dict[str, tuple[RunningMoments, RunningMinMax | None]]:
@@ -198,27 +210,37 @@ class ActivationStats(Callback):
         return hook
 
     def _record(self, name: str, module: nn.Module, output: Tensor) -> None:
+        # A container returning its last child's output tensor (a Sequential) would record it
+        # again right after the child. A weak reference: keeping outputs alive longer than
+        # autograd does costs more than the stats (the allocator cannot reuse their memory).
+        if self._last() is output:
+            return
         if not output.is_floating_point() or output.dim() == 0 or name in self._skipped:
             return
+        self._last = weakref.ref(output)
         layer = self._layers.get(name)
         if layer is None:
             layer = self._create(name, module, output)
         x = output.detach()
         if layer.feature_dim == 1 and x.dim() >= 3:
             x = x.movedim(1, -1)
-        if x.dim() == 0 or x.shape[-1] != layer.moments.shape[0]:
+        n_features = layer.moments.n_features
+        if x.shape[-1] != n_features:
             self._skipped.add(name)
             rank_zero_warn(
                 f"ActivationStats: layer {name!r} produced an output of shape {tuple(output.shape)}"
-                f" whose feature axis no longer has {layer.moments.shape[0]} features; it is no "
-                "longer recorded. Exclude it with `patterns` to silence this warning."
+                f" whose feature axis no longer has {n_features} features; it is no longer "
+                "recorded. Exclude it with `patterns` to silence this warning."
             )
             return
         if x.dtype not in _FAST_DTYPES:
             x = x.float()  # bf16/fp16 activations: the stats' fast path is float32
+        x = x.reshape(-1, n_features)  # one copy at most, shared by both stats
         layer.moments.update(x)
         if layer.minmax is not None:
-            layer.minmax.update(x)
+            # Shape, dtype and nan policy ("propagate") are settled here: skip Stat.update's
+            # generic checks (a third of the cost of a small update).
+            layer.minmax._update(x, False)
 
     def _feature_dim(self, module: nn.Module, output: Tensor) -> int:
         if self.channels == "last" or output.dim() < 3:
@@ -277,6 +299,7 @@ class ActivationStats(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._recording = True
+        self._last = _none
 
     @override
     def on_train_batch_end(
@@ -288,6 +311,7 @@ class ActivationStats(Callback):
         batch_idx: int,
     ) -> None:
         self._recording = False
+        self._last = _none
         step = trainer.global_step
         n = self.log_every_n_steps
         if n is not None and step % n == 0 and step != self._last_step_synced:
@@ -337,7 +361,7 @@ class ActivationStats(Callback):
             key = f"{self.prefix}/{name}"
             keys += [f"{key}/mean", f"{key}/std"]
             values += [layer.moments.mean.mean(), layer.moments.std.mean()]
-            if layer.minmax is not None:
+            if layer.minmax is not None and self.log_min_max:
                 keys += [f"{key}/min", f"{key}/max"]
                 values += [layer.minmax.min.min(), layer.minmax.max.max()]
         if not values:
@@ -404,6 +428,10 @@ class ActivationStats(Callback):
             )
 
 
+def _none() -> None:
+    return None
+
+
 def _tensors(stat: Stat) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in stat.state_dict().items()}
 
@@ -417,3 +445,4 @@ class _Recording:
 
     def __exit__(self, *exc: object) -> None:
         self.cb._recording = False
+        self.cb._last = _none

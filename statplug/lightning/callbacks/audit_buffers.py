@@ -79,11 +79,13 @@ class AuditBuffers(Callback):
         self.on_error: OnError = on_error
         self.reports: list[AuditReport] = []
         self._snapshot: FixedBufferSnapshot | None = None
+        # Lightning reads state_key around every hook call (profiler names): build it once.
+        self._state_key = self._generate_state_key(on_error=self.on_error)
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(on_error=self.on_error)
+        return self._state_key
 
     # ------------------------------------------------------------------ hooks
     @override

@@ -125,16 +125,18 @@ class MagnitudePruning(Callback):
         # (module id, parameter name) -> parameter version right after the mask was applied.
         self._versions: dict[tuple[int, str], int] = {}
         self._listeners: list[PruningListener] = []
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(
+        # Lightning reads state_key around every hook call (profiler names): build it once.
+        self._state_key = self._generate_state_key(
             parameter_names=self.parameter_names,
             modules=[t.__name__ for t in self.module_types],
             patterns=self.patterns,
             scope=self.scope,
         )
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._state_key
 
     def amount_at(self, epoch: int) -> float:
         """The fraction pruned after ``epoch``."""

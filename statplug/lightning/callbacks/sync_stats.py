@@ -82,11 +82,13 @@ class SyncStats(Callback):
         self.last_report: SyncReport | None = None
         self._last_step_synced = -1
         self._listeners: list[SyncListener] = []
+        # Lightning reads state_key around every hook call (profiler names): build it once.
+        self._state_key = self._generate_state_key(every_n_train_steps=self.every_n_train_steps)
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_train_steps=self.every_n_train_steps)
+        return self._state_key
 
     def add_listener(self, fn: SyncListener) -> None:
         """Call ``fn(trainer, pl_module, event)`` on every rank right after each sync."""
