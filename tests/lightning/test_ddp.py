@@ -65,6 +65,8 @@ def test_sync_stats_gives_every_rank_and_the_checkpoint_the_global_stats(ddp_run
     # Pruning masks are computed from weights DDP keeps identical: identical masks.
     for k in ("net.0.weight_mask", "head.weight_mask"):
         assert torch.equal(r0["model"][k], r1["model"][k])
+    # AuditBuffers: the static audit, then a rank-divergence check after each epoch-end sync.
+    assert r0["audit"] == r1["audit"] == [[]] * (1 + EPOCHS)
     meta = {s["name"]: s["count"] for s in ckpt["statplug"]["stats"]}
     assert meta == {"norm.moments": 140, "target_stats": 140}
 

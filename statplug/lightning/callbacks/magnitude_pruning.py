@@ -16,6 +16,9 @@ Design choices (see DESIGN.md §2 and §5):
   The hook multiplies only when the weight changed since it last did (the tensor's version counter
   moved: an optimizer step, a load), so a forward costs one integer comparison per pruned tensor
   and two forwards in one step never modify a tensor that autograd saved for the backward pass.
+* Starting to prune from a checkpoint written without pruning: its state dict lacks the masks. A
+  ``StatsMixin`` model loads it with ``missing_stats = "init"`` (masks start all True); otherwise
+  load the weights first (``Model.load_from_checkpoint``) and ``fit`` without ``ckpt_path``.
 * Masks are computed from the weights alone (stable sort of ``|w|``, ties broken by position),
   which DDP keeps identical on every rank, so the masks are identical too without communication.
 """

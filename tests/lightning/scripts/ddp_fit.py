@@ -52,6 +52,9 @@ def fit(out_dir: str, tag: str) -> None:
             "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "activations": activation.state_dict(),
             "world_size": trainer.world_size,
+            "audit": [
+                r.codes() for cb in callbacks if isinstance(cb, AuditBuffers) for r in cb.reports
+            ],
         },
         os.path.join(out_dir, f"{tag}_rank{trainer.global_rank}.pt"),
     )
