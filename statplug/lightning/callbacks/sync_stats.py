@@ -144,8 +144,8 @@ class SyncStats(Callback):
         batch_idx: int,
     ) -> None:
         step = trainer.global_step
-        if step == self._last_step_synced:
-            return  # gradient accumulation: several batches share one optimizer step
+        if step == 0 or step == self._last_step_synced:
+            return  # no step yet, or gradient accumulation: batches share one optimizer step
         n = self.every_n_train_steps
         if (n is not None and step % n == 0) or checkpoint_due_after_batch(trainer):
             self._last_step_synced = step
