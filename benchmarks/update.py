@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -145,11 +146,16 @@ def build_candidates(
     return fns, state
 
 
-def time_block(fn: Callable[[], object], reps: int) -> float:
-    """Seconds per call over ``reps`` back-to-back calls."""
+def time_block(fn: Callable[[], object], reps: int, max_s: float = math.inf) -> float:
+    """Seconds per call over ``reps`` back-to-back calls (fewer if they overrun ``max_s``)."""
     t0 = time.perf_counter()
-    for _ in range(reps):
+    limit = t0 + max_s
+    for i in range(reps):
         fn()
+        # A stalled machine must not stretch one measurement without bound; checked every 8
+        # calls so the clock read costs nothing measurable.
+        if i & 7 == 7 and time.perf_counter() > limit:
+            return (time.perf_counter() - t0) / (i + 1)
     return (time.perf_counter() - t0) / reps
 
 
@@ -180,7 +186,7 @@ def bench_case(
                 break  # a loaded machine: keep the run bounded, report the rounds done
             k = r % len(names)
             for name in names[k:] + names[:k]:  # rotate the order every round
-                samples[name].append(time_block(fns[name], reps[name]) * 1e6)
+                samples[name].append(time_block(fns[name], reps[name], 4 * target_s) * 1e6)
             gc.collect()
     finally:
         if gc_was_enabled:
@@ -208,10 +214,13 @@ def accuracy(x: torch.Tensor, state: dict[str, Any]) -> dict[str, tuple[float, f
 
 def run(rounds: int, target_s: float, seed: int, budget_s: float) -> list[Result]:
     results: list[Result] = []
-    case_budget = budget_s / (len(SHAPES) * len(DATA_KINDS))
+    deadline = time.perf_counter() + budget_s
+    cases_left = len(SHAPES) * len(DATA_KINDS)
     for shape in SHAPES:
         for kind in DATA_KINDS:
             x = make_data(shape, kind, seed)
+            case_budget = max(0.0, deadline - time.perf_counter()) / cases_left
+            cases_left -= 1
             samples, reps, state = bench_case(x, rounds, target_s, case_budget)
             errs = accuracy(x, state) if kind == "mean1e4" else {}
             floor_med = statistics.median(samples[FLOOR])
