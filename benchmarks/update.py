@@ -330,7 +330,7 @@ def plot(results: list[Result], path: Path, title: str) -> None:
     ax.set_xticklabels([f"{'x'.join(map(str, s))}\n{DATA_LABELS[d]}" for s, d in cases])
     ax.set_ylabel("min time / min batch_norm_update_stats time (log)")
     ax.set_title(textwrap.fill(title, 120), fontsize=9)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.margins(y=0.15)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
