@@ -67,6 +67,8 @@ def _quiet_lightning() -> None:
     # Each recipe's data fits in memory: worker processes would only slow the small runs down.
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    # Lightning's own use of a deprecated torch API; nothing a recipe can change.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def _checkpoint_path(trainer: Any) -> str:
