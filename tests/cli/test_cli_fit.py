@@ -238,3 +238,20 @@ def test_inspect_refuses_pickles_unless_trusted(
     assert res.code == 2 and "--trust" in res.err and len(res.err.strip().splitlines()) == 1
     res = run_inprocess(["inspect", str(path), "--trust"], tmp_path)
     assert res.code == 0 and "norm.moments" in res.out
+
+
+def test_tinylm_with_sinusoidal_positions(tmp_path: Path) -> None:
+    res = run_inprocess(["fit", "tinylm", "model.positions=sinusoidal", *SHORT], tmp_path)
+    assert res.code == 0, res.err[-3000:]
+    out = run_inprocess(["inspect", res.last_line], tmp_path).out
+    assert "SinusoidalEncoding" in out and "RotaryEncoding" not in out
+
+
+def test_fit_without_checkpoint_callback_or_logger_still_saves(tmp_path: Path) -> None:
+    res = run_inprocess(
+        ["fit", "tabular", *SHORT, "trainer.enable_checkpointing=false", "trainer.logger=false"],
+        tmp_path,
+    )
+    assert res.code == 0, res.err[-3000:]
+    assert Path(res.last_line) == (tmp_path / "checkpoints" / "final.ckpt").resolve()
+    assert _load(res.last_line)["statplug"]["stats"][0]["count"] == 3 * BATCH["tabular"]
