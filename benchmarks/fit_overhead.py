@@ -11,7 +11,12 @@ The same small model (a ``RunningNorm`` input normaliser and a 3-layer MLP, 64 -
 hooked, moments and min/max). Fits are interleaved (baseline, callbacks, callbacks, baseline,
 ...) so that machine noise hits both alike; the overhead is the median over pairs of the ratio of
 fit times. The target is
-<= 5 % (1.05); the acceptance bound is 15 % (1.15): the script exits 1 above it.
+<= 5 % (1.05); the acceptance bound is 15 % (1.15): a full run exits 1 above it.
+
+Measured on the 2-core CPU machine (torch 2.13, lightning 2.6.6), with other jobs running: about
+1.11, i.e. ~0.9 ms per 7.5 ms step, almost all of it ActivationStats' per-layer updates (exact
+moments and min/max of 6 layer outputs of 256 x 512 every step, ~85 us each); SyncStats and
+AuditBuffers cost nothing measurable per step.
 """
 
 from __future__ import annotations
@@ -123,13 +128,15 @@ def main() -> int:
     print(f"fits per variant: {repeats} (interleaved), torch threads: 1")
     print(f"baseline          median {b * 1e3:8.1f} ms  ({b / steps * 1e3:.3f} ms/step)")
     print(f"+ statplug cbs    median {c * 1e3:8.1f} ms  ({c / steps * 1e3:.3f} ms/step)")
-    print(f"  (SyncStats + AuditBuffers + ActivationStats on {len(list(MLP().named_modules())) - 1}"
-          " submodules)")
+    n_hooked = len(list(MLP().named_modules())) - 1
+    print(f"  (SyncStats + AuditBuffers + ActivationStats hooking {n_hooked} submodules)")
     print(f"ratio of medians: {c / b:.3f}")
     print(
         f"overhead ratio (median of pair ratios): {ratio:.3f}  "
         f"(target <= {TARGET}, limit {LIMIT})"
     )
+    if args.quick:
+        return 0  # too short to judge: per-fit fixed costs weigh on 32 steps
     return 0 if ratio <= LIMIT else 1
 
 
