@@ -160,6 +160,7 @@ class ActivationStats(Callback):
         self._skipped: set[str] = set()
         self._last: Callable[[], Tensor | None] = _none
         self._last_step_synced = -1
+        self._last_step_logged = -1
         self.last_report: SyncReport | None = None
         # Lightning reads state_key around every hook call (profiler names): build it once.
         self._state_key = self._generate_state_key(
@@ -314,7 +315,8 @@ class ActivationStats(Callback):
         self._last = _none
         step = trainer.global_step
         n = self.log_every_n_steps
-        if n is not None and step % n == 0 and step != self._last_step_synced:
+        if n is not None and step > 0 and step % n == 0 and step != self._last_step_logged:
+            self._last_step_logged = step  # once per optimizer step (gradient accumulation)
             pl_module.log_dict(self._summary(), on_step=True, on_epoch=False, sync_dist=False)
         if step != self._last_step_synced and checkpoint_due_after_batch(trainer):
             self._last_step_synced = step
