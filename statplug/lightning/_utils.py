@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -22,6 +23,7 @@ __all__ = [
     "matches",
     "process_group",
     "pruning_masks",
+    "settle",
 ]
 
 # Set by MagnitudePruning on each pruned module: {parameter name: mask buffer name}.
@@ -57,6 +59,21 @@ def checkpoint_due_after_batch(trainer: pl.Trainer) -> bool:
         if n >= 1 and step % n == 0:
             return True
     return False
+
+
+def settle(stats: Iterable[Stat]) -> None:
+    """Bring each stat to exactly the state that reloading its saved values gives.
+
+    A stat keeps float64 working sums but saves its ``accumulator_dtype`` values, so a run resumed
+    from a checkpoint restarts from the rounded values. Settling the stats where a checkpoint may
+    be written (right after a sync, when every rank holds the global state and no data is
+    pending) makes the uninterrupted run take the same path, so fit 2N == fit N + resume N bit
+    for bit. On one process it also folds the local data into the agreed base, as a sync with one
+    rank would; after a real sync there is no local data left to fold.
+    """
+    with torch.no_grad():
+        for stat in stats:
+            stat.load_state_dict(stat.state_dict())
 
 
 def pruning_masks(root: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:

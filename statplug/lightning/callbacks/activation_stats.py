@@ -54,7 +54,12 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from statplug.distributed import SyncReport, sync_stats
-from statplug.lightning._utils import checkpoint_due_after_batch, matches, process_group
+from statplug.lightning._utils import (
+    checkpoint_due_after_batch,
+    matches,
+    process_group,
+    settle,
+)
 from statplug.stats import RunningMinMax, RunningMoments, Stat
 
 __all__ = ["ActivationStats"]
@@ -343,7 +348,10 @@ class ActivationStats(Callback):
     def sync(self, trainer: pl.Trainer | None = None) -> SyncReport:
         """Merge the stats across ranks (every rank must call this together)."""
         group = process_group(trainer) if trainer is not None else None
-        report = sync_stats(self.all_stats(), group=group)
+        stats = self.all_stats()
+        report = sync_stats(stats, group=group)
+        # Every sync point here is one where a checkpoint may be written: settle (see SyncStats).
+        settle(stats)
         self.last_report = report
         log.debug(
             "ActivationStats: synced %d stats with %d collectives (%d bytes, %.2f ms)",

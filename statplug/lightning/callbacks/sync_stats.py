@@ -32,9 +32,9 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from statplug.distributed import SyncReport, exclude_from_ddp_broadcast, sync_stats
+from statplug.distributed import SyncReport, exclude_from_ddp_broadcast, find_stats, sync_stats
 from statplug.distributed.ddp import stat_buffer_names
-from statplug.lightning._utils import checkpoint_due_after_batch, process_group
+from statplug.lightning._utils import checkpoint_due_after_batch, process_group, settle
 
 __all__ = ["SyncStats"]
 
@@ -95,9 +95,23 @@ class SyncStats(Callback):
         if fn not in self._listeners:
             self._listeners.append(fn)
 
-    def sync(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str) -> SyncReport:
-        """Sync ``pl_module``'s stats now (every rank must call this together)."""
+    def sync(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        event: str,
+        *,
+        checkpoint_point: bool = True,
+    ) -> SyncReport:
+        """Sync ``pl_module``'s stats now (every rank must call this together).
+
+        At points where a checkpoint may be written (``checkpoint_point``) the stats are then
+        settled: brought to the exact state a reload of their saved values gives, so a resumed run
+        continues bit for bit like an uninterrupted one.
+        """
         report = sync_stats(pl_module, group=process_group(trainer))
+        if checkpoint_point:
+            settle(find_stats(pl_module))
         self.n_syncs += 1
         self.last_report = report
         log.debug(
@@ -147,9 +161,10 @@ class SyncStats(Callback):
         if step == 0 or step == self._last_step_synced:
             return  # no step yet, or gradient accumulation: batches share one optimizer step
         n = self.every_n_train_steps
-        if (n is not None and step % n == 0) or checkpoint_due_after_batch(trainer):
+        due = checkpoint_due_after_batch(trainer)
+        if (n is not None and step % n == 0) or due:
             self._last_step_synced = step
-            self.sync(trainer, pl_module, "train_batch_end")
+            self.sync(trainer, pl_module, "train_batch_end", checkpoint_point=due)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
