@@ -19,6 +19,11 @@ When it syncs (every rank reaches each point, so every rank joins each collectiv
 
 Syncing is idempotent (only data added since the previous sync travels), so the extra sync points
 never double count, and costs at most 4 collectives whatever the number of stats.
+
+At the points where a checkpoint may follow (all but the extra ``every_n_train_steps`` syncs), the
+stats are then *settled*: brought to exactly the state that reloading their saved values gives
+(their float32 accumulators, where the running state is float64). A run resumed from such a
+checkpoint then continues bit for bit like the uninterrupted run.
 """
 
 from __future__ import annotations
