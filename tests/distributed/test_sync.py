@@ -259,7 +259,11 @@ def _ddp_body(rank: int, world: int, exclude: bool) -> dict:
     for step in range(3):
         x = torch.full((4, 2), float(rank * 10 + step))
         ddp(x).sum().backward()
-    return {"count": model.moments.count.item(), "mean": model.moments.mean.tolist()}
+    result = {"count": model.moments.count.item(), "mean": model.moments.mean.tolist()}
+    # Tear DDP down (its reducer holds the process group) before the group is destroyed.
+    del ddp
+    dist.barrier()
+    return result
 
 
 def test_plain_ddp_keeps_local_stats_only_with_exclusion():
