@@ -13,10 +13,10 @@ hooked, moments and min/max). Fits are interleaved (baseline, callbacks, callbac
 fit times. The target is
 <= 5 % (1.05); the acceptance bound is 15 % (1.15): a full run exits 1 above it.
 
-Measured on the 2-core CPU machine (torch 2.13, lightning 2.6.6), with other jobs running: about
-1.11, i.e. ~0.9 ms per 7.5 ms step, almost all of it ActivationStats' per-layer updates (exact
-moments and min/max of 6 layer outputs of 256 x 512 every step, ~85 us each); SyncStats and
-AuditBuffers cost nothing measurable per step.
+Measured on the 2-core CPU machine (torch 2.13, lightning 2.6.6), with other jobs running:
+1.09-1.13, i.e. ~0.8-0.9 ms per ~8 ms step, almost all of it ActivationStats' per-layer updates
+(exact moments and min/max of 6 layer outputs of 256 x 512 every step, ~85 us each); SyncStats
+and AuditBuffers cost nothing measurable per step.
 """
 
 from __future__ import annotations
