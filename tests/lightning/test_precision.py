@@ -21,6 +21,8 @@ class PrecisionModel(StatsMixin, pl.LightningModule):
         super().__init__()
         self.layer = nn.Linear(1, 1)
         self.stat = RunningMoments(1)
+        self.out_stat = RunningMoments(1)  # fed a layer output: low precision under autocast
+        self.out_dtypes: set[torch.dtype] = set()
         self.tm_mean = MeanMetric()  # the contrast: torchmetrics' state follows the precision
         self.seen_dtypes: set[torch.dtype] = set()
 
@@ -29,7 +31,10 @@ class PrecisionModel(StatsMixin, pl.LightningModule):
         self.seen_dtypes.add(x.dtype)
         self.stat.update(x)
         self.tm_mean.update(x)
-        return self.layer(x).float().square().mean()
+        out = self.layer(x)
+        self.out_dtypes.add(out.dtype)
+        self.out_stat.update(out)
+        return out.float().square().mean()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -80,3 +85,9 @@ def test_other_precisions_keep_float32_accumulators(precision: str, tmp_path: Pa
     assert stat.mean.dtype == torch.float32 and stat.m2.dtype == torch.float32
     assert int(stat.count) == 200
     assert abs(float(stat.mean) - 3.0) < 1e-6
+    # The plugin (cast or autocast) really ran in low precision. On CPU Lightning runs 16-mixed as
+    # bf16-mixed ("AMP with fp16 is not supported on CPU"): it substitutes, it does not refuse.
+    low = torch.float16 if precision == "16-true" else torch.bfloat16
+    assert model.out_dtypes == {low}
+    out = model.out_stat
+    assert out.mean.dtype == torch.float32 and int(out.count) == 200
