@@ -14,12 +14,13 @@ Two habits every statplug module shares, kept here once:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["PinnedDtypeModule", "qualified_name"]
+__all__ = ["PinnedDtypeModule", "positive_int", "qualified_name"]
 
 
 class PinnedDtypeModule(nn.Module):
@@ -100,3 +101,16 @@ def name_modules(root: nn.Module) -> None:
     for name, mod in root.named_modules():
         if isinstance(mod, PinnedDtypeModule) and name:
             mod._statplug_name = name
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an int, or ``ValueError`` naming the argument ``name`` and what was received."""
+    if isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a positive int (got {value!r})")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise ValueError(f"`{name}` must be a positive int (got {value!r})") from None
+    if out < 1:
+        raise ValueError(f"`{name}` must be a positive int (got {out})")
+    return out

@@ -11,27 +11,13 @@ position), a bfloat16 one tens of radians.
 from __future__ import annotations
 
 import math
-import operator
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from statplug._buffers import PinnedDtypeModule
+from statplug._buffers import PinnedDtypeModule, positive_int
 
 __all__ = ["RotaryEncoding", "SinusoidalEncoding"]
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"`{name}` must be a positive int (got {value!r})")
-    try:
-        out = operator.index(value)
-    except TypeError:
-        raise ValueError(f"`{name}` must be a positive int (got {value!r})") from None
-    if out < 1:
-        raise ValueError(f"`{name}` must be a positive int (got {out})")
-    return out
 
 
 def _inverse_frequencies(dim: int, base: float, device: torch.device | str = "cpu") -> Tensor:
@@ -54,8 +40,8 @@ class _PositionalEncoding(PinnedDtypeModule):
 
     def __init__(self, dim: int, max_len: int, base: float) -> None:
         super().__init__()
-        self.dim = _positive_int("dim", dim)
-        self.max_len = _positive_int("max_len", max_len)
+        self.dim = positive_int("dim", dim)
+        self.max_len = positive_int("max_len", max_len)
         if isinstance(base, bool) or not isinstance(base, int | float):
             raise ValueError(f"`base` must be a positive float (got {base!r})")
         if not (math.isfinite(base) and base > 0):

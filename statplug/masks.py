@@ -13,23 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from statplug._buffers import PinnedDtypeModule
+from statplug._buffers import PinnedDtypeModule, positive_int
 
 __all__ = ["CausalMask", "RandomMask"]
 
 _MAX_SEED = 2**63 - 1  # the seed is stored in an int64 buffer
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"`{name}` must be a positive int (got {value!r})")
-    try:
-        out = operator.index(value)
-    except TypeError:
-        raise ValueError(f"`{name}` must be a positive int (got {value!r})") from None
-    if out < 1:
-        raise ValueError(f"`{name}` must be a positive int (got {out})")
-    return out
 
 
 class CausalMask(PinnedDtypeModule):
@@ -65,7 +53,7 @@ class CausalMask(PinnedDtypeModule):
 
     def __init__(self, max_len: int) -> None:
         super().__init__()
-        self.max_len = _positive_int("max_len", max_len)
+        self.max_len = positive_int("max_len", max_len)
         # The public method is also called ``mask``, and ``register_buffer`` refuses a name that a
         # class attribute already holds, so the buffer goes into ``_buffers`` directly. It is then
         # moved, listed by ``named_buffers()`` and skipped by ``state_dict()`` like any other.
@@ -88,7 +76,7 @@ class CausalMask(PinnedDtypeModule):
 
     def mask(self, seq_len: int) -> Tensor:
         """Return the bool ``[seq_len, seq_len]`` causal mask (True = may attend)."""
-        seq_len = _positive_int("seq_len", seq_len)
+        seq_len = positive_int("seq_len", seq_len)
         cache = self._cache()
         if seq_len > cache.shape[0]:
             self._build(seq_len)
@@ -142,9 +130,9 @@ class RandomMask(PinnedDtypeModule):
     def __init__(self, shape: int | tuple[int, ...], p: float, *, seed: int) -> None:
         super().__init__()
         if isinstance(shape, tuple | list):
-            self.shape = tuple(_positive_int("shape", s) for s in shape)
+            self.shape = tuple(positive_int("shape", s) for s in shape)
         else:
-            self.shape = (_positive_int("shape", shape),)
+            self.shape = (positive_int("shape", shape),)
         if isinstance(p, bool) or not isinstance(p, int | float):
             raise ValueError(f"`p` must be a float in [0, 1) (got {p!r})")
         if not 0.0 <= p < 1.0:
