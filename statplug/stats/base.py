@@ -88,6 +88,7 @@ class Stat(PinnedDtypeModule):
         self.accumulator_dtype = accumulator_dtype
         self.nan_policy: NanPolicy = nan_policy
         self.n_features = math.prod(self.shape)
+        self._n_dims = len(self.shape)
         self._device = torch.device(device) if device is not None else None
         self._reduces: dict[str, str] = {}
         self._frozen = False
@@ -175,6 +176,18 @@ class Stat(PinnedDtypeModule):
                 self._update_skip(x2)
             else:
                 self._update(x2, check=self.nan_policy == "raise")
+
+    def _fast_input(self, x: Tensor) -> Tensor | None:
+        """``x`` as ``[n_samples, n_features]`` for a subclass's update fast path, or None when
+        there is nothing left to do: frozen, empty, or handled by :meth:`update` (validation
+        errors, the skip policy and unusual inputs)."""
+        if self._frozen:
+            return None
+        if x.shape[-self._n_dims :] != self.shape or self.nan_policy == "skip" or x.dim() == 0:
+            Stat.update(self, x)
+            return None
+        x2 = x.detach().reshape(-1, self.n_features)
+        return x2 if x2.shape[0] else None
 
     def _raise_non_finite(self) -> None:
         raise ValueError(

@@ -102,7 +102,6 @@ class RunningMoments(Stat):
         self._hidden("_shift32", torch.zeros(f, dtype=torch.float32))
         self._hidden("_p1", torch.zeros(f, dtype=torch.float32))
         self._hidden("_p2", torch.zeros(f, dtype=torch.float32))
-        self._n_dims = len(self.shape)
         # Host-side bookkeeping in a plain object: nn.Module.__setattr__ costs ~1.5 us a call.
         self._host = _HostState()
 
@@ -142,15 +141,10 @@ class RunningMoments(Stat):
         ``shape``-sized tensors; never builds a graph; never reads a tensor on the host except with
         ``nan_policy="raise"``, which looks once per update.
         """
-        if self._frozen:
+        x2 = self._fast_input(x)
+        if x2 is None:
             return
-        if x.shape[-self._n_dims :] != self.shape or self.nan_policy == "skip" or x.dim() == 0:
-            Stat.update(self, x)  # validation, the skip policy and unusual inputs
-            return
-        x2 = x.detach().reshape(-1, self.n_features)
         n = x2.shape[0]
-        if n == 0:
-            return
         if n <= GROUP_ROWS and x2.dtype is torch.float32:
             # Hot path for small batches, inlined: Python overhead is a third of its cost.
             mb, vb = torch.batch_norm_update_stats(x2, None, None, 0.0)
