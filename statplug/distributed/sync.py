@@ -120,6 +120,13 @@ class _Plan:
         for s in stats:
             groups.setdefault(type(s), []).append(s)
         self.groups = list(groups.items())
+        self.batches = [SyncBatch(group) for _, group in self.groups]
+
+    def refresh(self) -> None:
+        """Rebuild the arenas of stats that were moved or converted since the last sync."""
+        if any(b.stale() for b in self.batches):
+            self.device = _device_of([s for b in self.batches for s in b.stats])
+            self.batches = [SyncBatch(group) for _, group in self.groups]
 
 
 _PLANS: dict[tuple[int, ...], tuple[list[Stat], _Plan]] = {}
@@ -188,12 +195,13 @@ def sync_stats(
     ):
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
     plan = _plan_for(stats)
+    plan.refresh()
     device = plan.device
     _check_layout(plan, group)
     n_coll, n_bytes = 1, 16
 
     with torch.no_grad():
-        batches = [SyncBatch(group_stats) for _, group_stats in plan.groups]
+        batches = plan.batches
         phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(plan.groups, batches, strict=True)]
         sums1, b1, w1 = _coalesced_all_reduce([p[0] for p in phase1], dist.ReduceOp.SUM, group,
                                               device)

@@ -270,6 +270,15 @@ class Stat(PinnedDtypeModule):
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------- persistence
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Buffers that are views into a sync arena: save just their own elements.
+        for name in self._reduces:
+            key = prefix + name
+            t = destination.get(key)
+            if isinstance(t, Tensor) and t._base is not None and not keep_vars:
+                destination[key] = t.clone()
+
     def _migrate_state_dict(
         self, state_dict: dict[str, Any], prefix: str, version: int | None
     ) -> None:
@@ -345,38 +354,56 @@ class Stat(PinnedDtypeModule):
 
 
 class SyncBatch:
-    """The stats of one class taking part in a sync, with gather/scatter helpers.
+    """The stats of one class taking part in syncs, their state held in flat arenas.
 
-    Gathered tensors are cached for the duration of the sync (the hooks of all phases share
-    them); every helper is one tensor op whatever the number of stats.
+    On first use of a state name, every stat's buffer of that name is moved into one flat tensor
+    (the arena) and the stat's buffer is re-pointed at its view of it. From then on gathering is
+    free (the arena *is* the gathered tensor) and writing back is one ``copy_``, whatever the
+    number of stats: a sync does no per-stat tensor work. The stats keep working on their views
+    in place as before. Anything that rebinds a stat's buffers (``.to()``, ``.half()``) makes
+    the batch :meth:`stale`; the sync engine then builds a new one.
     """
 
     def __init__(self, stats: Sequence[Stat]) -> None:
         self.stats = list(stats)
         self.sizes = [s.n_features for s in self.stats]
         self.device = self.stats[0]._buffers["count"].device  # type: ignore[union-attr]
-        self._cache: dict[str, Tensor] = {}
+        self._arenas: dict[str, Tensor] = {}
+        self._counts: list[Tensor | None] = [s._buffers["count"] for s in self.stats]
         self._repeats: Tensor | None = None
 
-    def _bufs(self, name: str) -> list[Tensor]:
-        return [s._buffers[name] for s in self.stats]  # type: ignore[misc]
+    def stale(self) -> bool:
+        """Were any of the stats' buffers rebound (moved, converted) since the arenas were made?"""
+        pairs = zip(self.stats, self._counts, strict=True)
+        return any(s._buffers["count"] is not c for s, c in pairs)
+
+    def _arena(self, name: str) -> Tensor:
+        arena = self._arenas.get(name)
+        if arena is None:
+            bufs: list[Tensor] = [s._buffers[name] for s in self.stats]  # type: ignore[misc]
+            if bufs[0].dim() == 0:
+                arena = torch.stack(bufs)
+                views = list(arena.unbind())
+            else:
+                arena = torch.cat([b.reshape(-1) for b in bufs])
+                views = [
+                    v.view(b.shape)
+                    for v, b in zip(arena.split([b.numel() for b in bufs]), bufs, strict=True)
+                ]
+            for stat, view in zip(self.stats, views, strict=True):
+                stat._buffers[name] = view
+            if name == "count":
+                self._counts = list(views)
+            self._arenas[name] = arena
+        return arena
 
     def gather(self, name: str) -> Tensor:
-        """Every stat's buffer ``name`` flattened and concatenated."""
-        out = self._cache.get(name)
-        if out is None:
-            out = torch.cat([b.reshape(-1) for b in self._bufs(name)])
-            self._cache[name] = out
-        return out
+        """Every stat's buffer ``name``, flattened and concatenated (live: not a copy)."""
+        return self._arena(name)
 
     def stack(self, name: str) -> Tensor:
-        """Every stat's 0-dim buffer ``name`` as one ``[K]`` tensor."""
-        key = "stack:" + name
-        out = self._cache.get(key)
-        if out is None:
-            out = torch.stack(self._bufs(name))
-            self._cache[key] = out
-        return out
+        """Every stat's 0-dim buffer ``name`` as one ``[K]`` tensor (live: not a copy)."""
+        return self._arena(name)
 
     def per_element(self, per_stat: Tensor) -> Tensor:
         """Repeat a ``[K]`` tensor so it lines up with :meth:`gather`'s flat layout."""
@@ -385,15 +412,8 @@ class SyncBatch:
         return per_stat.repeat_interleave(self._repeats, output_size=sum(self.sizes))
 
     def scatter(self, name: str, flat: Tensor) -> None:
-        """Copy ``flat`` (the :meth:`gather` or :meth:`stack` layout) into each stat's buffer."""
-        bufs = self._bufs(name)
-        self._cache.pop(name, None)
-        self._cache.pop("stack:" + name, None)
-        if bufs[0].dim() == 0:
-            torch._foreach_copy_(bufs, list(flat.unbind()))
-        else:
-            torch._foreach_copy_([b.view(-1) for b in bufs], list(flat.split(self.sizes)))
+        """Write ``flat`` (the :meth:`gather` or :meth:`stack` layout) into every stat's buffer."""
+        self._arena(name).copy_(flat)
 
     def zero(self, name: str) -> None:
-        self._cache.pop(name, None)
-        torch._foreach_zero_(self._bufs(name))
+        self._arena(name).zero_()

@@ -284,3 +284,32 @@ def test_no_process_group_is_a_noop():
     report = sync_stats(stat)
     assert (report.n_stats, report.n_collectives, report.n_bytes) == (1, 0, 0)
     assert stat.count.item() == 3
+
+
+def _rebind_body(rank: int, world: int) -> dict:
+    model = _Stats()
+    _feed(model, _rank_data(rank, world, seed=0))
+    sync_stats(model)
+    # Rebind every buffer (as a device move does): the sync must notice and rebuild its arenas.
+    model._apply(lambda t: t.clone())
+    _feed(model, _rank_data(rank, world, seed=100))
+    sync_stats(model)
+    single = RunningMoments(3, accumulator_dtype=torch.float64)
+    single.update(torch.randn(4, 3))
+    sync_stats(single)  # a one-stat sync between ranks does not disturb the model's plan
+    sd = model.moments64.state_dict()
+    return {"state": _summary(model), "compact": all(t._base is None for t in sd.values())}
+
+
+def test_sync_after_buffers_are_rebound_and_state_dict_is_compact():
+    world = 2
+    results = run_distributed(_rebind_body, world)
+    data = np.concatenate(
+        [_rank_data(r, world, s) for s in (0, 100) for r in range(world)]
+    ).astype(np.float64)
+    for res in results:
+        s = res["state"]
+        assert res["compact"]
+        assert s["moments64.count"].item() == len(data)
+        np.testing.assert_allclose(s["moments64.mean"].numpy(), data.mean(0), rtol=1e-12)
+        np.testing.assert_allclose((s["moments64.m2"] / len(data)).numpy(), data.var(0), rtol=1e-10)
