@@ -34,8 +34,9 @@ def exclude_from_ddp_broadcast(module: nn.Module) -> list[str]:
         >>> from torch import nn
         >>> from statplug import RunningMoments, exclude_from_ddp_broadcast
         >>> model = nn.Sequential(nn.Linear(3, 3), RunningMoments(3))
-        >>> exclude_from_ddp_broadcast(model)[:3]
-        ['1.count', '1.n_skipped', '1.frozen_flag']
+        >>> names = exclude_from_ddp_broadcast(model)
+        >>> names[:3], len(names) == len(list(model[1].buffers()))
+        (['1.count', '1._base_count', '1.n_skipped'], True)
     """
     if isinstance(module, DistributedDataParallel):
         raise StatplugError(

@@ -65,7 +65,9 @@ def _describe(stat: Stat) -> str:
         f"{n}:{tuple(stat._buffers[n].shape)}:{stat._buffers[n].dtype}"  # type: ignore[union-attr]
         for n in stat.state_names
     )
-    return f"{stat.stat_name} {type(stat).__name__}(shape={stat.shape}) [{states}]"
+    name = stat._statplug_name
+    where = f"{name} " if name else ""
+    return f"{where}{type(stat).__name__}(shape={stat.shape}) [{states}]"
 
 
 def _fingerprint(layout: list[str]) -> int:

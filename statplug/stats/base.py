@@ -34,6 +34,8 @@ _ACCUMULATOR_DTYPES = (torch.float32, torch.float64)
 def _as_shape(shape: int | Sequence[int], owner: str) -> tuple[int, ...]:
     if isinstance(shape, int):
         shape = (shape,)
+    if isinstance(shape, (str, bytes)):
+        raise ValueError(f"{owner}: `shape` must be an int or a tuple of ints, got {shape!r}")
     try:
         out = tuple(int(s) for s in shape)
     except TypeError as err:

@@ -172,21 +172,22 @@ class RunningMoments(Stat):
         self._update(x2, self.nan_policy == "raise")
 
     def _update(self, x: Tensor, check: bool) -> None:
-        means, variances, rows = grouped_moments(x)
-        if check and math.isnan(float(variances.sum())):
+        parts = grouped_moments(x)
+        if check and any(math.isnan(float(v.sum())) for _, v, _ in parts):
             self._raise_non_finite()
         if not self._host.shift_set:
-            self._set_shift(means[0])
+            self._set_shift(parts[0][0][0])
         b = self._buffers
-        d = means.to(_F64) - b["_shift"]  # type: ignore[operator]
-        if d.shape[0] == 1:
-            d = d[0]
-            b["_s1"].add_(d, alpha=rows)  # type: ignore[union-attr]
-            b["_s2"].add_(variances[0], alpha=rows)  # type: ignore[union-attr]
-            b["_s2"].addcmul_(d, d, value=rows)  # type: ignore[union-attr]
-        else:
-            b["_s1"].add_(d.sum(0), alpha=rows)  # type: ignore[union-attr]
-            b["_s2"].add_(torch.addcmul(variances, d, d).sum(0), alpha=rows)  # type: ignore[union-attr]
+        for means, variances, rows in parts:
+            d = means.to(_F64) - b["_shift"]  # type: ignore[operator]
+            if d.shape[0] == 1:
+                d = d[0]
+                b["_s1"].add_(d, alpha=rows)  # type: ignore[union-attr]
+                b["_s2"].add_(variances[0], alpha=rows)  # type: ignore[union-attr]
+                b["_s2"].addcmul_(d, d, value=rows)  # type: ignore[union-attr]
+            else:
+                b["_s1"].add_(d.sum(0), alpha=rows)  # type: ignore[union-attr]
+                b["_s2"].add_(torch.addcmul(variances, d, d).sum(0), alpha=rows)  # type: ignore[union-attr]
         self._host.pending_n += x.shape[0]
         self._host.dirty = True
 
@@ -422,16 +423,20 @@ class EMAMoments(Stat):
     def _update(self, x: Tensor, check: bool) -> None:
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
-        means, variances, _ = grouped_moments(x)
-        if check and not bool(torch.isfinite(variances).all()):
+        parts = grouped_moments(x)
+        if check and any(math.isnan(float(v.sum())) for _, v, _ in parts):
             self._raise_non_finite()
         acc = self.accumulator_dtype
-        if means.shape[0] == 1:
-            mb, vb = means[0].to(acc), variances[0].to(acc)
+        if len(parts) == 1 and parts[0][0].shape[0] == 1:
+            mb, vb = parts[0][0][0].to(acc), parts[0][1][0].to(acc)
         else:
-            m64 = means.to(_F64)
-            mb64 = m64.mean(0)
-            vb64 = variances.to(_F64).mean(0) + (m64 - mb64).square().mean(0)
+            # Combine the groups exactly (float64): weighted mean, then spread around it.
+            n = x.shape[0]
+            m64 = [(r, m.to(_F64), v.to(_F64)) for m, v, r in parts]
+            mb64 = torch.stack([r * m.sum(0) for r, m, _ in m64]).sum(0) / n
+            vb64 = torch.stack(
+                [r * (v + (m - mb64).square()).sum(0) for r, m, v in m64]
+            ).sum(0) / n
             mb, vb = mb64.to(acc), vb64.to(acc)
         self._step(mb, vb, x.shape[0])
 

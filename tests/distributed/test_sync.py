@@ -313,3 +313,13 @@ def test_sync_after_buffers_are_rebound_and_state_dict_is_compact():
         assert s["moments64.count"].item() == len(data)
         np.testing.assert_allclose(s["moments64.mean"].numpy(), data.mean(0), rtol=1e-12)
         np.testing.assert_allclose((s["moments64.m2"] / len(data)).numpy(), data.var(0), rtol=1e-10)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import statplug.distributed.ddp
+    import statplug.distributed.sync
+
+    for mod in (statplug.distributed.sync, statplug.distributed.ddp):
+        assert doctest.testmod(mod).failed == 0, mod.__name__

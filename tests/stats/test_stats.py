@@ -46,12 +46,22 @@ def test_running_moments_matches_float64_reference_uneven_batches(shape, acc):
     assert _rel(stat.std, data.std(0)) < 1e-5
 
 
-@pytest.mark.parametrize("rows", [256, 4096, 65536])
-def test_large_offset_float32_variance_within_1e_3(rows):
+@pytest.mark.parametrize(
+    ("rows", "features", "chunks"),
+    [(256, 64, 4), (4096, 64, 4), (65536, 64, 4), (4096, 512, 1), (100001, 3, 1),
+     (65537, 3, 2), (8192, 2048, 1)],
+)
+@pytest.mark.parametrize("cls", [RunningMoments, EMAMoments])
+def test_large_offset_float32_variance_within_1e_3(rows, features, chunks, cls):
+    """Mean 1e4, std 1 in float32, including odd row counts and wide batches."""
     rng = np.random.default_rng(1)
-    data = rng.normal(1e4, 1.0, size=(rows, 64)).astype(np.float32)
-    stat = RunningMoments(64)
-    for chunk in np.array_split(data, 4):
+    data = rng.normal(1e4, 1.0, size=(rows, features)).astype(np.float32)
+    if cls is EMAMoments:
+        stat = EMAMoments(features, momentum=1.0)  # one step: the batch's own moments
+        chunks = 1
+    else:
+        stat = RunningMoments(features)
+    for chunk in np.array_split(data, chunks):
         stat.update(torch.from_numpy(np.ascontiguousarray(chunk)))
     ref = data.astype(np.float64)
     assert _rel(stat.var, ref.var(0)) < 1e-3
@@ -388,3 +398,38 @@ def test_meta_device_then_to_empty_and_reset_parameters_gives_empty_stats():
     torch.testing.assert_close(model.moments.mean, x.mean(0))
     torch.testing.assert_close(model.minmax.max, x.max(0).values)
     assert not model.norm.frozen
+
+
+def test_string_shape_is_rejected():
+    with pytest.raises(ValueError, match="`shape` must be an int or a tuple"):
+        RunningMoments("12")  # type: ignore[arg-type]
+
+
+def test_running_norm_follows_the_stat_rules():
+    a, b = RunningNorm(2), RunningNorm(2)
+    xa, xb = torch.randn(10, 2) + 3, torch.randn(7, 2) - 1
+    a.update(xa)
+    b.update(xb)
+    a.merge_(b)
+    both = torch.cat([xa, xb]).double()
+    torch.testing.assert_close(a.mean.double(), both.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.sample_var.double(), both.var(0), rtol=1e-5, atol=1e-6)
+    assert a.n_skipped.item() == 0
+    with pytest.raises(ValueError, match=r"RunningNorm\.moments"):
+        RunningNorm(3)(torch.randn(4, 5))
+    a.reset()
+    assert a.count.item() == 0
+
+
+def test_running_norm_integer_input_is_not_truncated():
+    norm = RunningNorm(2)
+    y = norm(torch.tensor([[0, 10], [10, 0], [5, 5]]))
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y[2], torch.zeros(2))
+    assert y[0, 0].item() < -1.0
+
+
+def test_running_norm_fixed_keeps_small_std_exact():
+    norm = RunningNorm.fixed([1e4], [1e-3])
+    torch.testing.assert_close(norm.std, torch.tensor([1e-3]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(norm.mean, torch.tensor([1e4]))
