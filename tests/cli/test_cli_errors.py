@@ -105,3 +105,13 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
     assert res.out == ""
     lines = res.err.strip().splitlines()
     assert len(lines) == 1 and "trainer.max_epochs" in lines[0], res.err
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", b"", b"PK\x03\x04garbage", b"\x80\x02]q\x00."])
+@pytest.mark.parametrize("command", ["inspect", "plot"])
+def test_inspect_and_plot_of_a_non_checkpoint_file(tmp_path: Path, content: bytes, command: str):
+    path = tmp_path / "not_a.ckpt"
+    path.write_bytes(content)
+    argv = [command, str(path)] + (["-o", str(tmp_path / "x.png")] if command == "plot" else [])
+    line = _one_line_error(argv, tmp_path)
+    assert "not_a.ckpt" in line
