@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -107,7 +107,9 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
     assert len(lines) == 1 and "trainer.max_epochs" in lines[0], res.err
 
 
-@pytest.mark.parametrize("content", [b"hello world\n", b"", b"PK\x03\x04garbage", b"\x80\x02]q\x00."])
+@pytest.mark.parametrize(
+    "content", [b"hello world\n", b"", b"PK\x03\x04garbage", b"\x80\x02]q\x00."]
+)
 @pytest.mark.parametrize("command", ["inspect", "plot"])
 def test_inspect_and_plot_of_a_non_checkpoint_file(tmp_path: Path, content: bytes, command: str):
     path = tmp_path / "not_a.ckpt"
