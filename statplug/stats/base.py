@@ -188,8 +188,11 @@ class Stat(PinnedDtypeModule):
         if x.shape[-self._n_dims :] != self.shape or self.nan_policy == "skip" or x.dim() == 0:
             Stat.update(self, x)
             return None
-        x2 = x.detach().reshape(-1, self.n_features)
-        return x2 if x2.shape[0] else None
+        if x.requires_grad:
+            x = x.detach()  # never build a graph through the stat
+        if x.dim() != 2:
+            x = x.reshape(-1, self.n_features)
+        return x if x.shape[0] else None
 
     def _raise_non_finite(self) -> None:
         raise ValueError(
