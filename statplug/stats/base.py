@@ -190,7 +190,7 @@ class Stat(PinnedDtypeModule):
             return None
         if x.requires_grad:
             x = x.detach()  # never build a graph through the stat
-        if x.dim() != 2:
+        if x.dim() != 2 or self._n_dims != 1:
             x = x.reshape(-1, self.n_features)
         return x if x.shape[0] else None
 
