@@ -49,7 +49,23 @@ def _stratified_split(
     return rng.permutation(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-class SklearnDataModule(pl.LightningDataModule):
+class _TensorDataModule(pl.LightningDataModule):
+    """Loaders over the ``train_set`` / ``val_set`` that a subclass's ``setup`` builds."""
+
+    batch_size: int
+    train_set: TensorDataset | None = None
+    val_set: TensorDataset | None = None
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        assert self.train_set is not None, "call setup() first"
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        assert self.val_set is not None, "call setup() first"
+        return DataLoader(self.val_set, batch_size=256)
+
+
+class SklearnDataModule(_TensorDataModule):
     """One of scikit-learn's bundled classification data sets, raw features, stratified split.
 
     Features are left as they are (normalising them is the model's ``RunningNorm``'s job).
@@ -99,16 +115,8 @@ class SklearnDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(x[train], y_t[train])
         self.val_set = TensorDataset(x[val], y_t[val])
 
-    def train_dataloader(self) -> DataLoader[Any]:
-        assert self.train_set is not None, "call setup() first"
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader[Any]:
-        assert self.val_set is not None, "call setup() first"
-        return DataLoader(self.val_set, batch_size=256)
-
-
-class SequenceDataModule(pl.LightningDataModule):
+class SequenceDataModule(_TensorDataModule):
     """Synthetic next-token prediction: arithmetic progressions modulo ``vocab_size``.
 
     Each sequence starts at a random token and moves by a random step (1 .. ``max_step``), so
@@ -165,11 +173,3 @@ class SequenceDataModule(pl.LightningDataModule):
         gen = torch.Generator().manual_seed(self.seed)
         self.train_set = self._make(self.n_train, gen)
         self.val_set = self._make(self.n_val, gen)
-
-    def train_dataloader(self) -> DataLoader[Any]:
-        assert self.train_set is not None, "call setup() first"
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader[Any]:
-        assert self.val_set is not None, "call setup() first"
-        return DataLoader(self.val_set, batch_size=256)
