@@ -91,13 +91,63 @@ def fit_seconds(with_callbacks: bool, loader: DataLoader, epochs: int) -> float:
     return time.perf_counter() - start
 
 
+def recipe_fit_seconds(recipe: str, with_callbacks: bool, epochs: int) -> tuple[float, int]:
+    """Fit a bundled recipe's model and data, with its statplug callbacks or with none.
+
+    Checkpointing, logging and progress bars are off in both variants: the difference is
+    statplug's callbacks alone. Returns (seconds in ``trainer.fit``, optimizer steps).
+    """
+    from statplug.config import build, load_recipe
+
+    run = load_recipe(recipe, [f"trainer.max_epochs={epochs}"])
+    if not with_callbacks:
+        run.config["callbacks"] = {}
+    off = {"enable_checkpointing": False, "logger": False, "enable_progress_bar": False,
+           "enable_model_summary": False}
+    built = build(run, trainer_overrides=off)
+    start = time.perf_counter()
+    built.trainer.fit(built.model, datamodule=built.data)
+    return time.perf_counter() - start, built.trainer.global_step
+
+
+def recipe_main(recipe: str, repeats: int, epochs: int) -> int:
+    recipe_fit_seconds(recipe, True, 1)  # warm-up
+    recipe_fit_seconds(recipe, False, 1)
+    base: list[float] = []
+    with_cb: list[float] = []
+    steps = 0
+    for i in range(repeats):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        for flag in order:
+            seconds, steps = recipe_fit_seconds(recipe, flag, epochs)
+            (with_cb if flag else base).append(seconds)
+    b, c = statistics.median(base), statistics.median(with_cb)
+    ratio = statistics.median(cb / bl for cb, bl in zip(with_cb, base, strict=True))
+    print(f"recipe: {recipe}, {steps} steps per fit, fits per variant: {repeats} (interleaved)")
+    print(f"without statplug callbacks  median {b * 1e3:8.1f} ms  ({b / steps * 1e3:.3f} ms/step)")
+    print(f"with its callback stack     median {c * 1e3:8.1f} ms  ({c / steps * 1e3:.3f} ms/step)")
+    print(
+        f"overhead ratio (median of pair ratios): {ratio:.3f}  "
+        f"(target <= {TARGET}, limit {LIMIT})"
+    )
+    return 0 if ratio <= LIMIT else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few short fits (smoke test)")
     parser.add_argument("--repeats", type=int, default=7, help="fits per variant")
     parser.add_argument("--batch-size", type=int, default=256, help="samples per step")
     parser.add_argument("--steps", type=int, default=150, help="steps per epoch (2 epochs)")
+    parser.add_argument(
+        "--recipe", help="measure a bundled recipe (e.g. digits) with and without its callbacks"
+    )
     args = parser.parse_args()
+    if args.recipe:
+        logging.getLogger("lightning").setLevel(logging.ERROR)
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")
+        return recipe_main(args.recipe, 3 if args.quick else args.repeats, 2 if args.quick else 8)
     repeats, epochs = (3, 1) if args.quick else (args.repeats, 2)
     n = (32 if args.quick else args.steps) * args.batch_size
 

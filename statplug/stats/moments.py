@@ -228,10 +228,12 @@ class RunningMoments(Stat):
     # ------------------------------------------------------------------ merging
     def _local(self) -> tuple[Tensor, Tensor, Tensor]:
         """(n, mean, m2) of the local data since the last sync, float64 (after a flush)."""
-        n = (self.count - self._base_count).to(_F64)
+        b = cast(dict[str, Tensor], self._buffers)
+        s1, s2 = b["_s1"], b["_s2"]
+        n = (b["count"] - b["_base_count"]).to(_F64)
         n1 = n.clamp(min=1)
-        mean = self._shift + self._s1 / n1
-        m2 = (self._s2 - self._s1 * self._s1 / n1).clamp(min=0)
+        mean = b["_shift"] + s1 / n1
+        m2 = (s2 - s1 * s1 / n1).clamp(min=0)
         return n, mean, m2
 
     @staticmethod
@@ -244,27 +246,33 @@ class RunningMoments(Stat):
         frac = nb / n
         return ma + delta * frac, m2a + m2b + delta * delta * (na * frac)
 
-    def _total(self) -> tuple[Tensor, Tensor]:
-        """(mean, m2) over base and local data, float64."""
-        n_l, mean_l, m2_l = self._local()
-        n_b = self._base_count.to(_F64)
-        return self._chan(n_b, self._mean_base, self._m2_base, n_l, mean_l, m2_l)
+    def _total(
+        self, local: tuple[Tensor, Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(mean, m2) over base and local data (``local``: a precomputed :meth:`_local`)."""
+        n_l, mean_l, m2_l = local if local is not None else self._local()
+        b = self._buffers
+        n_b = b["_base_count"].to(_F64)  # type: ignore[union-attr]
+        return self._chan(n_b, b["_mean_base"], b["_m2_base"], n_l, mean_l, m2_l)  # type: ignore[arg-type]
 
     def _materialize(self) -> None:
         self._flush()
         if not self._host.dirty:
             return
+        b = self._buffers
         with torch.no_grad():
-            n_l, mean_l, m2_l = self._local()
-            mean, m2 = self._total()
+            local = self._local()
+            n_l, mean_l, m2_l = local
+            mean, m2 = self._total(local)
             # Re-centre the local sums near their own mean (exact algebra) so K follows the data.
-            self._shift32.copy_(mean_l)
-            self._shift.copy_(self._shift32)
-            d = mean_l - self._shift
-            self._s1.copy_(n_l * d)
-            self._s2.copy_(m2_l + n_l * d * d)
-            self._buffers["mean"].copy_(mean.view(self.shape))  # type: ignore[union-attr]
-            self._buffers["m2"].copy_(m2.view(self.shape))  # type: ignore[union-attr]
+            shift32, shift = b["_shift32"], b["_shift"]
+            shift32.copy_(mean_l)  # type: ignore[union-attr]
+            shift.copy_(shift32)  # type: ignore[union-attr, arg-type]
+            d = mean_l - shift  # type: ignore[operator]
+            b["_s1"].copy_(n_l * d)  # type: ignore[union-attr]
+            b["_s2"].copy_(m2_l + n_l * d * d)  # type: ignore[union-attr]
+            b["mean"].copy_(mean.view(self.shape))  # type: ignore[union-attr]
+            b["m2"].copy_(m2.view(self.shape))  # type: ignore[union-attr]
         self._host.dirty = False
 
     def _merge_from(self, other: Any) -> None:
