@@ -14,16 +14,25 @@ from statplug.stats.base import NanPolicy, Stat
 __all__ = ["RunningMinMax"]
 
 # Column-wise min and max of a [rows, features] batch on CPU: from 32 features on, amin + amax are
-# ~10x faster than torch.aminmax(x, dim=0) (128x256: 7 us vs 67 us; 65536x64: 1.3 ms vs 13 ms);
-# below that aminmax is ~2x faster.
-_AMINMAX_MAX_FEATURES = 31
+# ~10x faster than torch.aminmax(x, dim=0) (128x256: 7 us vs 67 us; 65536x64: 1.3 ms vs 13 ms).
+# Narrower batches reduce slowly either way (4096x16: 336 us, aminmax 147 us), so they are viewed
+# as [rows / g, g * features] (interleaved row groups, no copy) and the g partial results reduced
+# again: 4096x16 then takes ~15 us.
+_WIDE_ENOUGH = 64
 
 
 def _column_min_max(x: Tensor) -> tuple[Tensor, Tensor]:
-    if x.shape[1] > _AMINMAX_MAX_FEATURES:
+    n, f = x.shape
+    if f >= _WIDE_ENOUGH // 2:
         return x.amin(0), x.amax(0)
-    lo, hi = torch.aminmax(x, dim=0)
-    return lo, hi
+    g = 1
+    while g * f < _WIDE_ENOUGH and n % (2 * g) == 0:
+        g *= 2
+    if g == 1 or not x.is_contiguous():
+        lo, hi = torch.aminmax(x, dim=0)
+        return lo, hi
+    y = x.view(n // g, g * f)
+    return y.amin(0).view(g, f).amin(0), y.amax(0).view(g, f).amax(0)
 
 
 class RunningMinMax(Stat):
