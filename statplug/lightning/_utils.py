@@ -62,7 +62,7 @@ def checkpoint_due_after_batch(trainer: pl.Trainer) -> bool:
 
 
 def settle(stats: Iterable[Stat]) -> None:
-    """Bring each stat to exactly the state that reloading its saved values gives.
+    """Settle each stat (:meth:`Stat.settle_`): its state becomes exactly what a reload gives.
 
     A stat keeps float64 working sums but saves its ``accumulator_dtype`` values, so a run resumed
     from a checkpoint restarts from the rounded values. Settling the stats where a checkpoint may
@@ -73,7 +73,7 @@ def settle(stats: Iterable[Stat]) -> None:
     """
     with torch.no_grad():
         for stat in stats:
-            stat.load_state_dict(stat.state_dict())
+            stat.settle_()
 
 
 def pruning_masks(root: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:

@@ -303,6 +303,19 @@ class Stat(PinnedDtypeModule):
                 base.copy_(buf)
         self._rebase_after_load()
 
+    def settle_(self) -> Stat:
+        """Bring the working state to exactly what saving and reloading the stat gives.
+
+        A stat may keep more precise working state than it saves (``RunningMoments`` keeps
+        float64 sums, saves ``accumulator_dtype``); a run resumed from a checkpoint restarts from
+        the saved values. Settling where a checkpoint may be written makes an uninterrupted run
+        take the same path (``SyncStats`` does this). Data not yet synced becomes agreed data,
+        as after a load. Equivalent to ``stat.load_state_dict(stat.state_dict())``, cheaper.
+        """
+        self._flush()
+        self._after_load()
+        return self
+
     def _rebase_after_load(self) -> None:
         """Rebuild hidden working state from the loaded persistent buffers (subclasses)."""
 

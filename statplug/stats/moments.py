@@ -300,6 +300,11 @@ class RunningMoments(Stat):
         self._materialize()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
+    def settle_(self) -> RunningMoments:
+        self._materialize()  # the saved buffers, exactly as state_dict() would write them
+        super().settle_()
+        return self
+
     def _rebase_after_load(self) -> None:
         with torch.no_grad():
             self._mean_base.copy_(self._buffers["mean"].reshape(-1))  # type: ignore[union-attr]

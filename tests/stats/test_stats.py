@@ -433,3 +433,21 @@ def test_running_norm_fixed_keeps_small_std_exact():
     norm = RunningNorm.fixed([1e4], [1e-3])
     torch.testing.assert_close(norm.std, torch.tensor([1e-3]), rtol=1e-6, atol=0)
     torch.testing.assert_close(norm.mean, torch.tensor([1e4]))
+
+
+@pytest.mark.parametrize("cls", [RunningMoments, EMAMoments, RunningMinMax])
+def test_settle_equals_a_save_and_reload(cls):
+    a, b = cls(3), cls(3)
+    for _ in range(5):  # small batches leave pending work behind on the host
+        x = torch.randn(7, 3) * 5 + 1e3
+        a.update(x)
+        b.update(x)
+    a.settle_()
+    b.load_state_dict(b.state_dict())
+    for name, buf in b.named_buffers():
+        torch.testing.assert_close(dict(a.named_buffers())[name], buf, rtol=0, atol=0)
+    y = torch.randn(9, 3)
+    a.update(y)
+    b.update(y)
+    for key, value in b.state_dict().items():
+        torch.testing.assert_close(a.state_dict()[key], value, rtol=0, atol=0)
