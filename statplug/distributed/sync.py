@@ -23,7 +23,7 @@ from statplug._buffers import name_modules
 from statplug.errors import StatLayoutError, StatplugError
 from statplug.stats.base import Stat, SyncBatch
 
-__all__ = ["SyncReport", "find_stats", "sync_stats"]
+__all__ = ["SyncReport", "broadcast_stats", "find_stats", "sync_stats"]
 
 
 @dataclass(frozen=True)
@@ -224,3 +224,56 @@ def sync_stats(
         for (cls, _), b, s1, mx, s2 in zip(plan.groups, batches, sums1, maxes, sums2, strict=True):
             cls._sync_apply(b, s1, mx, s2)
     return SyncReport(len(stats), n_coll, n_bytes + b1 + b2 + b3, time.perf_counter() - start)
+
+
+def broadcast_stats(
+    module_or_stats: nn.Module | Iterable[Stat],
+    src: int = 0,
+    group: dist.ProcessGroup | None = None,
+) -> SyncReport:
+    """Make rank ``src``'s stats the agreed state of every rank of ``group``.
+
+    For state that is one copy of the same data on every rank -- stats warmed up before a
+    launcher copied the model to each rank, say -- which a sync would otherwise count once per
+    rank. Each stat is settled first (:meth:`Stat.settle_`), so after the call every rank holds
+    ``src``'s full state as data already agreed; only data added afterwards travels at the next
+    :func:`sync_stats`. One collective per state name and stat class, whatever the number of
+    stats, after the same layout check as :func:`sync_stats`. Without a process group (or with one
+    rank) it only settles.
+
+    Example:
+        >>> import torch
+        >>> from statplug import RunningMoments
+        >>> from statplug.distributed import broadcast_stats
+        >>> stat = RunningMoments(2)
+        >>> stat.update(torch.ones(4, 2))
+        >>> broadcast_stats(stat).n_collectives, stat.count.item()
+        (0, 4)
+    """
+    start = time.perf_counter()
+    stats = find_stats(module_or_stats)
+    with torch.no_grad():
+        for stat in stats:
+            stat.settle_()
+    if (
+        not stats
+        or not dist.is_available()
+        or not dist.is_initialized()
+        or dist.get_world_size(group) == 1
+    ):
+        return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
+    plan = _plan_for(stats)
+    plan.refresh()
+    _check_layout(plan, group)
+    global_src = src if group is None else dist.get_global_rank(group, src)
+    n_coll, n_bytes = 1, 16
+    with torch.no_grad():
+        for batch in plan.batches:
+            for name in batch.stats[0].state_names:
+                arena = batch.gather(name)
+                dist.broadcast(arena, src=global_src, group=group)
+                n_coll += 1
+                n_bytes += arena.numel() * arena.element_size()
+        for stat in stats:
+            stat._after_load()  # the received state is the agreed base, as after a load
+    return SyncReport(len(stats), n_coll, n_bytes, time.perf_counter() - start)

@@ -323,3 +323,30 @@ def test_docstring_examples_run():
 
     for mod in (statplug.distributed.sync, statplug.distributed.ddp):
         assert doctest.testmod(mod).failed == 0, mod.__name__
+
+
+def _broadcast_body(rank: int, world: int) -> dict:
+    from statplug.distributed import broadcast_stats
+
+    model = _Stats()
+    _feed(model, _rank_data(0, 2))  # the same pre-existing data on every rank (one copy)
+    if rank == 1:
+        model.minmax.update(torch.full((1, 3), 1e9))  # a stray difference: rank 0 wins
+    report = broadcast_stats(model)
+    _feed(model, _rank_data(1, 2, seed=50 + rank))
+    sync_stats(model)
+    return {"state": _summary(model), "n_coll": report.n_collectives}
+
+
+def test_broadcast_stats_makes_rank_0_state_the_agreed_base():
+    results = run_distributed(_broadcast_body, 2)
+    data = np.concatenate(
+        [_rank_data(0, 2)] + [_rank_data(1, 2, seed=50 + r) for r in range(2)]
+    ).astype(np.float64)
+    for res in results:
+        s = res["state"]
+        assert res["n_coll"] <= 1 + 3 * 4  # a fingerprint, then one per state name and class
+        assert s["moments64.count"].item() == len(data)
+        np.testing.assert_allclose(s["moments64.mean"].numpy(), data.mean(0), rtol=1e-12)
+        np.testing.assert_allclose((s["moments64.m2"] / len(data)).numpy(), data.var(0), rtol=1e-9)
+        np.testing.assert_array_equal(s["minmax.max"].numpy(), data.max(0).astype(np.float32))

@@ -255,6 +255,22 @@ def test_activation_stats_no_graph_and_no_update_outside_training_steps() -> Non
     cb.detach()
 
 
+class _TupleOut(nn.Module):
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, x
+
+
+def test_activation_stats_warns_about_layers_returning_no_tensor() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), _TupleOut())
+    cb = ActivationStats(["1"])
+    cb.attach(model)
+    with pytest.warns(UserWarning, match=r"layer '1' returns a tuple, not a tensor"):
+        with cb.recording():
+            model(torch.randn(4, 3))
+    assert cb.layer_stats == {}
+    cb.detach()
+
+
 def test_activation_stats_state_roundtrip_recreates_stats(tmp_path: Path) -> None:
     img, seq = _conv_data()
     dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(img, seq), batch_size=8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -10,7 +11,7 @@ import torch
 from lit_models import QUIET, TinyModel, ddp_rank_data, loader
 from torch.utils.data import DataLoader
 
-from statplug import SyncStats
+from statplug import RunningNorm, SyncStats
 
 
 class SpawnModel(TinyModel):
@@ -39,3 +40,79 @@ def test_ddp_spawn_returns_global_stats_to_the_main_process(tmp_path: Path) -> N
     torch.testing.assert_close(
         model.norm.var.double(), x.var(0, unbiased=False), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.slow
+def test_stats_warmed_before_a_spawned_fit_count_once(tmp_path: Path) -> None:
+    """A spawn launcher copies the model to every rank: pre-fit stats are one copy, not two."""
+    model = SpawnModel()
+    warm = torch.randn(10, 4) + 3
+    model.norm.update(warm)
+    trainer = pl.Trainer(
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        use_distributed_sampler=False,
+        callbacks=[SyncStats()],
+        default_root_dir=tmp_path,
+        **QUIET,
+    )
+    trainer.fit(model)
+    x = torch.cat([warm, ddp_rank_data(0)[0], ddp_rank_data(1)[0]]).double()
+    assert int(model.norm.count) == 80
+    torch.testing.assert_close(model.norm.mean.double(), x.mean(0), rtol=1e-6, atol=1e-6)
+
+
+class LateStatsModel(pl.LightningModule):
+    """Stats built in configure_model, and no other buffer in the model."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+        self.net = torch.nn.Linear(4, 1)
+        self.norm: RunningNorm | None = None
+
+    def on_train_end(self) -> None:
+        # The spawned ranks built the stats; the main process never calls configure_model.
+        assert self.norm is not None
+        state = {"count": int(self.norm.count), "mean": self.norm.mean.clone()}
+        torch.save(state, Path(self.out_dir) / f"rank{self.global_rank}.pt")
+
+    def configure_model(self) -> None:
+        if self.norm is None:
+            self.norm = RunningNorm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.norm is not None
+        return self.net(self.norm(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        x, y, batch_size = ddp_rank_data(self.trainer.global_rank)
+        return loader(x, y, batch_size)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.slow
+def test_stats_built_in_configure_model_as_the_only_buffers(tmp_path: Path) -> None:
+    model = LateStatsModel(str(tmp_path))
+    trainer = pl.Trainer(
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        use_distributed_sampler=False,
+        callbacks=[SyncStats()],
+        default_root_dir=tmp_path,
+        **QUIET,
+    )
+    trainer.fit(model)  # DDP's buffer broadcast must not trip over the excluded stats
+    x = torch.cat([ddp_rank_data(0)[0], ddp_rank_data(1)[0]]).double()
+    for rank in (0, 1):
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert state["count"] == 70
+        torch.testing.assert_close(state["mean"].double(), x.mean(0), rtol=1e-6, atol=1e-6)

@@ -210,8 +210,16 @@ class ActivationStats(Callback):
 
     def _make_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._recording and module.training and isinstance(output, Tensor):
-                self._record(name, module, output)
+            if self._recording and module.training:
+                if isinstance(output, Tensor):
+                    self._record(name, module, output)
+                elif name not in self._skipped:
+                    self._skipped.add(name)
+                    rank_zero_warn(
+                        f"ActivationStats: layer {name!r} returns a {type(output).__name__}, "
+                        "not a tensor; it is not recorded. Hook the submodule that produces the "
+                        "tensor, or exclude the layer with `patterns` to silence this warning."
+                    )
 
         return hook
 
@@ -301,6 +309,11 @@ class ActivationStats(Callback):
                 s.to(pl_module.device)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run starts at the checkpoint's step, which was already synced before the save.
+        self._last_step_synced = trainer.global_step
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -323,7 +336,7 @@ class ActivationStats(Callback):
         if n is not None and step > 0 and step % n == 0 and step != self._last_step_logged:
             self._last_step_logged = step  # once per optimizer step (gradient accumulation)
             pl_module.log_dict(self._summary(), on_step=True, on_epoch=False, sync_dist=False)
-        if step != self._last_step_synced and checkpoint_due_after_batch(trainer):
+        if step > 0 and step != self._last_step_synced and checkpoint_due_after_batch(trainer):
             self._last_step_synced = step
             self.sync(trainer)
 

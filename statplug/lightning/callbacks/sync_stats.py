@@ -37,7 +37,13 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from statplug.distributed import SyncReport, exclude_from_ddp_broadcast, find_stats, sync_stats
+from statplug.distributed import (
+    SyncReport,
+    broadcast_stats,
+    exclude_from_ddp_broadcast,
+    find_stats,
+    sync_stats,
+)
 from statplug.distributed.ddp import stat_buffer_names
 from statplug.lightning._utils import checkpoint_due_after_batch, process_group, settle
 
@@ -138,6 +144,15 @@ class SyncStats(Callback):
         # wraps the model in DDP, which reads its ignore list only when it is built.
         self.excluded = exclude_from_ddp_broadcast(pl_module)
         log.debug("SyncStats: %d stat buffers excluded from DDP broadcast", len(self.excluded))
+        # Whatever the stats hold before the run (warmed up, or copied to every rank by a
+        # spawn launcher) is one copy of the same data: make rank 0's the agreed state, so no
+        # sync counts it once per rank.
+        broadcast_stats(pl_module, group=process_group(trainer))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run starts at the checkpoint's step, which was already synced before the save.
+        self._last_step_synced = trainer.global_step
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -150,6 +165,9 @@ class SyncStats(Callback):
         late = [n for n in stat_buffer_names(pl_module) if n not in wrapped.parameters_to_ignore]
         if late:
             wrapped.parameters_to_ignore.update(late)
+            # DDP decides whether to broadcast from its cached buffer list: refresh it, or a
+            # model whose only buffers are these stats trips DDP's "no tensors" assert.
+            wrapped._assign_modules_buffers()
             log.debug("SyncStats: %d late stat buffers excluded from DDP broadcast", len(late))
 
     # ------------------------------------------------------------------ sync points
