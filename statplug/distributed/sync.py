@@ -146,6 +146,22 @@ def _plan_for(stats: list[Stat]) -> _Plan:
     return hit[1]
 
 
+def _checked_plan(stats: list[Stat], group: dist.ProcessGroup | None) -> _Plan | None:
+    """The plan for syncing ``stats`` after the layout check (one collective), or None when
+    there is no one to sync with (no stats, no process group, or a group of one)."""
+    if (
+        not stats
+        or not dist.is_available()
+        or not dist.is_initialized()
+        or dist.get_world_size(group) == 1
+    ):
+        return None
+    plan = _plan_for(stats)
+    plan.refresh()
+    _check_layout(plan, group)
+    return plan
+
+
 def _coalesced_all_reduce(
     segments: list[list[Tensor]], op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None,
     device: torch.device,
@@ -189,17 +205,10 @@ def sync_stats(
     """
     start = time.perf_counter()
     stats = find_stats(module_or_stats)
-    if (
-        not stats
-        or not dist.is_available()
-        or not dist.is_initialized()
-        or dist.get_world_size(group) == 1
-    ):
+    plan = _checked_plan(stats, group)
+    if plan is None:
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
-    plan = _plan_for(stats)
-    plan.refresh()
     device = plan.device
-    _check_layout(plan, group)
     n_coll, n_bytes = 1, 16
 
     with torch.no_grad():
@@ -255,16 +264,9 @@ def broadcast_stats(
     with torch.no_grad():
         for stat in stats:
             stat.settle_()
-    if (
-        not stats
-        or not dist.is_available()
-        or not dist.is_initialized()
-        or dist.get_world_size(group) == 1
-    ):
+    plan = _checked_plan(stats, group)
+    if plan is None:
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
-    plan = _plan_for(stats)
-    plan.refresh()
-    _check_layout(plan, group)
     global_src = src if group is None else dist.get_global_rank(group, src)
     n_coll, n_bytes = 1, 16
     with torch.no_grad():

@@ -20,10 +20,9 @@ class SpawnModel(TinyModel):
         return loader(x, y, batch_size)
 
 
-@pytest.mark.slow
-def test_ddp_spawn_returns_global_stats_to_the_main_process(tmp_path: Path) -> None:
-    model = SpawnModel()
-    trainer = pl.Trainer(
+def _spawn_trainer(tmp_path: Path) -> pl.Trainer:
+    """2 CPU processes by ddp_spawn, one epoch, each rank with its own data, SyncStats."""
+    return pl.Trainer(
         devices=2,
         strategy="ddp_spawn",
         max_epochs=1,
@@ -32,6 +31,12 @@ def test_ddp_spawn_returns_global_stats_to_the_main_process(tmp_path: Path) -> N
         default_root_dir=tmp_path,
         **QUIET,
     )
+
+
+@pytest.mark.slow
+def test_ddp_spawn_returns_global_stats_to_the_main_process(tmp_path: Path) -> None:
+    model = SpawnModel()
+    trainer = _spawn_trainer(tmp_path)
     trainer.fit(model)
     # Lightning copies rank 0's state dict back into this process's model after the spawn.
     x = torch.cat([ddp_rank_data(0)[0], ddp_rank_data(1)[0]]).double()
@@ -48,15 +53,7 @@ def test_stats_warmed_before_a_spawned_fit_count_once(tmp_path: Path) -> None:
     model = SpawnModel()
     warm = torch.randn(10, 4) + 3
     model.norm.update(warm)
-    trainer = pl.Trainer(
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
-        use_distributed_sampler=False,
-        callbacks=[SyncStats()],
-        default_root_dir=tmp_path,
-        **QUIET,
-    )
+    trainer = _spawn_trainer(tmp_path)
     trainer.fit(model)
     x = torch.cat([warm, ddp_rank_data(0)[0], ddp_rank_data(1)[0]]).double()
     assert int(model.norm.count) == 80
@@ -101,15 +98,7 @@ class LateStatsModel(pl.LightningModule):
 @pytest.mark.slow
 def test_stats_built_in_configure_model_as_the_only_buffers(tmp_path: Path) -> None:
     model = LateStatsModel(str(tmp_path))
-    trainer = pl.Trainer(
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
-        use_distributed_sampler=False,
-        callbacks=[SyncStats()],
-        default_root_dir=tmp_path,
-        **QUIET,
-    )
+    trainer = _spawn_trainer(tmp_path)
     trainer.fit(model)  # DDP's buffer broadcast must not trip over the excluded stats
     x = torch.cat([ddp_rank_data(0)[0], ddp_rank_data(1)[0]]).double()
     for rank in (0, 1):
