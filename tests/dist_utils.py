@@ -45,11 +45,14 @@ def _worker(
         result = fn(rank, world_size, *args)
         with open(path, "wb") as f:
             pickle.dump(("ok", result), f)
+        dist.barrier()  # no rank leaves while another still finishes its last collective
     except BaseException as err:  # report to the parent, which re-raises
         with open(path, "wb") as f:
             pickle.dump(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"), f)
-    finally:
-        dist.destroy_process_group()
+    # Leave without torch's gloo teardown: with DDP it aborts the process now and then
+    # ("terminate called without an active exception"; measured 4 in 30 runs of a plain DDP
+    # model with no statplug code at all). Everything the parent needs is in the file.
+    os._exit(0)
 
 
 def run_distributed(
