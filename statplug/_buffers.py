@@ -63,7 +63,7 @@ class PinnedDtypeModule(nn.Module):
     @property
     def stat_name(self) -> str:
         """The qualified name inside the model when statplug has seen it, else the class name."""
-        return self._statplug_name or type(self).__name__
+        return qualified_name(self)
 
     def _migrate_state_dict(
         self, state_dict: dict[str, Any], prefix: str, version: int | None
@@ -96,11 +96,18 @@ def qualified_name(module: nn.Module) -> str:
     return name or type(module).__name__
 
 
-def name_modules(root: nn.Module) -> None:
-    """Record each statplug module's qualified name inside ``root`` for use in messages."""
+def name_modules(root: nn.Module) -> list[PinnedDtypeModule]:
+    """Record each statplug module's qualified name inside ``root`` for use in messages.
+
+    Returns those modules (``root`` included when it is one) in ``named_modules()`` order.
+    """
+    found = []
     for name, mod in root.named_modules():
-        if isinstance(mod, PinnedDtypeModule) and name:
-            mod._statplug_name = name
+        if isinstance(mod, PinnedDtypeModule):
+            if name:
+                mod._statplug_name = name
+            found.append(mod)
+    return found
 
 
 def positive_int(name: str, value: Any) -> int:

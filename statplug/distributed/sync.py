@@ -48,8 +48,8 @@ def find_stats(module_or_stats: nn.Module | Iterable[Stat]) -> list[Stat]:
     if isinstance(module_or_stats, Stat):
         return [module_or_stats]
     if isinstance(module_or_stats, nn.Module):
-        name_modules(module_or_stats)
-        return [m for m in module_or_stats.modules() if isinstance(m, Stat)]
+        # One walk both names the stats for messages and finds them.
+        return [m for m in name_modules(module_or_stats) if isinstance(m, Stat)]
     stats = list(module_or_stats)
     for s in stats:
         if not isinstance(s, Stat):
