@@ -15,20 +15,35 @@ from statplug.stats.base import NanPolicy, Stat, SyncBatch
 __all__ = ["EMAMoments", "RunningMoments"]
 
 _F64 = torch.float64
-# Small-batch float32 sums are folded into float64 at least this often.
-_PENDING_STEPS = 32
+# Small batches are kept as per-batch (mean, variance) rows of a ring and folded into the float64
+# sums when it is full: at most this many rows, and at most _RING_ELEMENTS floats per ring.
+_RING_ROWS = 32
+_RING_ELEMENTS = 1 << 16
 
 
 class _HostState:
-    """Mutable host-side flags of a :class:`RunningMoments` (never tensor values)."""
+    """Mutable host-side state of a :class:`RunningMoments` (never tensor values)."""
 
-    __slots__ = ("dirty", "pending_n", "pending_steps", "shift_set")
+    __slots__ = ("dirty", "pending_n", "ring_rows", "ring_used", "shift_set", "slots", "slots_of")
 
     def __init__(self) -> None:
-        self.pending_n = 0  # samples folded into the float32 pending sums but not yet `count`
-        self.pending_steps = 0  # updates since the float32 pending sums were last folded
+        self.pending_n = 0  # samples in the local sums or the ring but not yet in `count`
+        self.ring_used = 0  # ring rows holding a batch not yet folded into the local sums
+        self.ring_rows = 0  # the batch size every one of those batches has
         self.shift_set = False  # is K chosen for the pending local data?
         self.dirty = False  # are the saved buffers behind the working state?
+        # Per-row views of the ring buffers, and the buffers they view (rebuilt after `.to()`).
+        self.slots: list[tuple[Tensor, Tensor]] = []
+        self.slots_of: tuple[Tensor, Tensor] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: getattr(self, k) for k in self.__slots__}
+        state["slots"], state["slots_of"] = [], None  # views are rebuilt, never pickled
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
 
 
 class RunningMoments(Stat):
@@ -71,9 +86,8 @@ class RunningMoments(Stat):
     _shift: Tensor
     _s1: Tensor
     _s2: Tensor
-    _shift32: Tensor
-    _p1: Tensor
-    _p2: Tensor
+    _ring_mean: Tensor
+    _ring_var: Tensor
 
     def __init__(
         self,
@@ -97,13 +111,17 @@ class RunningMoments(Stat):
         self._hidden("_shift", torch.zeros(f, dtype=_F64))
         self._hidden("_s1", torch.zeros(f, dtype=_F64))
         self._hidden("_s2", torch.zeros(f, dtype=_F64))
-        # Update fast path: float32 sums of a few small batches around K (exactly float32), and
-        # their sample count kept on the host (the shapes tell it; no device op, no sync).
-        self._hidden("_shift32", torch.zeros(f, dtype=torch.float32))
-        self._hidden("_p1", torch.zeros(f, dtype=torch.float32))
-        self._hidden("_p2", torch.zeros(f, dtype=torch.float32))
+        # Update fast path for small batches: the batch-norm kernel writes each batch's column
+        # means and (unbiased) variances straight into the next row of a ring, its only op; the
+        # ring is folded into the float64 sums when full or read. Sample counts stay on the host
+        # until then (the shapes tell them; no device op, no sync).
+        rows = max(2, min(_RING_ROWS, _RING_ELEMENTS // f))
+        self._hidden("_ring_mean", torch.zeros(rows, f, dtype=torch.float32))
+        self._hidden("_ring_var", torch.zeros(rows, f, dtype=torch.float32))
         # Host-side bookkeeping in a plain object: nn.Module.__setattr__ costs ~1.5 us a call.
         self._host = _HostState()
+        # Row width of a [n, F] batch the update fast path takes (-1: none, for N-D features).
+        self._row_features = f if len(self.shape) == 1 else -1
 
     # ------------------------------------------------------------------ read-outs
     @property  # type: ignore[override]
@@ -137,39 +155,58 @@ class RunningMoments(Stat):
     def update(self, x: Tensor) -> None:
         """Add the samples in ``x`` (shape ``[..., *shape]``) to the statistic.
 
-        About one pass over ``x`` (torch's fused batch-norm statistics kernel) plus a few ops on
-        ``shape``-sized tensors; never builds a graph; never reads a tensor on the host except with
-        ``nan_policy="raise"``, which looks once per update.
+        One pass over ``x`` (torch's fused batch-norm statistics kernel). A batch of up to 1024
+        rows costs that kernel call alone: it writes the batch's column means and variances into
+        a ring that is folded into the float64 sums every few dozen updates or when read. Larger
+        batches add a few ops on ``shape``-sized tensors. Never builds a graph; never reads a
+        tensor on the host except with ``nan_policy="raise"``, which looks once per update.
         """
-        x2 = self._fast_input(x)
-        if x2 is None:
-            return
+        shape = x.shape if isinstance(x, Tensor) else None
+        if (
+            shape is not None
+            and len(shape) == 2
+            and 0 < shape[0] <= GROUP_ROWS
+            and shape[1] == self._row_features
+            and x.dtype is torch.float32
+            and not self._frozen
+            and self.nan_policy != "skip"
+        ):
+            # The common case, checked inline: Python overhead is a large part of its cost.
+            x2 = x.detach() if x.requires_grad else x
+        else:
+            rows = self._fast_input(x)  # validates, views N-D input as rows, handles "skip"
+            if rows is None:
+                return
+            x2 = rows
+            if x2.shape[0] > GROUP_ROWS or x2.dtype is not torch.float32:
+                if x2.dtype is not torch.float64:
+                    x2 = x2.float()
+                self._update(x2, self.nan_policy == "raise")
+                return
         n = x2.shape[0]
-        if n <= GROUP_ROWS and x2.dtype is torch.float32:
-            # Hot path for small batches, inlined: Python overhead is a third of its cost.
-            mb, vb = torch.batch_norm_update_stats(x2, None, None, 0.0)
-            if self.nan_policy == "raise" and math.isnan(float(vb.sum())):
-                self._raise_non_finite()  # a NaN or Inf in a column makes its variance NaN
-            host = self._host
-            if not host.shift_set:
-                self._set_shift(mb)
-            # float32 sums around the float32-exact shift K, folded into float64 every
-            # _PENDING_STEPS updates; the count is kept on the host until then.
-            b = self._buffers
-            d = mb - b["_shift32"]  # type: ignore[operator]
-            b["_p1"].add_(d, alpha=n)  # type: ignore[union-attr]
-            p2 = b["_p2"]
-            p2.add_(vb, alpha=n)  # type: ignore[union-attr]
-            p2.addcmul_(d, d, value=n)  # type: ignore[union-attr]
-            host.pending_n += n
-            host.pending_steps += 1
-            host.dirty = True
-            if host.pending_steps >= _PENDING_STEPS:
-                self._flush()
-            return
-        if x2.dtype is not torch.float32 and x2.dtype is not torch.float64:
-            x2 = x2.float()
-        self._update(x2, self.nan_policy == "raise")
+        host = self._host
+        used = host.ring_used
+        if used and n != host.ring_rows:
+            self._flush()  # the ring holds batches of one size only
+            used = 0
+        slots = host.slots
+        if host.slots_of is None or host.slots_of[0] is not self._buffers["_ring_mean"]:
+            slots = self._ring_slots()
+        mean_row, var_row = slots[used]
+        # momentum=1 makes the kernel write this batch's mean and unbiased variance into the
+        # ring rows (a single sample has no variance; its row is left alone).
+        _, vb = torch.batch_norm_update_stats(x2, mean_row, var_row if n > 1 else None, 1.0)
+        # A NaN or Inf in a column makes its variance NaN. (vb . vb is the cheapest reduction.)
+        if self.nan_policy == "raise" and math.isnan(float(vb.dot(vb))):
+            mean_row.zero_()  # the kernel keeps NaN in a row it writes next time
+            var_row.zero_()
+            self._raise_non_finite()
+        host.ring_rows = n
+        host.ring_used = used + 1
+        host.pending_n += n
+        host.dirty = True
+        if used + 1 == len(slots):
+            self._flush()
 
     def _update(self, x: Tensor, check: bool) -> None:
         parts = grouped_moments(x)
@@ -191,24 +228,46 @@ class RunningMoments(Stat):
         self._host.pending_n += x.shape[0]
         self._host.dirty = True
 
+    def _ring_slots(self) -> list[tuple[Tensor, Tensor]]:
+        """Per-row views of the ring buffers, made once per binding of the buffers."""
+        host = self._host
+        ring_mean, ring_var = self._buffers["_ring_mean"], self._buffers["_ring_var"]
+        host.slots = list(zip(ring_mean.unbind(0), ring_var.unbind(0), strict=True))  # type: ignore[union-attr]
+        host.slots_of = (ring_mean, ring_var)  # type: ignore[assignment]
+        return host.slots
+
     def _set_shift(self, value: Tensor) -> None:
-        """Choose the shift K for new local data; float32-representable so both sums share it."""
-        self._shift32.copy_(value.reshape(-1))
-        self._shift.copy_(self._shift32)
+        """Choose the shift K for new local data."""
+        self._shift.copy_(value.reshape(-1))
         self._host.shift_set = True
 
     def _flush(self) -> None:
-        """Fold the float32 pending sums and the host-side pending count into the buffers."""
-        if self._host.pending_steps:
+        """Fold the ring of small batches and the host-side pending count into the buffers."""
+        host = self._host
+        used = host.ring_used
+        if used:
+            b = cast(dict[str, Tensor], self._buffers)
             with torch.no_grad():
-                self._s1.add_(self._p1)
-                self._s2.add_(self._p2)
-                self._p1.zero_()
-                self._p2.zero_()
-            self._host.pending_steps = 0
-        if self._host.pending_n:
+                means = b["_ring_mean"][:used]
+                if not host.shift_set:
+                    self._set_shift(means[0])
+                rows = host.ring_rows
+                d = means.to(_F64) - b["_shift"]
+                b["_s1"].add_(d.sum(0), alpha=rows)
+                b["_s2"].add_(d.square().sum(0), alpha=rows)
+                if rows > 1:  # sum of squared deviations within each batch
+                    b["_s2"].add_(b["_ring_var"][:used].sum(0, dtype=_F64), alpha=rows - 1)
+            host.ring_used = 0
+        if host.pending_n:
             self._buffers["count"].add_(self._host.pending_n)  # type: ignore[union-attr]
             self._host.pending_n = 0
+
+    def _clear_ring(self) -> None:
+        """Drop unfolded ring rows and zero the ring (the kernel would carry a NaN row over)."""
+        with torch.no_grad():
+            self._ring_mean.zero_()
+            self._ring_var.zero_()
+        self._host.ring_used = 0
 
     def _update_skip(self, x: Tensor) -> None:
         self._flush()
@@ -246,9 +305,7 @@ class RunningMoments(Stat):
         frac = nb / n
         return ma + delta * frac, m2a + m2b + delta * delta * (na * frac)
 
-    def _total(
-        self, local: tuple[Tensor, Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def _total(self, local: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """(mean, m2) over base and local data (``local``: a precomputed :meth:`_local`)."""
         n_l, mean_l, m2_l = local if local is not None else self._local()
         b = self._buffers
@@ -265,9 +322,8 @@ class RunningMoments(Stat):
             n_l, mean_l, m2_l = local
             mean, m2 = self._total(local)
             # Re-centre the local sums near their own mean (exact algebra) so K follows the data.
-            shift32, shift = b["_shift32"], b["_shift"]
-            shift32.copy_(mean_l)  # type: ignore[union-attr]
-            shift.copy_(shift32)  # type: ignore[union-attr, arg-type]
+            shift = b["_shift"]
+            shift.copy_(mean_l)  # type: ignore[union-attr]
             d = mean_l - shift  # type: ignore[operator]
             b["_s1"].copy_(n_l * d)  # type: ignore[union-attr]
             b["_s2"].copy_(m2_l + n_l * d * d)  # type: ignore[union-attr]
@@ -289,10 +345,8 @@ class RunningMoments(Stat):
     def _reset_hidden(self) -> None:
         for buf in (self._mean_base, self._m2_base, self._shift, self._s1, self._s2):
             buf.zero_()
-        for buf in (self._shift32, self._p1, self._p2):
-            buf.zero_()
+        self._clear_ring()
         self._host.pending_n = 0
-        self._host.pending_steps = 0
         self._host.shift_set = False
         self._host.dirty = False
 
@@ -311,10 +365,8 @@ class RunningMoments(Stat):
             self._m2_base.copy_(self._buffers["m2"].reshape(-1))  # type: ignore[union-attr]
             self._s1.zero_()
             self._s2.zero_()
-            self._p1.zero_()
-            self._p2.zero_()
+        self._clear_ring()
         self._host.pending_n = 0
-        self._host.pending_steps = 0
         self._host.shift_set = False
         self._host.dirty = False
 
@@ -332,9 +384,7 @@ class RunningMoments(Stat):
     def _sync_phase2(cls, batch: SyncBatch, sums1: list[Tensor]) -> list[Tensor]:
         n_global = batch.per_element(sums1[0])
         g = sums1[2] / n_global.clamp(min=1)  # global mean of the data added since the last sync
-        n_l = batch.per_element(
-            (batch.stack("count") - batch.stack("_base_count")).to(_F64)
-        )
+        n_l = batch.per_element((batch.stack("count") - batch.stack("_base_count")).to(_F64))
         k = batch.gather("_shift") - g
         s1 = batch.gather("_s1")
         # Sum over local samples of (x - g)**2, from the sums around K.
@@ -447,9 +497,7 @@ class EMAMoments(Stat):
             n = x.shape[0]
             m64 = [(r, m.to(_F64), v.to(_F64)) for m, v, r in parts]
             mb64 = torch.stack([r * m.sum(0) for r, m, _ in m64]).sum(0) / n
-            vb64 = torch.stack(
-                [r * (v + (m - mb64).square()).sum(0) for r, m, v in m64]
-            ).sum(0) / n
+            vb64 = torch.stack([r * (v + (m - mb64).square()).sum(0) for r, m, v in m64]).sum(0) / n
             mb, vb = mb64.to(acc), vb64.to(acc)
         self._step(mb, vb, x.shape[0])
 
