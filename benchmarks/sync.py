@@ -6,8 +6,12 @@ Two gloo ranks on CPU (real processes). For K = 1, 16, 64, 256 stats of shape (6
 - ``torchmetrics``: K ``MeanMetric`` plus K variance metrics (count, sum, sum of squares states)
   synced by ``compute()``;
 - ``naive``: one ``all_reduce`` per buffer (count, mean, M2 per stat; means averaged unweighted,
-  which is also wrong for uneven counts).
-Each is interleaved over several rounds; the median time per call is printed with the number of
+  which is also wrong for uneven counts);
+- ``statplug`` after update: the same sync right after one more batch of 32 rows per stat, so it
+  also folds each stat's deferred small-batch work (set-up untimed).
+statplug, the floor and the after-update sync are interleaved rep by rep, many reps, so machine
+noise hits them alike; the per-buffer loops (up to seconds per call) run a few reps. The median
+time per call is printed (and the minimum, for statplug and the floor) with the number of
 collectives each made (counted by wrapping ``torch.distributed``'s collectives, which still run).
 
 Run: ``python benchmarks/sync.py [--quick] [--json PATH]``.
@@ -50,9 +54,11 @@ class _Counter:
             # through the module, so patching the module attribute is enough.
 
 
-def _time(fn: Any, reps: int) -> list[float]:
+def _time(fn: Any, reps: int, before: Any = None) -> list[float]:
     out = []
     for _ in range(reps):
+        if before is not None:
+            before()  # untimed set-up
         dist.barrier()
         t0 = time.perf_counter()
         fn()
@@ -85,16 +91,22 @@ def _worker(rank: int, world: int, port: int, quick: bool, out_path: str) -> Non
         def compute(self) -> torch.Tensor:
             return self.ss / self.n - (self.s / self.n) ** 2
 
-    reps = 3 if quick else 7
+    # statplug and the flat floor are cheap: many interleaved reps, so the medians are stable on
+    # a noisy 2-core machine. The per-buffer loops cost up to seconds: a few reps.
+    fast_reps = 40 if quick else 150
+    slow_reps = 2 if quick else 5
     results: dict[str, Any] = {}
     for k in KS:
+        torch.manual_seed(rank)
         x = torch.randn(32 + rank, SHAPE)
         stats = [RunningMoments(SHAPE) for _ in range(k)]
+        fed = [RunningMoments(SHAPE) for _ in range(k)]
         means = [torchmetrics.MeanMetric() for _ in range(k)]
         variances = [VarMetric() for _ in range(k)]
         buffers = []
-        for s, m, v in zip(stats, means, variances, strict=True):
+        for s, f, m, v in zip(stats, fed, means, variances, strict=True):
             s.update(x)
+            f.update(x)
             m.update(x)
             v.update(x)
             buffers += [s.count.clone().double(), s.mean.clone(), s.m2.clone()]
@@ -103,7 +115,16 @@ def _worker(rank: int, world: int, port: int, quick: bool, out_path: str) -> Non
             # After the first sync the local part is empty, but the sync does the same work.
             sync_stats(stats)
 
+        def feed() -> None:
+            for f in fed:
+                f.update(x)
+
+        def run_fed() -> None:
+            # A sync right after one more batch per stat: folds those updates' deferred work too.
+            sync_stats(fed)
+
         payload = sync_stats(stats).n_bytes // 8
+        sync_stats(fed)
         flat = torch.zeros(payload, dtype=torch.float64)
 
         def run_flat() -> None:
@@ -120,21 +141,30 @@ def _worker(rank: int, world: int, port: int, quick: bool, out_path: str) -> Non
             for b in buffers:
                 dist.all_reduce(b)
 
-        cands = {"statplug": run_statplug, "flat": run_flat, "naive": run_naive,
-                 "torchmetrics": run_torchmetrics}
+        cands = {"statplug": run_statplug, "flat": run_flat, "statplug_fed": run_fed,
+                 "naive": run_naive, "torchmetrics": run_torchmetrics}
+        setup = {"statplug_fed": feed}
         times: dict[str, list[float]] = {c: [] for c in cands}
         calls: dict[str, int] = {}
         for c, fn in cands.items():  # warm-up, and count collectives of one call
+            if c in setup:
+                setup[c]()
             fn()
+            if c in setup:
+                setup[c]()
             before = counter.calls
             fn()
             calls[c] = counter.calls - before
-        rounds = 1 if (k >= 64 and quick) else 2
-        for _ in range(rounds):
-            for c, fn in cands.items():
-                times[c] += _time(fn, reps if c != "torchmetrics" or k < 64 else max(2, reps // 3))
+        # Interleaved: one rep of each fast candidate in turn, so machine noise hits all alike.
+        for _ in range(fast_reps):
+            for c in ("statplug", "flat", "statplug_fed"):
+                times[c] += _time(cands[c], 1, setup.get(c))
+        for c in ("naive", "torchmetrics"):
+            times[c] += _time(cands[c], slow_reps if k >= 64 else 2 * slow_reps)
         results[str(k)] = {
-            c: {"ms": 1e3 * statistics.median(times[c]), "collectives": calls[c]} for c in cands
+            c: {"ms": 1e3 * statistics.median(times[c]), "min_ms": 1e3 * min(times[c]),
+                "collectives": calls[c], "reps": len(times[c])}
+            for c in cands
         }
         results[str(k)]["payload_bytes"] = payload * 8
     if rank == 0:
@@ -156,15 +186,22 @@ def main(argv: list[str] | None = None) -> int:
         mp.start_processes(_worker, args=(2, port, args.quick, out), nprocs=2, start_method="spawn")
         with open(out) as f:
             results = json.load(f)
-    print("sync of K RunningMoments(64) stats, 2 gloo ranks on CPU (median ms per sync)")
-    header = (f"{'K':>4} {'statplug':>9} {'flat':>7} {'naive':>8} {'torchmetrics':>13} "
-              f"{'vs flat':>8} {'tm/statplug':>12} {'naive/statplug':>15}  collectives s/n/tm")
+    print("sync of K RunningMoments(64) stats, 2 gloo ranks on CPU (median ms per sync; "
+          "min in brackets for statplug and the floor)")
+    header = (f"{'K':>4} {'statplug':>16} {'flat (floor)':>16} {'vs flat':>8} "
+              f"{'after update':>13} {'naive':>8} {'torchmetrics':>13} {'tm/statplug':>12}  "
+              "collectives s/n/tm")
     print(header)
     for k, r in results.items():
-        sp, fl, nv, tm = (r[c]["ms"] for c in ("statplug", "flat", "naive", "torchmetrics"))
+        sp, fl, fed, nv, tm = (
+            r[c]["ms"] for c in ("statplug", "flat", "statplug_fed", "naive", "torchmetrics")
+        )
+        sp_min, fl_min = r["statplug"]["min_ms"], r["flat"]["min_ms"]
         colls = "/".join(str(r[c]["collectives"]) for c in ("statplug", "naive", "torchmetrics"))
-        print(f"{k:>4} {sp:9.3f} {fl:7.3f} {nv:8.2f} {tm:13.2f} {sp / fl:8.2f} {tm / sp:12.1f} "
-              f"{nv / sp:15.1f}  {colls}")
+        print(f"{k:>4} {sp:7.3f} ({sp_min:6.3f}) {fl:7.3f} ({fl_min:6.3f}) {sp / fl:8.2f} "
+              f"{fed:13.3f} {nv:8.2f} {tm:13.2f} {tm / sp:12.1f}  {colls}")
+    print("vs flat: median / median. after update: statplug right after one more batch per stat "
+          "(the sync also folds that batch's deferred update work).")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -14,6 +14,7 @@ import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,8 @@ def find_stats(module_or_stats: nn.Module | Iterable[Stat]) -> list[Stat]:
         # One walk both names the stats for messages and finds them.
         return [m for m in name_modules(module_or_stats) if isinstance(m, Stat)]
     stats = list(module_or_stats)
+    if all(map(isinstance, stats, repeat(Stat))):  # C-level check of every item
+        return stats
     for s in stats:
         if not isinstance(s, Stat):
             raise TypeError(
@@ -85,17 +88,49 @@ def _device_of(stats: list[Stat]) -> torch.device:
     return devices.pop()
 
 
-def _check_layout(plan: _Plan, group: dist.ProcessGroup | None) -> None:
-    layout, fp = plan.layout, plan.fingerprint
-    t = torch.tensor([fp, -fp], dtype=torch.int64, device=plan.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    if int(t[0]) == -int(t[1]):  # max == min: every rank holds the same layout
-        return
+class _LayoutCheck:
+    """The fixed-size exchange that goes first: the layout fingerprint, and one checksum of the
+    state the stat classes assume agreed (see ``Stat._sync_checksum``), as MAX of ``[v, -v]``
+    (equal on every rank iff max == min). Started at once, so local work that needs no other
+    rank runs while it travels; :meth:`wait` raises on a layout mismatch and says whether the
+    checksums agree."""
+
+    def __init__(self, plan: _Plan, group: dist.ProcessGroup | None) -> None:
+        self.plan, self.group = plan, group
+        sums = [
+            c
+            for (cls, _), b in zip(plan.groups, plan.batches, strict=True)
+            if (c := cls._sync_checksum(b)) is not None
+        ]
+        fp = torch.tensor([plan.fingerprint], dtype=torch.int64, device=plan.device)
+        # float64 bits compared as int64; + 0.0 turns -0.0 (whose bits are int64's minimum,
+        # which has no negation) into +0.0.
+        check = (
+            torch.stack(sums).sum()
+            if sums
+            else torch.zeros((), dtype=torch.float64, device=plan.device)
+        ) + 0.0
+        v = torch.cat([fp, check.reshape(1).view(torch.int64)])
+        self.t = torch.cat([v, -v])
+        self.work = dist.all_reduce(self.t, op=dist.ReduceOp.MAX, group=group, async_op=True)
+
+    def wait(self) -> bool:
+        """Raise :class:`StatLayoutError` if the layouts differ; return whether the checksums
+        of agreed state are equal on every rank."""
+        self.work.wait()
+        fp_hi, check_hi, fp_neg_lo, check_neg_lo = self.t.tolist()
+        if fp_hi != -fp_neg_lo:  # max != min: some rank holds another layout
+            _raise_layout_error(self.plan.layout, self.group)
+        return bool(check_hi == -check_neg_lo)
+
+
+def _raise_layout_error(layout: list[str], group: dist.ProcessGroup | None) -> None:
     # Error path only: gather every rank's layout to name the first differing stat.
     world = dist.get_world_size(group)
     layouts: list[list[str] | None] = [None] * world
     dist.all_gather_object(layouts, layout, group=group)
     lists = [lst or [] for lst in layouts]
+
     def at(lst: list[str], i: int) -> str | None:
         return lst[i] if i < len(lst) else None
 
@@ -118,10 +153,11 @@ class _Plan:
         self.layout = [_describe(s) for s in stats]
         self.fingerprint = _fingerprint(self.layout)
         self.device = _device_of(stats)
-        groups: dict[type[Stat], list[Stat]] = {}
+        # One batch per class and accumulator dtype: a batch's arenas hold one dtype.
+        groups: dict[tuple[type[Stat], torch.dtype], list[Stat]] = {}
         for s in stats:
-            groups.setdefault(type(s), []).append(s)
-        self.groups = list(groups.items())
+            groups.setdefault((type(s), s.accumulator_dtype), []).append(s)
+        self.groups = [(cls, group) for (cls, _), group in groups.items()]
         self.batches = [SyncBatch(group) for _, group in self.groups]
 
     def refresh(self) -> None:
@@ -146,9 +182,9 @@ def _plan_for(stats: list[Stat]) -> _Plan:
     return hit[1]
 
 
-def _checked_plan(stats: list[Stat], group: dist.ProcessGroup | None) -> _Plan | None:
-    """The plan for syncing ``stats`` after the layout check (one collective), or None when
-    there is no one to sync with (no stats, no process group, or a group of one)."""
+def _plan_if_distributed(stats: list[Stat], group: dist.ProcessGroup | None) -> _Plan | None:
+    """The plan for syncing ``stats``, or None when there is no one to sync with (no stats, no
+    process group, or a group of one)."""
     if (
         not stats
         or not dist.is_available()
@@ -158,12 +194,13 @@ def _checked_plan(stats: list[Stat], group: dist.ProcessGroup | None) -> _Plan |
         return None
     plan = _plan_for(stats)
     plan.refresh()
-    _check_layout(plan, group)
     return plan
 
 
 def _coalesced_all_reduce(
-    segments: list[list[Tensor]], op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None,
+    segments: list[list[Tensor]],
+    op: dist.ReduceOp.RedOpType,
+    group: dist.ProcessGroup | None,
     device: torch.device,
 ) -> tuple[list[list[Tensor]], int, dist.Work | None]:
     """Start one all-reduce over every segment; returns (segments, bytes, work) -- views."""
@@ -205,19 +242,30 @@ def sync_stats(
     """
     start = time.perf_counter()
     stats = find_stats(module_or_stats)
-    plan = _checked_plan(stats, group)
+    plan = _plan_if_distributed(stats, group)
     if plan is None:
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
     device = plan.device
-    n_coll, n_bytes = 1, 16
+    n_coll, n_bytes = 1, 32
 
     with torch.no_grad():
         batches = plan.batches
+        for b in batches:
+            b.agreed = True  # optimistic: phase 1 is made while the checksums travel
+        check = _LayoutCheck(plan, group)
+        # Phase-1 segments are local work: made while the fingerprints travel. (Only flushing
+        # deferred updates touches a stat, which changes no value.)
         phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(plan.groups, batches, strict=True)]
-        sums1, b1, w1 = _coalesced_all_reduce([p[0] for p in phase1], dist.ReduceOp.SUM, group,
-                                              device)
-        maxes, b2, w2 = _coalesced_all_reduce([p[1] for p in phase1], dist.ReduceOp.MAX, group,
-                                              device)
+        if not check.wait():  # before any collective whose size depends on the layout
+            for b in batches:
+                b.agreed = False
+            phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(plan.groups, batches, strict=True)]
+        sums1, b1, w1 = _coalesced_all_reduce(
+            [p[0] for p in phase1], dist.ReduceOp.SUM, group, device
+        )
+        maxes, b2, w2 = _coalesced_all_reduce(
+            [p[1] for p in phase1], dist.ReduceOp.MAX, group, device
+        )
         for w in (w1, w2):
             if w is not None:
                 w.wait()
@@ -264,11 +312,12 @@ def broadcast_stats(
     with torch.no_grad():
         for stat in stats:
             stat.settle_()
-    plan = _checked_plan(stats, group)
+    plan = _plan_if_distributed(stats, group)
     if plan is None:
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
+    _LayoutCheck(plan, group).wait()  # checksums are not needed: the state is replaced
     global_src = src if group is None else dist.get_global_rank(group, src)
-    n_coll, n_bytes = 1, 16
+    n_coll, n_bytes = 1, 32
     with torch.no_grad():
         for batch in plan.batches:
             for name in batch.stats[0].state_names:

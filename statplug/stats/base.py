@@ -14,6 +14,7 @@ ranks counts once.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
+from statplug.errors import StatplugError
 
 __all__ = ["NanPolicy", "Stat", "SyncBatch"]
 
@@ -28,7 +30,6 @@ NanPolicy = Literal["raise", "skip", "propagate"]
 _NAN_POLICIES = ("raise", "skip", "propagate")
 _REDUCES = ("sum", "min", "max", "custom")
 _ACCUMULATOR_DTYPES = (torch.float32, torch.float64)
-
 
 
 def _as_shape(shape: int | Sequence[int], owner: str) -> tuple[int, ...]:
@@ -341,8 +342,20 @@ class Stat(PinnedDtypeModule):
         return sums, maxes
 
     @classmethod
+    def _sync_checksum(cls, batch: SyncBatch) -> Tensor | None:
+        """A float64 scalar summarising state the hooks assume every rank agrees on, or None.
+
+        Exchanged with the layout fingerprint before phase 1; when ranks differ,
+        ``batch.agreed`` is False for the sync and the hooks must not rely on that state.
+        """
+        return None
+
+    @classmethod
     def _sync_phase2(cls, batch: SyncBatch, sums1: list[Tensor]) -> list[Tensor]:
-        """Segments for the second SUM all-reduce, given the reduced phase-1 segments."""
+        """Segments for the second SUM all-reduce, given the reduced phase-1 segments.
+
+        May be empty (no second collective when every class returns none); the choice must
+        follow from ``sums1`` alone, which is the same on every rank."""
         return []
 
     @classmethod
@@ -371,6 +384,10 @@ class Stat(PinnedDtypeModule):
         return extra
 
 
+_BUFFERS = operator.attrgetter("_buffers")
+_COUNT = operator.itemgetter("count")
+
+
 class SyncBatch:
     """The stats of one class taking part in syncs, their state held in flat arenas.
 
@@ -380,6 +397,10 @@ class SyncBatch:
     number of stats: a sync does no per-stat tensor work. The stats keep working on their views
     in place as before. Anything that rebinds a stat's buffers (``.to()``, ``.half()``) makes
     the batch :meth:`stale`; the sync engine then builds a new one.
+
+    Element layout: when every stat has the same number of features ``F`` (the usual case),
+    :meth:`gather` gives ``[K, F]`` and :meth:`per_element` a ``[K, 1]`` view that broadcasts
+    against it, so no per-element copy of per-stat values is made; otherwise both are flat.
     """
 
     def __init__(self, stats: Sequence[Stat]) -> None:
@@ -388,17 +409,27 @@ class SyncBatch:
         self.device = self.stats[0]._buffers["count"].device  # type: ignore[union-attr]
         self._arenas: dict[str, Tensor] = {}
         self._counts: list[Tensor | None] = [s._buffers["count"] for s in self.stats]
-        self._repeats: Tensor | None = None
+        self.uniform = len(set(self.sizes)) == 1
+        self._index: Tensor | None = None  # stat index of each element (non-uniform layout)
+        self.scratch: dict[str, Tensor] = {}  # values a class's hooks pass between phases
+        # Set by the engine for each sync: do all ranks hold the same agreed (base) state, as
+        # the classes' checksums say? Hooks may then centre data on it (see _sync_checksum).
+        self.agreed = True
+        self.cache: dict[str, Any] = {}  # what a class's hooks keep between syncs
+        self._probes: dict[int, Tensor] = {}
 
     def stale(self) -> bool:
         """Were any of the stats' buffers rebound (moved, converted) since the arenas were made?"""
-        pairs = zip(self.stats, self._counts, strict=True)
-        return any(s._buffers["count"] is not c for s, c in pairs)
+        # C-level iteration: a sync checks this for every stat, every time.
+        current = map(_COUNT, map(_BUFFERS, self.stats))
+        return any(map(operator.is_not, current, self._counts))
 
     def _arena(self, name: str) -> Tensor:
         arena = self._arenas.get(name)
         if arena is None:
             bufs: list[Tensor] = [s._buffers[name] for s in self.stats]  # type: ignore[misc]
+            if len({b.dtype for b in bufs}) > 1:  # the engine batches by accumulator dtype
+                raise StatplugError(f"internal: stats of mixed dtypes share the arena {name!r}")
             if bufs[0].dim() == 0:
                 arena = torch.stack(bufs)
                 views = list(arena.unbind())
@@ -416,22 +447,36 @@ class SyncBatch:
         return arena
 
     def gather(self, name: str) -> Tensor:
-        """Every stat's buffer ``name``, flattened and concatenated (live: not a copy)."""
-        return self._arena(name)
+        """Every stat's buffer ``name`` in the element layout (live: a view, not a copy)."""
+        arena = self._arena(name)
+        return arena.view(len(self.stats), -1) if self.uniform else arena
 
     def stack(self, name: str) -> Tensor:
         """Every stat's 0-dim buffer ``name`` as one ``[K]`` tensor (live: not a copy)."""
         return self._arena(name)
 
     def per_element(self, per_stat: Tensor) -> Tensor:
-        """Repeat a ``[K]`` tensor so it lines up with :meth:`gather`'s flat layout."""
-        if self._repeats is None:
-            self._repeats = torch.tensor(self.sizes, device=self.device)
-        return per_stat.repeat_interleave(self._repeats, output_size=sum(self.sizes))
+        """A ``[K]`` tensor lined up with :meth:`gather`'s layout (a view when uniform)."""
+        if self.uniform:
+            return per_stat.unsqueeze(1)
+        if self._index is None:
+            sizes = torch.tensor(self.sizes, device=self.device)
+            self._index = torch.arange(len(self.sizes), device=self.device).repeat_interleave(
+                sizes, output_size=sum(self.sizes)
+            )
+        return per_stat.index_select(0, self._index)
 
-    def scatter(self, name: str, flat: Tensor) -> None:
-        """Write ``flat`` (the :meth:`gather` or :meth:`stack` layout) into every stat's buffer."""
-        self._arena(name).copy_(flat)
+    def scatter(self, name: str, value: Tensor) -> None:
+        """Write ``value`` (the :meth:`gather` or :meth:`stack` layout) into every stat's buffer."""
+        self._arena(name).view(value.shape).copy_(value)
+
+    def probe(self, n: int) -> Tensor:
+        """Fixed float64 weights of length ``n`` (the same on every rank) for checksums."""
+        w = self._probes.get(n)
+        if w is None:
+            w = torch.linspace(1.0, 2.0, n, dtype=torch.float64, device=self.device)
+            self._probes[n] = w
+        return w
 
     def zero(self, name: str) -> None:
         self._arena(name).zero_()

@@ -194,27 +194,37 @@ class _CountingCollectives:
 
 
 def _count_body(rank: int, world: int) -> dict:
+    torch.manual_seed(rank)
     out = {}
     kinds = {"moments": (RunningMoments,), "mixed": (RunningMoments, RunningMinMax, EMAMoments)}
     for kind, classes in kinds.items():
         for k in (1 if kind == "moments" else 3, 200):
             stats = [classes[i % len(classes)](4) for i in range(k)]
-            for s in stats:
-                s.update(torch.randn(3 + rank, 4))
-            with _CountingCollectives() as counter:
-                report = sync_stats(stats)
-            out[kind, k] = (counter.calls, report.n_collectives, report.n_bytes)
+            # Data far from 0 against its spread: the first sync needs the second phase; the
+            # next, centred on the agreed mean, does not.
+            for sync in ("first", "next"):
+                for s in stats:
+                    s.update(torch.randn(3 + rank, 4) + 100.0)
+                with _CountingCollectives() as counter:
+                    report = sync_stats(stats)
+                out[kind, k, sync] = (counter.calls, report.n_collectives, report.n_bytes)
     return out
 
 
 def test_collective_count_is_constant_in_the_number_of_stats():
     for res in run_distributed(_count_body, 2):
         for kind, few in (("moments", 1), ("mixed", 3)):
-            calls_few, reported_few, bytes_few = res[kind, few]
-            calls_200, reported_200, bytes_200 = res[kind, 200]
-            assert calls_few == calls_200 == reported_few == reported_200, kind
-            assert calls_200 <= 4
-            assert bytes_200 > bytes_few
+            for sync in ("first", "next"):
+                calls_few, reported_few, bytes_few = res[kind, few, sync]
+                calls_200, reported_200, bytes_200 = res[kind, 200, sync]
+                assert calls_few == calls_200 == reported_few == reported_200, (kind, sync)
+                assert calls_200 <= 4
+                assert bytes_200 > bytes_few
+        # fingerprint + one SUM (+ the second phase on the first sync of far-off data)
+        assert res["moments", 200, "first"][0] == 3
+        assert res["moments", 200, "next"][0] == 2
+        # + a MAX for min/max; EMAMoments always takes the second phase
+        assert res["mixed", 200, "next"][0] == 4
 
 
 def _mismatch_body(rank: int, world: int) -> str:
@@ -350,3 +360,81 @@ def test_broadcast_stats_makes_rank_0_state_the_agreed_base():
         np.testing.assert_allclose(s["moments64.mean"].numpy(), data.mean(0), rtol=1e-12)
         np.testing.assert_allclose((s["moments64.m2"] / len(data)).numpy(), data.var(0), rtol=1e-9)
         np.testing.assert_array_equal(s["minmax.max"].numpy(), data.max(0).astype(np.float32))
+
+
+def _mixed_dtype_body(rank: int, world: int, which: str) -> dict:
+    torch.manual_seed(rank)
+    x = torch.randn(20 + 7 * rank, 4, dtype=torch.float64) + 3 * rank
+    stats = nn.ModuleDict()
+    for dtype in (torch.float32, torch.float64):
+        key = str(dtype).split(".")[-1]
+        if which in ("both", key):
+            stats[f"ema_{key}"] = EMAMoments(4, momentum=0.3, accumulator_dtype=dtype)
+            stats[f"mom_{key}"] = RunningMoments(4, accumulator_dtype=dtype)
+    for stat in stats.values():
+        stat.update(x)
+    sync_stats(stats)
+    return {k: v.clone() for k, v in stats.state_dict().items()}
+
+
+def test_stats_of_one_class_with_different_accumulator_dtypes_sync_as_if_alone():
+    both = run_distributed(_mixed_dtype_body, 2, "both")
+    alone = {
+        **run_distributed(_mixed_dtype_body, 2, "float32")[0],
+        **run_distributed(_mixed_dtype_body, 2, "float64")[0],
+    }
+    for state in both:
+        assert state.keys() == alone.keys()
+        for key, value in alone.items():
+            assert state[key].dtype == value.dtype, key
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+
+def _centred_body(rank: int, world: int, diverge: bool) -> dict:
+    """Three rounds of update + sync of data far from 0 (mean 1e4) drifting between rounds; with
+    ``diverge`` rank 1's agreed state is tampered with first (its checksum then differs)."""
+    model = nn.Module()
+    model.m = RunningMoments(3, accumulator_dtype=torch.float64)
+    reports = []
+    for round_ in range(3):
+        if diverge and round_ == 1 and rank == 1:
+            model.m._mean_base.add_(1.0)  # as if this rank alone had loaded another checkpoint
+        model.m.update(torch.from_numpy(_drift_data(rank, round_)))
+        with _CountingCollectives() as counter:
+            sync_stats(model)
+        reports.append(counter.calls)
+    return {"mean": model.m.mean.clone(), "m2": model.m.m2.clone(), "calls": reports,
+            "count": model.m.count.item()}
+
+
+def _drift_data(rank: int, round_: int) -> np.ndarray:
+    rng = np.random.default_rng(10 * round_ + rank)
+    return rng.normal(1e4 + 0.3 * round_, 1.0 + rank, size=(50 + 40 * rank, 3))
+
+
+def test_syncs_centred_on_the_agreed_mean_match_float64_in_fewer_collectives():
+    results = run_distributed(_centred_body, 2, False)
+    data = np.concatenate([_drift_data(r, k) for k in range(3) for r in range(2)])
+    for res in results:
+        assert res["count"] == len(data)
+        np.testing.assert_allclose(res["mean"].numpy(), data.mean(0), rtol=1e-13)
+        np.testing.assert_allclose(res["m2"].numpy() / len(data), data.var(0), rtol=1e-11)
+        # First sync: far from the empty base, so Chan's second phase; then one data collective.
+        assert res["calls"] == [3, 2, 2]
+
+
+def test_ranks_disagreeing_on_the_agreed_state_fall_back_to_uncentred_sums():
+    results = run_distributed(_centred_body, 2, True)
+    data = [[_drift_data(r, k) for r in range(2)] for k in range(3)]
+    new_after_tamper = np.concatenate(data[1] + data[2])
+    for rank, res in enumerate(results):
+        # Round 1 sees different checksums: the new data must still merge exactly (Chan's two
+        # phases around 0 and the global mean); the tampered base stays as it was on each rank.
+        assert res["calls"][1] == 3
+        first = np.concatenate(data[0])
+        n0, n1 = len(first), len(new_after_tamper)
+        base_mean = first.mean(0) + (1.0 if rank == 1 else 0.0)
+        expect = (n0 * base_mean + n1 * new_after_tamper.mean(0)) / (n0 + n1)
+        np.testing.assert_allclose(res["mean"].numpy(), expect, rtol=1e-13)
+    # The two ranks still differ (their bases did); the data added was merged on both.
+    assert not torch.equal(results[0]["mean"], results[1]["mean"])
