@@ -248,17 +248,29 @@ class RunningMoments(Stat):
         host = self._host
         used = host.ring_used
         if used:
+            # Buffers never require grad: in-place updates record nothing, so no no_grad needed.
             b = cast(dict[str, Tensor], self._buffers)
-            with torch.no_grad():
+            rows = host.ring_rows
+            s1, s2 = b["_s1"], b["_s2"]
+            if used == 1 and host.slots_of is not None and host.slots_of[0] is b["_ring_mean"]:
+                # One batch (a read after every update, a sync right after one): 4-5 tiny ops.
+                mean_row, var_row = host.slots[0]
+                if not host.shift_set:
+                    self._set_shift(mean_row)
+                d = torch.sub(mean_row, b["_shift"])  # float64
+                s1.add_(d, alpha=rows)
+                s2.addcmul_(d, d, value=rows)
+                if rows > 1:  # sum of squared deviations within the batch
+                    s2.add_(var_row, alpha=rows - 1)
+            else:
                 means = b["_ring_mean"][:used]
                 if not host.shift_set:
                     self._set_shift(means[0])
-                rows = host.ring_rows
-                d = means.to(_F64) - b["_shift"]
-                b["_s1"].add_(d.sum(0), alpha=rows)
-                b["_s2"].add_(d.square().sum(0), alpha=rows)
-                if rows > 1:  # sum of squared deviations within each batch
-                    b["_s2"].add_(b["_ring_var"][:used].sum(0, dtype=_F64), alpha=rows - 1)
+                d = torch.sub(means, b["_shift"])  # float64
+                s1.add_(d.sum(0), alpha=rows)
+                s2.add_(torch.linalg.vecdot(d, d, dim=0), alpha=rows)
+                if rows > 1:  # sums of squared deviations within each batch
+                    s2.add_(b["_ring_var"][:used].sum(0, dtype=_F64), alpha=rows - 1)
             host.ring_used = 0
         if host.pending_n:
             self._buffers["count"].add_(self._host.pending_n)  # type: ignore[union-attr]
