@@ -1,11 +1,13 @@
 """Coalesced, exact, idempotent merging of stats across ranks: :func:`sync_stats`.
 
 Every stat contributes float64 tensors to at most three coalesced collectives (see
-:class:`statplug.stats.Stat`): a SUM of counts and count-weighted sums, a MAX (minima travel
-negated), and a second SUM of squared deviations around the global means (Chan's two-phase merge).
-A fixed-size layout fingerprint goes first, so ranks holding different stats fail with
-:class:`~statplug.errors.StatLayoutError` instead of hanging on mismatched buffer sizes. At most 4
-collective calls per sync, whatever the number of stats; the volume is the payload itself.
+:class:`statplug.stats.Stat`): a SUM of counts and sums around a shared centre, a MAX (minima
+travel negated), and -- only when a one-phase merge would lose more than 10 bits -- a second SUM of
+squared deviations around the global means (Chan's two-phase merge). A fixed-size layout
+fingerprint goes first (it travels while the first payload is being made), so ranks holding
+different stats fail with :class:`~statplug.errors.StatLayoutError` instead of hanging on
+mismatched buffer sizes. At most 4 collective calls per sync, whatever the number of stats; the
+volume is the payload itself.
 """
 
 from __future__ import annotations
@@ -219,11 +221,11 @@ def sync_stats(
 ) -> SyncReport:
     """Merge every stat across the ranks of ``group``; afterwards each rank holds the global stats.
 
-    Exact (Chan's two-phase merge for moments, MIN/MAX for extrema, count sums), idempotent (only
-    data added since the previous sync or load travels, so syncing twice changes nothing and a
-    checkpoint loaded on N ranks counts once), and coalesced (at most 4 collectives for any
-    number of stats). A no-op returning ``n_collectives == 0`` when ``torch.distributed`` is not
-    initialised or the group has one rank.
+    Exact (Chan's merge for moments, in one or two phases, MIN/MAX for extrema, count sums),
+    idempotent (only data added since the previous sync or load travels, so syncing twice changes
+    nothing and a checkpoint loaded on N ranks counts once), and coalesced (at most 4 collectives
+    for any number of stats). A no-op returning ``n_collectives == 0`` when ``torch.distributed``
+    is not initialised or the group has one rank.
 
     Args:
         module_or_stats: a module (every :class:`Stat` inside is found) or an iterable of stats.
