@@ -199,21 +199,25 @@ def _plan_if_distributed(stats: list[Stat], group: dist.ProcessGroup | None) -> 
     return plan
 
 
-def _coalesced_all_reduce(
-    segments: list[list[Tensor]],
-    op: dist.ReduceOp.RedOpType,
-    group: dist.ProcessGroup | None,
-    device: torch.device,
-) -> tuple[list[list[Tensor]], int, dist.Work | None]:
-    """Start one all-reduce over every segment; returns (segments, bytes, work) -- views."""
-    flat_parts = [t.reshape(-1) for parts in segments for t in parts]
-    if not flat_parts:
-        return [[] for _ in segments], 0, None
-    flat = torch.cat(flat_parts).to(device, torch.float64)
-    work = dist.all_reduce(flat, op=op, group=group, async_op=True)
-    pieces = iter(flat.split([t.numel() for t in flat_parts]))
-    out = [[next(pieces).view(t.shape) for t in parts] for parts in segments]
-    return out, flat.numel() * 8, work
+class _Packed:
+    """Segments packed into one flat float64 tensor, ready for one all-reduce."""
+
+    def __init__(self, segments: list[list[Tensor]], device: torch.device) -> None:
+        flat_parts = [t.reshape(-1) for parts in segments for t in parts]
+        self.segments = segments
+        self.flat = torch.cat(flat_parts).to(device, torch.float64) if flat_parts else None
+        self.sizes = [t.numel() for t in flat_parts]
+        self.n_bytes = 0 if self.flat is None else self.flat.numel() * 8
+
+    def all_reduce(
+        self, op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None
+    ) -> tuple[list[list[Tensor]], dist.Work | None]:
+        """Start the all-reduce; returns the segments as views of the result, and the work."""
+        if self.flat is None:
+            return [[] for _ in self.segments], None
+        work = dist.all_reduce(self.flat, op=op, group=group, async_op=True)
+        pieces = iter(self.flat.split(self.sizes))
+        return [[next(pieces).view(t.shape) for t in parts] for parts in self.segments], work
 
 
 def sync_stats(
@@ -255,32 +259,35 @@ def sync_stats(
         for b in batches:
             b.agreed = True  # optimistic: phase 1 is made while the checksums travel
         check = _LayoutCheck(plan, group)
-        # Phase-1 segments are local work: made while the fingerprints travel. (Only flushing
-        # deferred updates touches a stat, which changes no value.)
-        phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(plan.groups, batches, strict=True)]
+        # Phase-1 segments are local work: made and packed while the fingerprints travel. (Only
+        # flushing deferred updates touches a stat, which changes no value.)
+        groups = plan.groups
+        phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(groups, batches, strict=True)]
+        packed = (_Packed([p[0] for p in phase1], device), _Packed([p[1] for p in phase1], device))
         if not check.wait():  # before any collective whose size depends on the layout
             for b in batches:
                 b.agreed = False
-            phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(plan.groups, batches, strict=True)]
-        sums1, b1, w1 = _coalesced_all_reduce(
-            [p[0] for p in phase1], dist.ReduceOp.SUM, group, device
-        )
-        maxes, b2, w2 = _coalesced_all_reduce(
-            [p[1] for p in phase1], dist.ReduceOp.MAX, group, device
-        )
+            phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(groups, batches, strict=True)]
+            packed = (
+                _Packed([p[0] for p in phase1], device),
+                _Packed([p[1] for p in phase1], device),
+            )
+        sums1, w1 = packed[0].all_reduce(dist.ReduceOp.SUM, group)
+        maxes, w2 = packed[1].all_reduce(dist.ReduceOp.MAX, group)
         for w in (w1, w2):
             if w is not None:
                 w.wait()
                 n_coll += 1
         phase2 = [
-            cls._sync_phase2(b, s1)
-            for (cls, _), b, s1 in zip(plan.groups, batches, sums1, strict=True)
+            cls._sync_phase2(b, s1) for (cls, _), b, s1 in zip(groups, batches, sums1, strict=True)
         ]
-        sums2, b3, w3 = _coalesced_all_reduce(phase2, dist.ReduceOp.SUM, group, device)
+        packed2 = _Packed(phase2, device)
+        sums2, w3 = packed2.all_reduce(dist.ReduceOp.SUM, group)
         if w3 is not None:
             w3.wait()
             n_coll += 1
-        for (cls, _), b, s1, mx, s2 in zip(plan.groups, batches, sums1, maxes, sums2, strict=True):
+        b1, b2, b3 = packed[0].n_bytes, packed[1].n_bytes, packed2.n_bytes
+        for (cls, _), b, s1, mx, s2 in zip(groups, batches, sums1, maxes, sums2, strict=True):
             cls._sync_apply(b, s1, mx, s2)
     return SyncReport(len(stats), n_coll, n_bytes + b1 + b2 + b3, time.perf_counter() - start)
 
