@@ -75,9 +75,11 @@ def _describe(stat: Stat) -> str:
     return f"{where}{type(stat).__name__}(shape={stat.shape}) [{states}]"
 
 
-def _fingerprint(layout: list[str]) -> int:
+def _fingerprint(layout: list[str]) -> tuple[float, float]:
+    """A 62-bit hash of the layout as two float64-exact halves."""
     digest = hashlib.blake2b("\n".join(layout).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True) >> 1  # room to negate safely
+    h = int.from_bytes(digest, "little") >> 2
+    return float(h >> 31), float(h & (2**31 - 1))
 
 
 def _device_of(stats: list[Stat]) -> torch.device:
@@ -92,10 +94,10 @@ def _device_of(stats: list[Stat]) -> torch.device:
 
 class _LayoutCheck:
     """The fixed-size exchange that goes first: the layout fingerprint, and one checksum of the
-    state the stat classes assume agreed (see ``Stat._sync_checksum``), as MAX of ``[v, -v]``
-    (equal on every rank iff max == min). Started at once, so local work that needs no other
-    rank runs while it travels; :meth:`wait` raises on a layout mismatch and says whether the
-    checksums agree."""
+    state the stat classes assume agreed (see ``Stat._sync_checksum``), as a float64 MAX of
+    ``[v, -v]`` (equal on every rank iff max == -max(-v)). Started at once, so local work that
+    needs no other rank runs while it travels; :meth:`wait` raises on a layout mismatch and says
+    whether the checksums agree (NaN never does)."""
 
     def __init__(self, plan: _Plan, group: dist.ProcessGroup | None) -> None:
         self.plan, self.group = plan, group
@@ -104,15 +106,8 @@ class _LayoutCheck:
             for (cls, _), b in zip(plan.groups, plan.batches, strict=True)
             if (c := cls._sync_checksum(b)) is not None
         ]
-        fp = torch.tensor([plan.fingerprint], dtype=torch.int64, device=plan.device)
-        # float64 bits compared as int64; + 0.0 turns -0.0 (whose bits are int64's minimum,
-        # which has no negation) into +0.0.
-        check = (
-            torch.stack(sums).sum()
-            if sums
-            else torch.zeros((), dtype=torch.float64, device=plan.device)
-        ) + 0.0
-        v = torch.cat([fp, check.reshape(1).view(torch.int64)])
+        check = sums[0] if len(sums) == 1 else torch.stack(sums).sum() if sums else plan.zero
+        v = torch.cat([plan.fingerprint_t, check.reshape(1)])
         self.t = torch.cat([v, -v])
         self.work = dist.all_reduce(self.t, op=dist.ReduceOp.MAX, group=group, async_op=True)
 
@@ -120,10 +115,10 @@ class _LayoutCheck:
         """Raise :class:`StatLayoutError` if the layouts differ; return whether the checksums
         of agreed state are equal on every rank."""
         self.work.wait()
-        fp_hi, check_hi, fp_neg_lo, check_neg_lo = self.t.tolist()
-        if fp_hi != -fp_neg_lo:  # max != min: some rank holds another layout
+        hi, lo, check, neg_hi, neg_lo, neg_check = self.t.tolist()
+        if hi != -neg_hi or lo != -neg_lo:  # max != min: some rank holds another layout
             _raise_layout_error(self.plan.layout, self.group)
-        return bool(check_hi == -check_neg_lo)
+        return bool(check == -neg_check)
 
 
 def _raise_layout_error(layout: list[str], group: dist.ProcessGroup | None) -> None:
@@ -154,7 +149,7 @@ class _Plan:
     def __init__(self, stats: list[Stat]) -> None:
         self.layout = [_describe(s) for s in stats]
         self.fingerprint = _fingerprint(self.layout)
-        self.device = _device_of(stats)
+        self._set_device(_device_of(stats))
         # One batch per class and accumulator dtype: a batch's arenas hold one dtype.
         groups: dict[tuple[type[Stat], torch.dtype], list[Stat]] = {}
         for s in stats:
@@ -162,10 +157,15 @@ class _Plan:
         self.groups = [(cls, group) for (cls, _), group in groups.items()]
         self.batches = [SyncBatch(group) for _, group in self.groups]
 
+    def _set_device(self, device: torch.device) -> None:
+        self.device = device
+        self.fingerprint_t = torch.tensor(self.fingerprint, dtype=torch.float64, device=device)
+        self.zero = torch.zeros((), dtype=torch.float64, device=device)
+
     def refresh(self) -> None:
         """Rebuild the arenas of stats that were moved or converted since the last sync."""
         if any(b.stale() for b in self.batches):
-            self.device = _device_of([s for b in self.batches for s in b.stats])
+            self._set_device(_device_of([s for b in self.batches for s in b.stats]))
             self.batches = [SyncBatch(group) for _, group in self.groups]
 
 
@@ -252,7 +252,7 @@ def sync_stats(
     if plan is None:
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
     device = plan.device
-    n_coll, n_bytes = 1, 32
+    n_coll, n_bytes = 1, 48
 
     with torch.no_grad():
         batches = plan.batches
@@ -326,7 +326,7 @@ def broadcast_stats(
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
     _LayoutCheck(plan, group).wait()  # checksums are not needed: the state is replaced
     global_src = src if group is None else dist.get_global_rank(group, src)
-    n_coll, n_bytes = 1, 32
+    n_coll, n_bytes = 1, 48
     with torch.no_grad():
         for batch in plan.batches:
             for name in batch.stats[0].state_names:

@@ -366,10 +366,10 @@ class Stat(PinnedDtypeModule):
         proto = batch.stats[0]
         names = proto._sum_states()
         for name, total in zip(names, sums1[: len(names)], strict=True):
-            # Counts travel as float64, exact below 2**53.
-            value = batch.stack(f"_base_{name}") + total.round().to(torch.int64)
-            batch.scatter(name, value)
-            batch.scatter(f"_base_{name}", value)
+            # Counts travel as float64: sums of integers, exact below 2**53.
+            base = batch.stack(f"_base_{name}")
+            base.add_(total.to(torch.int64))
+            batch.scatter(name, base)
         extrema = [(n, r) for n, r in proto._reduces.items() if r in ("min", "max")]
         for (name, r), flat in zip(extrema, maxes, strict=True):
             batch.scatter(name, flat if r == "max" else -flat)
