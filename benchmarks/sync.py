@@ -9,10 +9,11 @@ Two gloo ranks on CPU (real processes). For K = 1, 16, 64, 256 stats of shape (6
   which is also wrong for uneven counts);
 - ``statplug`` after update: the same sync right after one more batch of 32 rows per stat, so it
   also folds each stat's deferred small-batch work (set-up untimed).
-statplug, the floor and the after-update sync are interleaved rep by rep, many reps, so machine
-noise hits them alike; the per-buffer loops (up to seconds per call) run a few reps. The median
-time per call is printed (and the minimum, for statplug and the floor) with the number of
-collectives each made (counted by wrapping ``torch.distributed``'s collectives, which still run).
+statplug, the floor and the after-update sync run in interleaved blocks (a block of reps of each
+in turn, several rounds), so each is timed in its steady state and machine noise hits them
+alike; the per-buffer loops (up to seconds per call) run a few reps. The median time per call is
+printed (and the minimum, for statplug and the floor) with the number of collectives each made
+(counted by wrapping ``torch.distributed``'s collectives, which still run).
 
 Run: ``python benchmarks/sync.py [--quick] [--json PATH]``.
 """
@@ -155,10 +156,12 @@ def _worker(rank: int, world: int, port: int, quick: bool, out_path: str) -> Non
             before = counter.calls
             fn()
             calls[c] = counter.calls - before
-        # Interleaved: one rep of each fast candidate in turn, so machine noise hits all alike.
-        for _ in range(fast_reps):
+        # Interleaved blocks: each fast candidate runs a block of reps in turn, for several
+        # rounds, so each is timed in its steady state and machine noise hits all alike.
+        rounds = 4 if quick else 6
+        for _ in range(rounds):
             for c in ("statplug", "flat", "statplug_fed"):
-                times[c] += _time(cands[c], 1, setup.get(c))
+                times[c] += _time(cands[c], fast_reps // rounds, setup.get(c))
         for c in ("naive", "torchmetrics"):
             times[c] += _time(cands[c], slow_reps if k >= 64 else 2 * slow_reps)
         results[str(k)] = {
@@ -200,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         colls = "/".join(str(r[c]["collectives"]) for c in ("statplug", "naive", "torchmetrics"))
         print(f"{k:>4} {sp:7.3f} ({sp_min:6.3f}) {fl:7.3f} ({fl_min:6.3f}) {sp / fl:8.2f} "
               f"{fed:13.3f} {nv:8.2f} {tm:13.2f} {tm / sp:12.1f}  {colls}")
-    print("vs flat: median / median. after update: statplug right after one more batch per stat "
-          "(the sync also folds that batch's deferred update work).")
+    print("vs flat: median / median.")
+    print("after update: statplug right after one more batch per stat (the sync also folds that "
+          "batch's deferred update work).")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -54,7 +54,8 @@ def find_stats(module_or_stats: nn.Module | Iterable[Stat]) -> list[Stat]:
         # One walk both names the stats for messages and finds them.
         return [m for m in name_modules(module_or_stats) if isinstance(m, Stat)]
     stats = list(module_or_stats)
-    if all(map(isinstance, stats, repeat(Stat))):  # C-level check of every item
+    # A list a cached plan was made for holds the same (live, so valid) stats: no check needed.
+    if tuple(map(id, stats)) in _PLANS or all(map(isinstance, stats, repeat(Stat))):
         return stats
     for s in stats:
         if not isinstance(s, Stat):

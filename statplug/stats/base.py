@@ -408,6 +408,7 @@ class SyncBatch:
         self.sizes = [s.n_features for s in self.stats]
         self.device = self.stats[0]._buffers["count"].device  # type: ignore[union-attr]
         self._arenas: dict[str, Tensor] = {}
+        self._gathered: dict[str, Tensor] = {}  # arenas in the element layout
         self._counts: list[Tensor | None] = [s._buffers["count"] for s in self.stats]
         self.uniform = len(set(self.sizes)) == 1
         self._index: Tensor | None = None  # stat index of each element (non-uniform layout)
@@ -448,8 +449,12 @@ class SyncBatch:
 
     def gather(self, name: str) -> Tensor:
         """Every stat's buffer ``name`` in the element layout (live: a view, not a copy)."""
-        arena = self._arena(name)
-        return arena.view(len(self.stats), -1) if self.uniform else arena
+        view = self._gathered.get(name)
+        if view is None:
+            arena = self._arena(name)
+            view = arena.view(len(self.stats), -1) if self.uniform else arena
+            self._gathered[name] = view
+        return view
 
     def stack(self, name: str) -> Tensor:
         """Every stat's 0-dim buffer ``name`` as one ``[K]`` tensor (live: not a copy)."""
