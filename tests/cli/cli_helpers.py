@@ -63,3 +63,17 @@ def run_subprocess(argv: list[str], cwd: Path, timeout: float = 180) -> Result:
         stdin=subprocess.DEVNULL,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_ddp_subprocess(argv: list[str], cwd: Path, timeout: float = 180) -> Result:
+    """:func:`run_subprocess` for a multi-process DDP run, retried once if a process aborted.
+
+    torch's gloo teardown aborts a DDP process now and then as it exits ("terminate called
+    without an active exception"; see ``tests/dist_utils.py``). Only that signature is retried,
+    once: any other failure, or a second abort, is returned as is.
+    """
+    res = run_subprocess(argv, cwd, timeout)
+    if res.code != 0 and "terminate called without an active exception" in res.err:
+        res = run_subprocess(argv, cwd, timeout)
+    return res
+

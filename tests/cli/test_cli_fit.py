@@ -10,7 +10,7 @@ from typing import Any
 import matplotlib.image
 import pytest
 import torch
-from cli_helpers import SHORT, Result, run_inprocess, run_subprocess
+from cli_helpers import SHORT, Result, run_ddp_subprocess, run_inprocess
 from omegaconf import OmegaConf
 
 RECIPES = ("tabular", "digits", "tinylm", "pruning")
@@ -211,7 +211,7 @@ def test_tabular_reaches_95_percent_validation_accuracy(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_runs_on_two_process_ddp(name: str, tmp_path: Path) -> None:
     """`trainer=ddp-cpu-2` from the console script: Lightning re-launches it for rank 1."""
-    res = run_subprocess(["fit", name, "trainer=ddp-cpu-2", *SHORT], tmp_path)
+    res = run_ddp_subprocess(["fit", name, "trainer=ddp-cpu-2", *SHORT], tmp_path)
     assert res.code == 0, res.err[-3000:]
     assert "Traceback" not in res.err
     # Rank zero alone prints: one result block, the checkpoint path last.
