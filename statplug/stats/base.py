@@ -343,7 +343,7 @@ class Stat(PinnedDtypeModule):
 
     @classmethod
     def _sync_checksum(cls, batch: SyncBatch) -> Tensor | None:
-        """A float64 scalar summarising state the hooks assume every rank agrees on, or None.
+        """An int64 scalar hash of state the hooks assume every rank agrees on, or None.
 
         Exchanged with the layout fingerprint before phase 1; when ranks differ,
         ``batch.agreed`` is False for the sync and the hooks must not rely on that state.
@@ -417,7 +417,7 @@ class SyncBatch:
         # the classes' checksums say? Hooks may then centre data on it (see _sync_checksum).
         self.agreed = True
         self.cache: dict[str, Any] = {}  # what a class's hooks keep between syncs
-        self._probes: dict[int, Tensor] = {}
+        self._hash_weights: dict[int, Tensor] = {}
 
     def stale(self) -> bool:
         """Were any of the stats' buffers rebound (moved, converted) since the arenas were made?"""
@@ -431,15 +431,18 @@ class SyncBatch:
             bufs: list[Tensor] = [s._buffers[name] for s in self.stats]  # type: ignore[misc]
             if len({b.dtype for b in bufs}) > 1:  # the engine batches by accumulator dtype
                 raise StatplugError(f"internal: stats of mixed dtypes share the arena {name!r}")
-            if bufs[0].dim() == 0:
-                arena = torch.stack(bufs)
-                views = list(arena.unbind())
-            else:
-                arena = torch.cat([b.reshape(-1) for b in bufs])
-                views = [
-                    v.view(b.shape)
-                    for v, b in zip(arena.split([b.numel() for b in bufs]), bufs, strict=True)
-                ]
+            # Never an inference tensor (a first sync may run under torch.inference_mode, as
+            # Lightning's validation does): the stats' buffers must stay writable in training.
+            with torch.inference_mode(False):
+                if bufs[0].dim() == 0:
+                    arena = torch.stack(bufs)
+                    views = list(arena.unbind())
+                else:
+                    arena = torch.cat([b.reshape(-1) for b in bufs])
+                    views = [
+                        v.view(b.shape)
+                        for v, b in zip(arena.split([b.numel() for b in bufs]), bufs, strict=True)
+                    ]
             for stat, view in zip(self.stats, views, strict=True):
                 stat._buffers[name] = view
             if name == "count":
@@ -452,7 +455,8 @@ class SyncBatch:
         view = self._gathered.get(name)
         if view is None:
             arena = self._arena(name)
-            view = arena.view(len(self.stats), -1) if self.uniform else arena
+            with torch.inference_mode(False):
+                view = arena.view(len(self.stats), -1) if self.uniform else arena
             self._gathered[name] = view
         return view
 
@@ -475,13 +479,22 @@ class SyncBatch:
         """Write ``value`` (the :meth:`gather` or :meth:`stack` layout) into every stat's buffer."""
         self._arena(name).view(value.shape).copy_(value)
 
-    def probe(self, n: int) -> Tensor:
-        """Fixed float64 weights of length ``n`` (the same on every rank) for checksums."""
-        w = self._probes.get(n)
-        if w is None:
-            w = torch.linspace(1.0, 2.0, n, dtype=torch.float64, device=self.device)
-            self._probes[n] = w
-        return w
+    def checksum(self, name: str) -> Tensor:
+        """An int64 hash of the exact bits of every stat's float64 buffer ``name`` (a scalar).
+
+        Each element's bits go through an invertible xorshift, are multiplied by a fixed
+        pseudo-random odd weight for their position (the same on every rank) and summed, all
+        modulo 2**64: unequal buffers collide with probability ~2**-64, with no structure (like a
+        weighted sum's) that a real difference could cancel out.
+        """
+        bits = self.gather(name).reshape(-1).view(torch.int64)
+        weights = self._hash_weights.get(bits.numel())
+        if weights is None:
+            g = torch.Generator().manual_seed(0x5EED)
+            w = torch.randint(-(2**62), 2**62, (bits.numel(),), generator=g, dtype=torch.int64)
+            weights = (w * 2 + 1).to(self.device)
+            self._hash_weights[bits.numel()] = weights
+        return (torch.bitwise_xor(bits, bits >> 29) * weights).sum()
 
     def zero(self, name: str) -> None:
         self._arena(name).zero_()

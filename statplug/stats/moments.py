@@ -26,7 +26,16 @@ _RING_ELEMENTS = 1 << 16
 class _HostState:
     """Mutable host-side state of a :class:`RunningMoments` (never tensor values)."""
 
-    __slots__ = ("dirty", "pending_n", "ring_rows", "ring_used", "shift_set", "slots", "slots_of")
+    __slots__ = (
+        "dirty",
+        "legacy_pending_steps",
+        "pending_n",
+        "ring_rows",
+        "ring_used",
+        "shift_set",
+        "slots",
+        "slots_of",
+    )
 
     def __init__(self) -> None:
         self.pending_n = 0  # samples in the local sums or the ring but not yet in `count`
@@ -37,15 +46,22 @@ class _HostState:
         # Per-row views of the ring buffers, and the buffers they view (rebuilt after `.to()`).
         self.slots: list[tuple[Tensor, Tensor]] = []
         self.slots_of: tuple[Tensor, Tensor] | None = None
+        self.legacy_pending_steps = 0  # see RunningMoments.__setstate__
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: getattr(self, k) for k in self.__slots__}
         state["slots"], state["slots_of"] = [], None  # views are rebuilt, never pickled
+        state["legacy_pending_steps"] = 0
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any] | tuple[Any, dict[str, Any]]) -> None:
+        if isinstance(state, tuple):  # pickled before __getstate__ existed: (None, slots)
+            state = state[1]
+        self.__init__()  # type: ignore[misc]  # defaults for fields an older pickle lacks
         for k, v in state.items():
-            setattr(self, k, v)
+            if k in self.__slots__:
+                setattr(self, k, v)
+        self.legacy_pending_steps = int(state.get("pending_steps", 0))
 
 
 class RunningMoments(Stat):
@@ -124,6 +140,27 @@ class RunningMoments(Stat):
         self._host = _HostState()
         # Row width of a [n, F] batch the update fast path takes (-1: none, for N-D features).
         self._row_features = f if len(self.shape) == 1 else -1
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        buffers = self._buffers
+        if "_ring_mean" not in buffers:
+            # Pickled whole (torch.save(model)) by statplug before the small-batch ring: fold its
+            # float32 pending sums (around the float32-exact shift) and drop their buffers.
+            shift = cast(Tensor, buffers["_shift"])
+            p1, p2 = buffers.pop("_p1", None), buffers.pop("_p2", None)
+            buffers.pop("_shift32", None)
+            if p1 is not None and p2 is not None and self._host.legacy_pending_steps:
+                with torch.no_grad():
+                    cast(Tensor, buffers["_s1"]).add_(p1)
+                    cast(Tensor, buffers["_s2"]).add_(p2)
+            self._host.legacy_pending_steps = 0
+            rows = max(2, min(_RING_ROWS, _RING_ELEMENTS // self.n_features))
+            for name in ("_ring_mean", "_ring_var"):
+                ring = torch.zeros(rows, self.n_features, dtype=torch.float32, device=shift.device)
+                self.register_buffer(name, ring, persistent=False)
+        if not hasattr(self, "_row_features"):
+            self._row_features = self.n_features if len(self.shape) == 1 else -1
 
     # ------------------------------------------------------------------ read-outs
     @property  # type: ignore[override]
@@ -379,6 +416,9 @@ class RunningMoments(Stat):
             self._m2_base.copy_(self._buffers["m2"].reshape(-1))  # type: ignore[union-attr]
             self._s1.zero_()
             self._s2.zero_()
+            # A sync multiplies the shift by the local count even when that is 0: a shift left
+            # non-finite by earlier data (or uninitialised after `to_empty`) would give NaN.
+            self._shift.zero_()
         self._clear_ring()
         self._host.pending_n = 0
         self._host.shift_set = False
@@ -386,7 +426,8 @@ class RunningMoments(Stat):
 
     # ------------------------------------------------------------------ sync hooks
     # Sync: the new data of every rank is summed around a centre K that all ranks share -- the
-    # agreed base mean (equal on every rank after a load or sync; checked by checksum), or 0 when
+    # agreed base mean (equal on every rank after a load or sync; its bits are hashed and compared
+    # with the layout fingerprint), or 0 when
     # the checksums differ. Phase 1 carries n, sum(x - K) and S2 = sum((x - K)**2), and
     # M2 = S2 - N (g - K)**2 (g: the global mean of the new data). That subtraction loses
     # log2(S2 / M2) bits: when M2 >= S2 / 2**10 for every element -- the usual case once a first
@@ -397,8 +438,7 @@ class RunningMoments(Stat):
 
     @classmethod
     def _sync_checksum(cls, batch: SyncBatch) -> Tensor | None:
-        base = batch.gather("_mean_base").reshape(-1)
-        return torch.dot(base, batch.probe(base.numel()))
+        return batch.checksum("_mean_base")
 
     @classmethod
     def _sync_phase1(cls, batch: SyncBatch) -> tuple[list[Tensor], list[Tensor]]:

@@ -438,3 +438,77 @@ def test_ranks_disagreeing_on_the_agreed_state_fall_back_to_uncentred_sums():
         np.testing.assert_allclose(res["mean"].numpy(), expect, rtol=1e-13)
     # The two ranks still differ (their bases did); the data added was merged on both.
     assert not torch.equal(results[0]["mean"], results[1]["mean"])
+
+
+def _structured_divergence_body(rank: int, world: int) -> dict:
+    """Rank 1 alone loaded a checkpoint (base mean [2, -1], count 10); rank 0 is fresh. A
+    weighted sum of the bases with weights [1, 2] would not tell them apart."""
+    m = RunningMoments(2, accumulator_dtype=torch.float64)
+    if rank == 1:
+        state = m.state_dict()
+        state.update(count=torch.tensor(10), mean=torch.tensor([2.0, -1.0], dtype=torch.float64),
+                     m2=torch.tensor([4.0, 4.0], dtype=torch.float64))
+        m.load_state_dict(state)
+    m.update(torch.from_numpy(_divergence_data(rank)))
+    sync_stats(m)
+    return {"count": m.count.item(), "mean": m.mean.clone()}
+
+
+def _divergence_data(rank: int) -> np.ndarray:
+    return np.random.default_rng(rank).normal([5.0, 7.0], 1.0, size=(20 + 10 * rank, 2))
+
+
+def test_bases_differing_in_any_way_are_never_taken_as_agreed():
+    new = np.concatenate([_divergence_data(0), _divergence_data(1)])
+    for rank, res in enumerate(run_distributed(_structured_divergence_body, 2)):
+        n_b, base = (10, np.array([2.0, -1.0])) if rank == 1 else (0, np.zeros(2))
+        assert res["count"] == n_b + len(new)
+        expect = (n_b * base + len(new) * new.mean(0)) / (n_b + len(new))
+        np.testing.assert_allclose(res["mean"].numpy(), expect, rtol=1e-13)
+
+
+def _reloaded_after_inf_body(rank: int, world: int) -> dict:
+    m = RunningMoments(2, nan_policy="propagate")
+    clean = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.ones(4, 2)
+    if rank == 0:
+        x[0, 0] = float("inf")
+    m.update(x)
+    sync_stats(m)  # the Inf reaches every rank, as propagate says
+    m.load_state_dict(clean)  # both ranks recover from a clean checkpoint
+    if rank == 1:
+        m.update(torch.arange(16.0).view(8, 2))
+    sync_stats(m)  # rank 0 has no new data: its old shift must not matter
+    return {"count": m.count.item(), "mean": m.mean.clone()}
+
+
+def test_a_rank_without_new_data_after_a_reload_contributes_nothing_not_nan():
+    expect = torch.arange(16.0).view(8, 2).mean(0)
+    for res in run_distributed(_reloaded_after_inf_body, 2):
+        assert res["count"] == 8
+        torch.testing.assert_close(res["mean"], expect)
+
+
+def _first_sync_in_inference_mode_body(rank: int, world: int) -> dict:
+    torch.manual_seed(rank)
+    stats = nn.ModuleList([RunningMoments(3), RunningMinMax(3), EMAMoments(3)])
+    xs = [torch.randn(8 + rank, 3) for _ in range(3)]
+    for s in stats:
+        s.update(xs[0])
+    with torch.inference_mode():  # as in a Lightning validation hook
+        sync_stats(stats)
+    for x in xs[1:]:  # training updates afterwards write into the synced buffers
+        for s in stats:
+            s.update(x)
+    sync_stats(stats)
+    return {"count": stats[0].count.item(), "mean": stats[0].mean.clone(),
+            "max": stats[1].max.clone(), "data": torch.cat(xs)}
+
+
+def test_a_first_sync_in_inference_mode_leaves_stats_writable():
+    results = run_distributed(_first_sync_in_inference_mode_body, 2)
+    data = torch.cat([r["data"] for r in results]).double()
+    for res in results:
+        assert res["count"] == len(data)
+        torch.testing.assert_close(res["mean"].double(), data.mean(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(res["max"].double(), data.max(0).values)

@@ -166,3 +166,36 @@ def test_running_norm_train_forward_reads_through_the_ring():
         if n >= 2:
             expect = (b.astype(np.float64) - mean) / np.sqrt(var + norm.eps)
             np.testing.assert_allclose(y.double().numpy(), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_a_whole_module_pickled_before_the_ring_loads_with_its_pending_batches():
+    """statplug before the ring kept small batches as float32 sums `_p1`/`_p2` around a
+    float32-exact shift, with `pending_steps` in a `__slots__` host object pickled by default
+    as (None, slots). Such a pickle is rebuilt here from a current stat; unpickling must fold
+    those sums (count, mean and variance of every batch) and drop the old buffers."""
+    rng = np.random.default_rng(9)
+    batches = _float32_batches(rng, [6] * 5, 3, loc=50.0)
+    stat = RunningMoments(3, accumulator_dtype=torch.float64)
+    stat.update(torch.from_numpy(batches[0]))
+    stat._flush()  # folds the first batch: shift K = its mean, now in the float64 sums
+    shift = stat._shift.clone()
+    d = [torch.from_numpy(b.astype(np.float64)) - shift for b in batches[1:]]
+    p1 = sum(x.sum(0) for x in d).float()
+    p2 = sum((x * x).sum(0) for x in d).float()
+    state = stat.__dict__.copy()
+    state["_buffers"] = {k: v for k, v in stat._buffers.items() if not k.startswith("_ring")}
+    state["_buffers"].update(_p1=p1, _p2=p2, _shift32=shift.float())
+    state["_non_persistent_buffers_set"] = set(stat._non_persistent_buffers_set) - {
+        "_ring_mean", "_ring_var"
+    } | {"_p1", "_p2", "_shift32"}
+    del state["_row_features"]
+    host = {"dirty": True, "pending_n": 6 * 4, "pending_steps": 4, "shift_set": True}
+    state["_host"] = type(stat._host).__new__(type(stat._host))
+    state["_host"].__setstate__((None, host))
+    old = RunningMoments.__new__(RunningMoments)
+    old.__setstate__(state)
+    loaded = pickle.loads(pickle.dumps(old))
+    _check(loaded, batches)
+    assert not {"_p1", "_p2", "_shift32"} & set(dict(loaded.named_buffers()))
+    loaded.update(torch.from_numpy(batches[0]))  # the ring works afterwards
+    _check(loaded, [*batches, batches[0]])
