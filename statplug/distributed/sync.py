@@ -94,11 +94,12 @@ def _device_of(stats: list[Stat]) -> torch.device:
 
 
 class _LayoutCheck:
-    """The fixed-size exchange that goes first: the layout fingerprint and one hash of the state
-    the stat classes assume agreed (see ``Stat._sync_checksum``), each as two float64-exact
-    halves, in one float64 MAX of ``[v, -v]`` (equal on every rank iff max == -max(-v)).
-    Started at once, so local work that needs no other rank runs while it travels; :meth:`wait`
-    raises on a layout mismatch and says whether the hashes agree."""
+    """The fixed-size exchange that goes first: the layout fingerprint (two float64-exact
+    halves) and one checksum of the state the stat classes assume agreed (see
+    ``Stat._sync_checksum``), in one float64 MAX of ``[v, -v]`` (equal on every rank iff
+    max == -max(-v); never for NaN). Started at once, so local work that needs no other rank
+    runs while it travels; :meth:`wait` raises on a layout mismatch and says whether the
+    checksums agree."""
 
     def __init__(self, plan: _Plan, group: dist.ProcessGroup | None) -> None:
         self.plan, self.group = plan, group
@@ -108,20 +109,18 @@ class _LayoutCheck:
             if (c := cls._sync_checksum(b)) is not None
         ]
         check = sums[0] if len(sums) == 1 else torch.stack(sums).sum() if sums else plan.zero
-        halves = torch.stack([check >> 32, check & 0xFFFFFFFF]).to(torch.float64)
-        v = torch.cat([plan.fingerprint_t, halves])
+        v = torch.cat([plan.fingerprint_t, check.reshape(1)])
         self.t = torch.cat([v, -v])
         self.work = dist.all_reduce(self.t, op=dist.ReduceOp.MAX, group=group, async_op=True)
 
     def wait(self) -> bool:
-        """Raise :class:`StatLayoutError` if the layouts differ; return whether the hashes of
-        agreed state are equal on every rank."""
+        """Raise :class:`StatLayoutError` if the layouts differ; return whether the checksums
+        of agreed state are equal on every rank."""
         self.work.wait()
-        values = self.t.tolist()
-        hi, neg_lo = values[:4], values[4:]
-        if hi[0] != -neg_lo[0] or hi[1] != -neg_lo[1]:  # max != min: another layout somewhere
+        hi, lo, check, neg_hi, neg_lo, neg_check = self.t.tolist()
+        if hi != -neg_hi or lo != -neg_lo:  # max != min: some rank holds another layout
             _raise_layout_error(self.plan.layout, self.group)
-        return hi[2] == -neg_lo[2] and hi[3] == -neg_lo[3]
+        return bool(check == -neg_check)
 
 
 def _raise_layout_error(layout: list[str], group: dist.ProcessGroup | None) -> None:
@@ -163,7 +162,7 @@ class _Plan:
     def _set_device(self, device: torch.device) -> None:
         self.device = device
         self.fingerprint_t = torch.tensor(self.fingerprint, dtype=torch.float64, device=device)
-        self.zero = torch.zeros((), dtype=torch.int64, device=device)
+        self.zero = torch.zeros((), dtype=torch.float64, device=device)
 
     def refresh(self) -> None:
         """Rebuild the arenas of stats that were moved or converted since the last sync."""
@@ -255,7 +254,7 @@ def sync_stats(
     if plan is None:
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
     device = plan.device
-    n_coll, n_bytes = 1, 64
+    n_coll, n_bytes = 1, 48
 
     with torch.no_grad():
         batches = plan.batches
@@ -329,7 +328,7 @@ def broadcast_stats(
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
     _LayoutCheck(plan, group).wait()  # checksums are not needed: the state is replaced
     global_src = src if group is None else dist.get_global_rank(group, src)
-    n_coll, n_bytes = 1, 64
+    n_coll, n_bytes = 1, 48
     with torch.no_grad():
         for batch in plan.batches:
             for name in batch.stats[0].state_names:

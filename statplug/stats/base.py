@@ -343,7 +343,7 @@ class Stat(PinnedDtypeModule):
 
     @classmethod
     def _sync_checksum(cls, batch: SyncBatch) -> Tensor | None:
-        """An int64 scalar hash of state the hooks assume every rank agrees on, or None.
+        """A float64 scalar checksum of state the hooks assume every rank agrees on, or None.
 
         Exchanged with the layout fingerprint before phase 1; when ranks differ,
         ``batch.agreed`` is False for the sync and the hooks must not rely on that state.
@@ -480,21 +480,24 @@ class SyncBatch:
         self._arena(name).view(value.shape).copy_(value)
 
     def checksum(self, name: str) -> Tensor:
-        """An int64 hash of the exact bits of every stat's float64 buffer ``name`` (a scalar).
+        """A float64 checksum of every stat's float64 buffer ``name`` (a scalar; NaN if not
+        finite, which never counts as agreeing).
 
-        Each element's bits go through an invertible xorshift, are multiplied by a fixed
-        pseudo-random odd weight for their position (the same on every rank) and summed, all
-        modulo 2**64: unequal buffers collide with probability ~2**-64, with no structure (like a
-        weighted sum's) that a real difference could cancel out.
+        A dot product with fixed pseudo-random weights (the same on every rank): a difference
+        between ranks escapes it only by cancelling exactly against random weights, or by
+        vanishing in rounding (then it is too small to matter). A sum, or small regular
+        weights, would let structured differences cancel (a base of [2, -1] against [0, 0] with
+        weights [1, 2]).
         """
-        bits = self.gather(name).reshape(-1).view(torch.int64)
-        weights = self._hash_weights.get(bits.numel())
+        flat = self.gather(name).reshape(-1)
+        weights = self._hash_weights.get(flat.numel())
         if weights is None:
             g = torch.Generator().manual_seed(0x5EED)
-            w = torch.randint(-(2**62), 2**62, (bits.numel(),), generator=g, dtype=torch.int64)
-            weights = (w * 2 + 1).to(self.device)
-            self._hash_weights[bits.numel()] = weights
-        return (torch.bitwise_xor(bits, bits >> 29) * weights).sum()
+            w = torch.randn(flat.numel(), generator=g, dtype=torch.float64)
+            weights = w.to(self.device)
+            self._hash_weights[flat.numel()] = weights
+        c = torch.dot(flat, weights)
+        return torch.where(c.isfinite(), c, torch.nan)  # Inf on every rank proves nothing
 
     def zero(self, name: str) -> None:
         self._arena(name).zero_()

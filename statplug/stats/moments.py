@@ -426,7 +426,7 @@ class RunningMoments(Stat):
 
     # ------------------------------------------------------------------ sync hooks
     # Sync: the new data of every rank is summed around a centre K that all ranks share -- the
-    # agreed base mean (equal on every rank after a load or sync; its bits are hashed and compared
+    # agreed base mean (equal on every rank after a load or sync; a checksum of it is compared
     # with the layout fingerprint), or 0 when
     # the checksums differ. Phase 1 carries n, sum(x - K) and S2 = sum((x - K)**2), and
     # M2 = S2 - N (g - K)**2 (g: the global mean of the new data). That subtraction loses
@@ -470,6 +470,7 @@ class RunningMoments(Stat):
         if bool((m2_new >= s2k * cls._ONE_PHASE_RATIO).all()):  # False for NaN: phase 2 decides
             batch.scratch["m2_new"] = m2_new
             return []
+        batch.scratch.pop("m2_new", None)  # never a leftover of an interrupted sync
         g = batch.gather("_mean_base") + gk if batch.agreed else gk
         k = batch.gather("_shift") - g
         # Sum over local samples of (x - g)**2 from the sums around the local shift:
