@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["PinnedDtypeModule", "positive_int", "qualified_name"]
+__all__ = ["PinnedDtypeModule", "checked_int", "positive_int", "qualified_name"]
 
 
 class PinnedDtypeModule(nn.Module):
@@ -110,14 +110,23 @@ def name_modules(root: nn.Module) -> list[PinnedDtypeModule]:
     return found
 
 
-def positive_int(name: str, value: Any) -> int:
-    """``value`` as an int, or ``ValueError`` naming the argument ``name`` and what was received."""
+def checked_int(
+    name: str, value: Any, low: int, high: int | None = None, expected: str = "a positive int"
+) -> int:
+    """``value`` as an int in ``[low, high]``, or ``ValueError`` naming the argument ``name``,
+    what it must be (``expected``) and what was received. Bools are refused."""
     if isinstance(value, bool):
-        raise ValueError(f"`{name}` must be a positive int (got {value!r})")
+        raise ValueError(f"`{name}` must be {expected} (got {value!r})")
     try:
         out = operator.index(value)
     except TypeError:
-        raise ValueError(f"`{name}` must be a positive int (got {value!r})") from None
-    if out < 1:
-        raise ValueError(f"`{name}` must be a positive int (got {out})")
+        raise ValueError(f"`{name}` must be {expected} (got {value!r})") from None
+    if out < low or (high is not None and out > high):
+        raise ValueError(f"`{name}` must be {expected} (got {out})")
     return out
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an int >= 1, or ``ValueError`` naming the argument ``name`` and what was
+    received."""
+    return checked_int(name, value, 1)

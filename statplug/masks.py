@@ -7,13 +7,12 @@ that every rank and every device holds the same bits.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from statplug._buffers import PinnedDtypeModule, positive_int
+from statplug._buffers import PinnedDtypeModule, checked_int, positive_int
 
 __all__ = ["CausalMask", "RandomMask"]
 
@@ -147,15 +146,7 @@ class RandomMask(PinnedDtypeModule):
 
     @staticmethod
     def _check_seed(seed: Any) -> int:
-        if isinstance(seed, bool):
-            raise ValueError(f"`seed` must be an int in [0, 2**63) (got {seed!r})")
-        try:
-            out = operator.index(seed)
-        except TypeError:
-            raise ValueError(f"`seed` must be an int in [0, 2**63) (got {seed!r})") from None
-        if not 0 <= out <= _MAX_SEED:
-            raise ValueError(f"`seed` must be an int in [0, 2**63) (got {out})")
-        return out
+        return checked_int("seed", seed, 0, _MAX_SEED, "an int in [0, 2**63)")
 
     def _draw(self, seed: int) -> Tensor:
         gen = torch.Generator(device="cpu").manual_seed(seed)
