@@ -54,8 +54,7 @@ def find_stats(module_or_stats: nn.Module | Iterable[Stat]) -> list[Stat]:
         # One walk both names the stats for messages and finds them.
         return [m for m in name_modules(module_or_stats) if isinstance(m, Stat)]
     stats = list(module_or_stats)
-    # A list a cached plan was made for holds the same (live, so valid) stats: no check needed.
-    if tuple(map(id, stats)) in _PLANS or all(map(isinstance, stats, repeat(Stat))):
+    if all(map(isinstance, stats, repeat(Stat))):  # C-level check of every item
         return stats
     for s in stats:
         if not isinstance(s, Stat):
@@ -264,16 +263,16 @@ def sync_stats(
         # Phase-1 segments are local work: made and packed while the fingerprints travel. (Only
         # flushing deferred updates touches a stat, which changes no value.)
         groups = plan.groups
-        phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(groups, batches, strict=True)]
-        packed = (_Packed([p[0] for p in phase1], device), _Packed([p[1] for p in phase1], device))
+
+        def pack_phase1() -> tuple[_Packed, _Packed]:
+            phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(groups, batches, strict=True)]
+            return _Packed([p[0] for p in phase1], device), _Packed([p[1] for p in phase1], device)
+
+        packed = pack_phase1()
         if not check.wait():  # before any collective whose size depends on the layout
             for b in batches:
                 b.agreed = False
-            phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(groups, batches, strict=True)]
-            packed = (
-                _Packed([p[0] for p in phase1], device),
-                _Packed([p[1] for p in phase1], device),
-            )
+            packed = pack_phase1()  # centred on 0 instead of a base the ranks disagree on
         sums1, w1 = packed[0].all_reduce(dist.ReduceOp.SUM, group)
         maxes, w2 = packed[1].all_reduce(dist.ReduceOp.MAX, group)
         for w in (w1, w2):

@@ -133,12 +133,18 @@ class RunningMoments(Stat):
         # means and (unbiased) variances straight into the next row of a ring, its only op; the
         # ring is folded into the float64 sums when full or read. Sample counts stay on the host
         # until then (the shapes tell them; no device op, no sync).
-        rows = max(2, min(_RING_ROWS, _RING_ELEMENTS // f))
-        self._hidden("_ring_mean", torch.zeros(rows, f, dtype=torch.float32))
-        self._hidden("_ring_var", torch.zeros(rows, f, dtype=torch.float32))
+        self._add_ring(None)
         # Host-side bookkeeping in a plain object: nn.Module.__setattr__ costs ~1.5 us a call.
         self._host = _HostState()
-        # Row width of a [n, F] batch the update fast path takes (-1: none, for N-D features).
+
+    def _add_ring(self, device: torch.device | None) -> None:
+        """Register the ring buffers (on ``device``, or the stat's device when None) and the row
+        width of a ``[n, F]`` batch the update fast path takes (-1: none, for N-D features)."""
+        f = self.n_features
+        rows = max(2, min(_RING_ROWS, _RING_ELEMENTS // f))
+        for name in ("_ring_mean", "_ring_var"):
+            ring = torch.zeros(rows, f, dtype=torch.float32, device=device)
+            self._hidden(name, ring)
         self._row_features = f if len(self.shape) == 1 else -1
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -155,12 +161,7 @@ class RunningMoments(Stat):
                     cast(Tensor, buffers["_s1"]).add_(p1)
                     cast(Tensor, buffers["_s2"]).add_(p2)
             self._host.legacy_pending_steps = 0
-            rows = max(2, min(_RING_ROWS, _RING_ELEMENTS // self.n_features))
-            for name in ("_ring_mean", "_ring_var"):
-                ring = torch.zeros(rows, self.n_features, dtype=torch.float32, device=shift.device)
-                self.register_buffer(name, ring, persistent=False)
-        if not hasattr(self, "_row_features"):
-            self._row_features = self.n_features if len(self.shape) == 1 else -1
+            self._add_ring(shift.device)
 
     # ------------------------------------------------------------------ read-outs
     @property  # type: ignore[override]
@@ -347,6 +348,12 @@ class RunningMoments(Stat):
         return n, mean, m2
 
     @staticmethod
+    def _squares_around(s1: Tensor, s2: Tensor, n: Tensor, d: Tensor) -> Tensor:
+        """Sum of squared deviations from ``K - d`` of the samples whose sums around ``K`` are
+        ``s1`` and ``s2`` (``n`` samples): ``s2 + 2 d s1 + n d**2 = s2 + 2 d (s1 + n d / 2)``."""
+        return torch.addcmul(s2, d, torch.addcmul(s1, n, d, value=0.5), value=2.0)
+
+    @staticmethod
     def _chan(
         na: Tensor, ma: Tensor, m2a: Tensor, nb: Tensor, mb: Tensor, m2b: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -455,9 +462,8 @@ class RunningMoments(Stat):
         s1, s2, shift = batch.gather("_s1"), batch.gather("_s2"), batch.gather("_shift")
         # Local sums are around the local shift; re-centred on K (exact algebra):
         d = shift - batch.gather("_mean_base") if batch.agreed else shift
-        half = torch.addcmul(s1, n_l, d, value=0.5)
         sums.append(torch.addcmul(s1, n_l, d))  # sum of (x - K)
-        sums.append(torch.addcmul(s2, d, half, value=2.0))  # sum of (x - K)**2
+        sums.append(cls._squares_around(s1, s2, n_l, d))  # sum of (x - K)**2
         return sums, maxes
 
     @classmethod
@@ -473,10 +479,10 @@ class RunningMoments(Stat):
         batch.scratch.pop("m2_new", None)  # never a leftover of an interrupted sync
         g = batch.gather("_mean_base") + gk if batch.agreed else gk
         k = batch.gather("_shift") - g
-        # Sum over local samples of (x - g)**2 from the sums around the local shift:
-        # s2 + 2 k s1 + n_l k**2 = s2 + 2 k (s1 + n_l k / 2).
-        half = torch.addcmul(batch.gather("_s1"), batch.scratch["n_l"], k, value=0.5)
-        return [torch.addcmul(batch.gather("_s2"), k, half, value=2.0)]
+        # Sum over local samples of (x - g)**2 from the sums around the local shift.
+        return [
+            cls._squares_around(batch.gather("_s1"), batch.gather("_s2"), batch.scratch["n_l"], k)
+        ]
 
     @classmethod
     def _sync_apply(
