@@ -125,6 +125,13 @@ def test_float32_sync_equals_single_process_over_the_same_batches():
         torch.testing.assert_close(s["m2"], single.m2, rtol=1e-6, atol=0)
 
 
+def _two_rounds_data(world: int) -> np.ndarray:
+    """Every rank's data of both rounds (seeds 0 and 100), concatenated, float64."""
+    return np.concatenate(
+        [_rank_data(r, world, s) for s in (0, 100) for r in range(world)]
+    ).astype(np.float64)
+
+
 def _incremental_body(rank: int, world: int) -> dict:
     model = _Stats()
     _feed(model, _rank_data(rank, world, seed=0))
@@ -137,9 +144,7 @@ def _incremental_body(rank: int, world: int) -> dict:
 def test_update_sync_update_sync_counts_each_sample_once():
     world = 3
     results = run_distributed(_incremental_body, world)
-    data = np.concatenate(
-        [_rank_data(r, world, s) for s in (0, 100) for r in range(world)]
-    ).astype(np.float64)
+    data = _two_rounds_data(world)
     for s in results:
         assert s["moments.count"].item() == len(data)
         np.testing.assert_allclose(s["moments64.mean"].numpy(), data.mean(0), rtol=1e-9)
@@ -314,9 +319,7 @@ def _rebind_body(rank: int, world: int) -> dict:
 def test_sync_after_buffers_are_rebound_and_state_dict_is_compact():
     world = 2
     results = run_distributed(_rebind_body, world)
-    data = np.concatenate(
-        [_rank_data(r, world, s) for s in (0, 100) for r in range(world)]
-    ).astype(np.float64)
+    data = _two_rounds_data(world)
     for res in results:
         s = res["state"]
         assert res["compact"]
