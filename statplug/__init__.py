@@ -3,7 +3,13 @@
 from typing import TYPE_CHECKING, Any
 
 from statplug.audit import AuditReport, Finding, audit
-from statplug.distributed import SyncReport, exclude_from_ddp_broadcast, sync_stats
+from statplug.distributed import (
+    MetricsSyncReport,
+    SyncReport,
+    exclude_from_ddp_broadcast,
+    sync_metrics,
+    sync_stats,
+)
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
 from statplug.errors import AuditError, CheckpointMismatchError, StatLayoutError, StatplugError
 from statplug.masks import CausalMask, RandomMask
@@ -48,6 +54,7 @@ __all__ = [
     "EMAMoments",
     "Finding",
     "MagnitudePruning",
+    "MetricsSyncReport",
     "RandomMask",
     "RotaryEncoding",
     "RunningMinMax",
@@ -62,5 +69,6 @@ __all__ = [
     "SyncStats",
     "audit",
     "exclude_from_ddp_broadcast",
+    "sync_metrics",
     "sync_stats",
 ]

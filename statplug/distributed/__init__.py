@@ -1,13 +1,17 @@
-"""Distributed sync of stats (torch.distributed only)."""
+"""Distributed sync of stats and torchmetrics metrics (torch.distributed only)."""
 
 from statplug.distributed.ddp import exclude_from_ddp_broadcast, stat_buffer_names
+from statplug.distributed.metrics import MetricsSyncReport, find_metrics, sync_metrics
 from statplug.distributed.sync import SyncReport, broadcast_stats, find_stats, sync_stats
 
 __all__ = [
+    "MetricsSyncReport",
     "SyncReport",
     "broadcast_stats",
     "exclude_from_ddp_broadcast",
+    "find_metrics",
     "find_stats",
     "stat_buffer_names",
+    "sync_metrics",
     "sync_stats",
 ]

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import repeat
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ from statplug._buffers import name_modules
 from statplug.errors import StatLayoutError, StatplugError
 from statplug.stats.base import Stat, SyncBatch
 
-__all__ = ["SyncReport", "broadcast_stats", "find_stats", "sync_stats"]
+__all__ = ["SyncReport", "SyncRider", "broadcast_stats", "find_stats", "sync_stats"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,9 @@ class _LayoutCheck:
     runs while it travels; :meth:`wait` raises on a layout mismatch and says whether the
     checksums agree."""
 
-    def __init__(self, plan: _Plan, group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self, plan: _Plan, group: dist.ProcessGroup | None, extra: Tensor | None = None
+    ) -> None:
         self.plan, self.group = plan, group
         sums = [
             c
@@ -109,17 +112,23 @@ class _LayoutCheck:
         ]
         check = sums[0] if len(sums) == 1 else torch.stack(sums).sum() if sums else plan.zero
         v = torch.cat([plan.fingerprint_t, check.reshape(1)])
-        self.t = torch.cat([v, -v])
+        # A rider's fixed-size float64 part (see SyncRider) travels in the same MAX.
+        self.t = torch.cat([v, -v] if extra is None else [v, -v, extra.to(v.device)])
         self.work = dist.all_reduce(self.t, op=dist.ReduceOp.MAX, group=group, async_op=True)
 
     def wait(self) -> bool:
         """Raise :class:`StatLayoutError` if the layouts differ; return whether the checksums
         of agreed state are equal on every rank."""
         self.work.wait()
-        hi, lo, check, neg_hi, neg_lo, neg_check = self.t.tolist()
+        hi, lo, check, neg_hi, neg_lo, neg_check = self.t[:6].tolist()
         if hi != -neg_hi or lo != -neg_lo:  # max != min: some rank holds another layout
             _raise_layout_error(self.plan.layout, self.group)
         return bool(check == -neg_check)
+
+    @property
+    def extra(self) -> Tensor:
+        """The reduced rider part (valid after :meth:`wait`)."""
+        return self.t[6:]
 
 
 def _raise_layout_error(layout: list[str], group: dist.ProcessGroup | None) -> None:
@@ -221,6 +230,35 @@ class _Packed:
         return [[next(pieces).view(t.shape) for t in parts] for parts in self.segments], work
 
 
+class SyncRider(Protocol):
+    """Data of another kind that travels in :func:`sync_stats`' collectives instead of its own.
+
+    The extension point :func:`statplug.distributed.sync_metrics` uses to sync torchmetrics
+    metrics in the stats' round trips. Every rank passes a rider of the same kind, or none.
+    """
+
+    def layout_extra(self) -> Tensor:
+        """A float64 vector of a size every rank knows beforehand, MAX-reduced with the
+        stats' layout check."""
+        ...
+
+    def check_layout(self, reduced: Tensor) -> None:
+        """Given the reduced :meth:`layout_extra`, raise on every rank if the ranks disagree."""
+        ...
+
+    def phase1(self) -> tuple[Tensor | None, Tensor | None]:
+        """float64 payloads for the first SUM and for the MAX (None: nothing)."""
+        ...
+
+    def phase2(self, runs: bool) -> Tensor | None:
+        """A float64 payload for the second SUM; ``runs``: whether it runs for the stats."""
+        ...
+
+    def finish(self, sums: Tensor | None, maxes: Tensor | None, sums2: Tensor | None) -> int:
+        """Take the reduced payloads; return the number of collectives it made itself."""
+        ...
+
+
 def sync_stats(
     module_or_stats: nn.Module | Iterable[Stat], group: dist.ProcessGroup | None = None
 ) -> SyncReport:
@@ -248,7 +286,13 @@ def sync_stats(
         0
     """
     start = time.perf_counter()
-    stats = find_stats(module_or_stats)
+    return _sync(find_stats(module_or_stats), group, None, start)
+
+
+def _sync(
+    stats: list[Stat], group: dist.ProcessGroup | None, rider: SyncRider | None, start: float
+) -> SyncReport:
+    """:func:`sync_stats`' engine; a ``rider`` travels in the same collectives."""
     plan = _plan_if_distributed(stats, group)
     if plan is None:
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
@@ -259,17 +303,24 @@ def sync_stats(
         batches = plan.batches
         for b in batches:
             b.agreed = True  # optimistic: phase 1 is made while the checksums travel
-        check = _LayoutCheck(plan, group)
+        extra = None if rider is None else rider.layout_extra()
+        check = _LayoutCheck(plan, group, extra)
+        n_bytes += 0 if extra is None else extra.numel() * 8
+        riding = [] if rider is None else [tuple([] if t is None else [t] for t in rider.phase1())]
         # Phase-1 segments are local work: made and packed while the fingerprints travel. (Only
         # flushing deferred updates touches a stat, which changes no value.)
         groups = plan.groups
 
         def pack_phase1() -> tuple[_Packed, _Packed]:
             phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(groups, batches, strict=True)]
+            phase1 += riding
             return _Packed([p[0] for p in phase1], device), _Packed([p[1] for p in phase1], device)
 
         packed = pack_phase1()
-        if not check.wait():  # before any collective whose size depends on the layout
+        agreed = check.wait()  # before any collective whose size depends on the layout
+        if rider is not None:
+            rider.check_layout(check.extra)
+        if not agreed:
             for b in batches:
                 b.agreed = False
             packed = pack_phase1()  # centred on 0 instead of a base the ranks disagree on
@@ -279,17 +330,24 @@ def sync_stats(
             if w is not None:
                 w.wait()
                 n_coll += 1
+        ride1 = (sums1.pop(), maxes.pop()) if rider is not None else ([], [])
         phase2 = [
             cls._sync_phase2(b, s1) for (cls, _), b, s1 in zip(groups, batches, sums1, strict=True)
         ]
+        if rider is not None:
+            ride2 = rider.phase2(any(phase2))
+            phase2.append([] if ride2 is None else [ride2])
         packed2 = _Packed(phase2, device)
         sums2, w3 = packed2.all_reduce(dist.ReduceOp.SUM, group)
         if w3 is not None:
             w3.wait()
             n_coll += 1
+        s2_rider = sums2.pop() if rider is not None else []
         b1, b2, b3 = packed[0].n_bytes, packed[1].n_bytes, packed2.n_bytes
         for (cls, _), b, s1, mx, s2 in zip(groups, batches, sums1, maxes, sums2, strict=True):
             cls._sync_apply(b, s1, mx, s2)
+        if rider is not None:
+            n_coll += rider.finish(*(r[0] if r else None for r in (*ride1, s2_rider)))
     return SyncReport(len(stats), n_coll, n_bytes + b1 + b2 + b3, time.perf_counter() - start)
 
 
