@@ -66,8 +66,9 @@ class MetricsSyncReport:
         n_bytes: payload bytes this rank contributed to those collectives.
         seconds: wall time of the sync on this rank.
         fallback: metrics synced by torchmetrics' own ``sync`` (custom reduce or sync function).
-        skipped: metrics left local, as torchmetrics' ``compute`` would (``sync_on_compute=False``,
-            or their ``distributed_available_fn`` says no).
+        skipped: metrics left local: as torchmetrics' ``compute`` would (``sync_on_compute=False``,
+            or their ``distributed_available_fn`` says no), or whose own process group has one
+            rank or does not hold this one.
     """
 
     n_metrics: int
@@ -566,6 +567,14 @@ class _Entered:
     fallback: list[Metric] = field(default_factory=list)
     flags: list[tuple[Metric, bool, bool]] = field(default_factory=list)
 
+    def hold_local(self, metrics: Iterable[Metric]) -> None:
+        """compute() inside uses the state the metric holds and syncs nothing itself."""
+        for m in metrics:
+            self.flags.append((m, m._to_sync, m._should_unsync))
+            m._to_sync = False
+            m._should_unsync = False
+            m._computed = None
+
 
 def _enter(exchanges: list[_Exchange], fallback: list[Metric], group: Any, state: _Entered
            ) -> None:
@@ -583,12 +592,7 @@ def _enter(exchanges: list[_Exchange], fallback: list[Metric], group: Any, state
         for m, cache in caches:
             m._cache = cache
             m._is_synced = True
-    for m in [m for m, _ in state.coalesced] + state.fallback:
-        # compute() inside uses the synced state and syncs nothing itself.
-        state.flags.append((m, m._to_sync, m._should_unsync))
-        m._to_sync = False
-        m._should_unsync = False
-        m._computed = None
+    state.hold_local([m for m, _ in state.coalesced] + state.fallback)
 
 
 def _leave(state: _Entered) -> None:
@@ -704,7 +708,10 @@ def _sync_and_enter(
     with torch.no_grad():
         for i, (g, bucket) in enumerate(_buckets(named, group)):
             if i > 0 and not _distributed(g):
+                # A group of one, or one this rank is not in: nothing to sync with, and
+                # torchmetrics' own sync would fail there; compute() inside gives the local value.
                 skipped += bucket
+                state.hold_local(m for _, m in bucket)
                 continue
             plan = _plan_for(bucket, g, dist.get_world_size(g))
             ex = _Exchange(plan, g)
