@@ -110,7 +110,7 @@ def find_metrics(metrics: MetricsLike) -> list[tuple[str, Metric]]:
 
 
 @functools.cache
-def _torchmetrics() -> tuple[type, dict[Callable[..., Any], str], Callable[..., Any], Any]:
+def _torchmetrics() -> tuple[type[Metric], dict[Callable[..., Any], str], Callable[..., Any], Any]:
     """torchmetrics' Metric class, its reduce functions by name, its cat, and its default
     ``distributed_available_fn``."""
     from torchmetrics.metric import Metric, jit_distributed_available
@@ -139,8 +139,8 @@ def _default_available(fn: Any) -> bool:
 def _route(reduce: str | None, value: Any) -> str:
     if isinstance(value, list):
         return "cat" if reduce == "cat" else "fallback"
-    if not isinstance(value, Tensor) or reduce == "custom":
-        return "fallback"
+    if not isinstance(value, Tensor) or reduce not in (None, "sum", "mean", "max", "min", "cat"):
+        return "fallback"  # a custom reduce function
     dtype = value.dtype
     if reduce in ("sum", "mean") and dtype.is_floating_point:
         return "sum_float"
@@ -169,6 +169,12 @@ class _Slot:
     def numel(self) -> int:
         return self.shape.numel()
 
+    def describe(self) -> str:
+        """The state's part of the layout fingerprint."""
+        kind = "list" if isinstance(getattr(self.metric, self.attr), list) else (
+            f"{self.dtype}{tuple(self.shape)}")
+        return f"{self.attr}:{self.reduce}:{kind}"
+
 
 def _signature(named: list[tuple[str, Metric]], group: Any, world: int) -> tuple[Any, ...]:
     """Everything a plan depends on, cheap to make (no strings): a changed one rebuilds it."""
@@ -183,12 +189,42 @@ def _signature(named: list[tuple[str, Metric]], group: Any, world: int) -> tuple
     return tuple(sig)
 
 
+def _slots_of(m: Metric) -> list[_Slot]:
+    reduce_names = _torchmetrics()[1]
+    slots = []
+    for attr, fn in m._reductions.items():
+        reduce = None if fn is None else reduce_names.get(fn, "custom") if callable(fn) else str(fn)
+        v = getattr(m, attr)
+        if isinstance(v, list):  # its dtype and shape are only known once data arrives
+            slots.append(_Slot(m, attr, _route(reduce, v), reduce, m.dtype, torch.Size(), m.device))
+        else:
+            slots.append(_Slot(m, attr, _route(reduce, v), reduce, v.dtype, v.shape, v.device))
+    return slots
+
+
+def _kind_of(m: Metric, slots: list[_Slot]) -> str:
+    """"skip" where torchmetrics' compute would not sync, "fallback" where its own sync must
+    run (a custom reduce or sync function, an overridden ``_sync_dist``), else "coalesced"."""
+    if not m._to_sync or not (
+        _default_available(m.distributed_available_fn) or m.distributed_available_fn()
+    ):
+        return "skip"
+    own_sync = type(m)._sync_dist is not _torchmetrics()[0]._sync_dist and bool(slots)
+    if own_sync or m.dist_sync_fn is not None or any(s.route == "fallback" for s in slots):
+        return "fallback"
+    return "coalesced"
+
+
+def _per_element(slots: list[_Slot], value: Callable[[_Slot], float], device: torch.device
+                 ) -> Tensor:
+    """A float64 vector with ``value(slot)`` at each element of each slot, in order."""
+    return torch.cat([torch.full((s.numel,), value(s), dtype=_F64) for s in slots]).to(device)
+
+
 class _Plan:
     """How one set of metrics syncs over one group: cached between syncs."""
 
-    def __init__(self, named: list[tuple[str, Metric]], group: Any, world: int) -> None:
-        metric_cls, reduce_names, _, _ = _torchmetrics()
-        base_sync_dist = metric_cls._sync_dist
+    def __init__(self, named: list[tuple[str, Metric]], world: int) -> None:
         self.world = world
         self.layout: list[str] = []
         self.coalesced: list[tuple[str, Metric]] = []
@@ -197,59 +233,39 @@ class _Plan:
         self.slots: dict[str, list[_Slot]] = {
             r: [] for r in ("sum_float", "sum_i64", "sum_int", "max", "gather", "cat")
         }
+        lists = {"skip": self.skipped, "fallback": self.fallback, "coalesced": self.coalesced}
         for name, m in named:
             if m._is_synced:
                 raise StatplugError(
                     f"sync_metrics: metric `{name}` ({type(m).__name__}) is already synced (inside "
                     "another sync_metrics or torchmetrics' sync_context); leave that one first"
                 )
-            slots = []
-            for attr, fn in m._reductions.items():
-                reduce = None if fn is None else reduce_names.get(fn, "custom")
-                v = getattr(m, attr)
-                if isinstance(v, list):
-                    slots.append(_Slot(m, attr, _route(reduce, v), reduce, m.dtype, torch.Size(),
-                                       m.device))
-                else:
-                    slots.append(_Slot(m, attr, _route(reduce, v), reduce, v.dtype, v.shape,
-                                       v.device))
-            own_sync = type(m)._sync_dist is not base_sync_dist and bool(m._reductions)
-            if not m._to_sync or not (
-                _default_available(m.distributed_available_fn) or m.distributed_available_fn()
-            ):
-                kind = "skip"
-                self.skipped.append((name, m))
-            elif own_sync or m.dist_sync_fn is not None or any(s.route == "fallback" for s in slots):
-                kind = "fallback"
-                self.fallback.append((name, m))
-            else:
-                kind = "coalesced"
-                self.coalesced.append((name, m))
-                for s in slots:
-                    self.slots[s.route].append(s)
-            states = ", ".join(
-                f"{s.attr}:{s.reduce}:{'list' if s.route == 'cat' else f'{s.dtype}{tuple(s.shape)}'}"
-                for s in slots
-            )
+            slots = _slots_of(m)
+            kind = _kind_of(m, slots)
+            lists[kind].append((name, m))
+            if kind == "coalesced":
+                for slot in slots:
+                    self.slots[slot.route].append(slot)
             cls = type(m)
+            states = ", ".join(slot.describe() for slot in slots)
             self.layout.append(f"{name}: {cls.__module__}.{cls.__qualname__} {kind} [{states}]")
         self.fingerprint = _fingerprint(self.layout)
         # Runs of one dtype are converted back in one op each.
         for route in ("sum_float", "max"):
-            self.slots[route].sort(key=lambda s: str(s.dtype))
+            self.slots[route].sort(key=lambda slot: str(slot.dtype))
         # Where the payload is packed: the metrics' device (torchmetrics keeps it up to date).
-        self.device = self.coalesced[0][1].device if self.coalesced else torch.device("cpu")
-        sum_float = self.slots["sum_float"]
-        # Divide "mean" states by the world size, as torchmetrics' mean over ranks does.
-        self.divisor = torch.cat(
-            [torch.full((s.numel,), float(world if s.reduce == "mean" else 1), dtype=_F64)
-             for s in sum_float]
-        ).to(self.device) if any(s.reduce == "mean" for s in sum_float) else None
-        maxes = self.slots["max"]
-        self.sign = torch.cat(
-            [torch.full((s.numel,), 1.0 if s.reduce == "max" else -1.0, dtype=_F64) for s in maxes]
-        ).to(self.device) if maxes else None
-        self.fixed_words = sum(_words(s.numel * s.dtype.itemsize) for s in self.slots["gather"])
+        device = self.coalesced[0][1].device if self.coalesced else torch.device("cpu")
+        self.device = device
+        sums, maxes = self.slots["sum_float"], self.slots["max"]
+        # "mean" states are divided by the world size, as torchmetrics' mean over ranks does.
+        self.divisor = (
+            _per_element(sums, lambda slot: world if slot.reduce == "mean" else 1.0, device)
+            if any(slot.reduce == "mean" for slot in sums) else None
+        )
+        self.sign = (  # minima travel negated in the MAX
+            _per_element(maxes, lambda slot: 1.0 if slot.reduce == "max" else -1.0, device)
+            if maxes else None
+        )
 
 
 def _words(n_bytes: int) -> int:
@@ -277,7 +293,7 @@ def _plan_for(named: list[tuple[str, Metric]], group: Any, world: int) -> _Plan:
     if hit is None or hit[1] != sig or [n for n, _ in hit[0]] != [n for n, _ in named]:
         if len(_PLANS) >= 64:
             _PLANS.clear()
-        hit = (named, sig, _Plan(named, group, world))
+        hit = (named, sig, _Plan(named, world))
         _PLANS[key] = hit
     return hit[2]
 
@@ -474,8 +490,8 @@ class _Exchange:
             w = _words(n_bytes)
             raw = buf[:, off : off + w].contiguous().view(torch.uint8)[:, :n_bytes].contiguous()
             stacked = raw.view(s.dtype).view(world, *s.shape).to(s.device)
-            fn = s.metric._reductions[s.attr]
-            self.results.append((s.metric, s.attr, stacked if fn is None else fn(stacked)))
+            fn = s.metric._reductions[s.attr]  # None, or one of torchmetrics' dim_zero_*
+            self.results.append((s.metric, s.attr, fn(stacked) if callable(fn) else stacked))
             off += w
         if plan.slots["cat"]:
             self._decode_cats(buf, off)

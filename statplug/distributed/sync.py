@@ -306,7 +306,10 @@ def _sync(
         extra = None if rider is None else rider.layout_extra()
         check = _LayoutCheck(plan, group, extra)
         n_bytes += 0 if extra is None else extra.numel() * 8
-        riding = [] if rider is None else [tuple([] if t is None else [t] for t in rider.phase1())]
+        riding: list[tuple[list[Tensor], list[Tensor]]] = []
+        if rider is not None:
+            r_sum, r_max = rider.phase1()
+            riding.append(([] if r_sum is None else [r_sum], [] if r_max is None else [r_max]))
         # Phase-1 segments are local work: made and packed while the fingerprints travel. (Only
         # flushing deferred updates touches a stat, which changes no value.)
         groups = plan.groups

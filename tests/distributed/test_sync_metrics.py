@@ -398,7 +398,7 @@ def test_stats_and_metrics_share_at_most_four_collectives(runs):
 
 
 def test_fallback_skip_and_own_group(runs):
-    world, results = runs
+    _, results = runs
     for rank, res in enumerate(results):
         s = res["special"]
         assert s["report"].fallback == ("custom",)
@@ -415,7 +415,7 @@ def test_fallback_skip_and_own_group(runs):
 
 
 def test_layout_mismatch_raises_on_every_rank(runs):
-    world, results = runs
+    _, results = runs
     for res in results:
         msg = res["mismatch"]
         assert set(msg) == {"metrics", "stats"}

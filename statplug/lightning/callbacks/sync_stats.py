@@ -17,6 +17,13 @@ When it syncs (every rank reaches each point, so every rank joins each collectiv
   ``ModelCheckpoint`` is about to save at that step;
 * the end of training, so a manual ``trainer.save_checkpoint`` after ``fit`` holds global stats.
 
+With ``metrics=True`` it also syncs the torchmetrics metrics logged as ``Metric`` objects
+(``self.log(name, metric)``) where Lightning would compute them -- the ends of training,
+validation and test epochs -- together with the stats, in at most 4 collectives in all (see
+:func:`~statplug.distributed.sync_metrics`). It computes them while they hold their global state,
+so Lightning logs the cached global values and never runs torchmetrics' per-metric sync; then
+every metric is back to its local state, as after torchmetrics' own compute.
+
 Syncing is idempotent (only data added since the previous sync travels), so the extra sync points
 never double count, and costs at most 4 collectives whatever the number of stats.
 
@@ -38,10 +45,12 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from statplug.distributed import (
+    MetricsSyncReport,
     SyncReport,
     broadcast_stats,
     exclude_from_ddp_broadcast,
     find_stats,
+    sync_metrics,
     sync_stats,
 )
 from statplug.distributed.ddp import stat_buffer_names
@@ -68,6 +77,11 @@ class SyncStats(Callback):
         every_n_train_steps: also sync after every ``n``-th optimizer step (e.g. when the model
             reads its normaliser's stats in ``training_step`` and should see the global ones).
             Default: None (only at epoch ends, validation and checkpoints).
+        metrics: also sync the torchmetrics metrics logged with ``self.log(name, metric)`` in
+            the step methods, with the stats, at the epoch ends where Lightning computes them.
+            Metrics first logged in the module's own ``on_*_epoch_end`` hook (which runs after
+            every callback's) are computed by Lightning with torchmetrics' own sync, as without
+            this flag. Default: False.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -77,7 +91,7 @@ class SyncStats(Callback):
         'SyncStats'
     """
 
-    def __init__(self, every_n_train_steps: int | None = None) -> None:
+    def __init__(self, every_n_train_steps: int | None = None, metrics: bool = False) -> None:
         if every_n_train_steps is not None and (
             isinstance(every_n_train_steps, bool)
             or not isinstance(every_n_train_steps, int)
@@ -87,10 +101,14 @@ class SyncStats(Callback):
                 f"SyncStats: `every_n_train_steps` must be a positive int or None, got "
                 f"{every_n_train_steps!r}"
             )
+        if not isinstance(metrics, bool):
+            raise ValueError(f"SyncStats: `metrics` must be a bool, got {metrics!r}")
         self.every_n_train_steps = every_n_train_steps
+        self.metrics = metrics
         self.excluded: list[str] = []
         self.n_syncs = 0
         self.last_report: SyncReport | None = None
+        self.last_metrics_report: MetricsSyncReport | None = None
         self._last_step_synced = -1
         self._listeners: list[SyncListener] = []
         # Lightning reads state_key around every hook call (profiler names): build it once.
@@ -113,14 +131,19 @@ class SyncStats(Callback):
         event: str,
         *,
         checkpoint_point: bool = True,
+        metrics: bool = False,
     ) -> SyncReport:
         """Sync ``pl_module``'s stats now (every rank must call this together).
 
         At points where a checkpoint may be written (``checkpoint_point``) the stats are then
         settled: brought to the exact state a reload of their saved values gives, so a resumed run
-        continues bit for bit like an uninterrupted one.
+        continues bit for bit like an uninterrupted one. With ``metrics``, the logged metrics
+        Lightning is about to compute are synced in the same collectives and computed.
         """
-        report = sync_stats(pl_module, group=process_group(trainer))
+        if metrics:
+            report = self._sync_with_metrics(trainer, pl_module)
+        else:
+            report = sync_stats(pl_module, group=process_group(trainer))
         if checkpoint_point:
             settle(find_stats(pl_module))
         self.n_syncs += 1
@@ -136,6 +159,20 @@ class SyncStats(Callback):
         for fn in self._listeners:
             fn(trainer, pl_module, event)
         return report
+
+    def _sync_with_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SyncReport:
+        pending = _metrics_to_compute(trainer)
+        with sync_metrics(
+            {key: result.value for key, result in pending.items()},
+            group=process_group(trainer),
+            stats=pl_module,
+        ) as report:
+            for result in pending.values():
+                # Lightning's wrapper caches the value, so its own epoch-end compute (and
+                # torchmetrics' sync inside it) does not run again.
+                result.compute()
+        self.last_metrics_report = report
+        return SyncReport(report.n_stats, report.n_collectives, report.n_bytes, report.seconds)
 
     # ------------------------------------------------------------------ DDP opt-out
     @override
@@ -198,9 +235,42 @@ class SyncStats(Callback):
         self.sync(trainer, pl_module, "validation_end")
 
     @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.metrics:
+            self.sync(
+                trainer, pl_module, "validation_epoch_end", checkpoint_point=False, metrics=True
+            )
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.metrics:
+            self.sync(trainer, pl_module, "test_epoch_end", checkpoint_point=False, metrics=True)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer, pl_module, "train_epoch_end")
+        self.sync(trainer, pl_module, "train_epoch_end", metrics=self.metrics)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.sync(trainer, pl_module, "train_end")
+
+
+def _metrics_to_compute(trainer: pl.Trainer) -> dict[str, Any]:
+    """The values logged as torchmetrics ``Metric`` objects that Lightning's logger connector
+    will compute at this epoch end (its ``_ResultMetric`` wrappers, by result key).
+
+    Read from Lightning's result collection of the running loop (``trainer._results``): what
+    ``_ResultCollection.metrics(on_step=False)`` computes is every valid entry logged on epoch
+    level whose value is a ``Metric`` and has no cached value yet.
+    """
+    results = getattr(trainer, "_results", None)
+    if results is None:
+        return {}
+    return {
+        key: result
+        for key, result in results.items()
+        if not result.is_tensor
+        and result.meta.on_epoch
+        and not result.has_reset
+        and result._computed is None
+    }
