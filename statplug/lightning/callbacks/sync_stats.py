@@ -18,11 +18,13 @@ When it syncs (every rank reaches each point, so every rank joins each collectiv
 * the end of training, so a manual ``trainer.save_checkpoint`` after ``fit`` holds global stats.
 
 With ``metrics=True`` it also syncs the torchmetrics metrics logged as ``Metric`` objects
-(``self.log(name, metric)``) where Lightning would compute them -- the ends of training,
-validation and test epochs -- together with the stats, in at most 4 collectives in all (see
-:func:`~statplug.distributed.sync_metrics`). It computes them while they hold their global state,
-so Lightning logs the cached global values and never runs torchmetrics' per-metric sync; then
-every metric is back to its local state, as after torchmetrics' own compute.
+(``self.log(name, metric)``) where Lightning would compute them -- the end of each training epoch,
+and the end of the last batch of each validation and test run (Lightning computes their epoch
+values right after it, before the ``on_*_epoch_end`` hooks) -- together with the stats, in at
+most 4 collectives in all (see :func:`~statplug.distributed.sync_metrics`). It computes them
+while they hold their global state, so Lightning logs the cached global values and never runs
+torchmetrics' per-metric sync; then every metric is back to its local state, as after
+torchmetrics' own compute.
 
 Syncing is idempotent (only data added since the previous sync travels), so the extra sync points
 never double count, and costs at most 4 collectives whatever the number of stats.
@@ -79,9 +81,9 @@ class SyncStats(Callback):
             Default: None (only at epoch ends, validation and checkpoints).
         metrics: also sync the torchmetrics metrics logged with ``self.log(name, metric)`` in
             the step methods, with the stats, at the epoch ends where Lightning computes them.
-            Metrics first logged in the module's own ``on_*_epoch_end`` hook (which runs after
-            every callback's) are computed by Lightning with torchmetrics' own sync, as without
-            this flag. Default: False.
+            Metrics first logged in the module's own ``on_*_epoch_end`` hooks (and, with several
+            validation dataloaders, those of all but the last) are computed by Lightning with
+            torchmetrics' own sync, as without this flag. Default: False.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -234,16 +236,34 @@ class SyncStats(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.sync(trainer, pl_module, "validation_end")
 
+    # Lightning computes the epoch values logged in validation/test steps right after the last
+    # batch, before any on_*_epoch_end hook: the last batch's end is the last hook before that.
     @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.metrics:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.metrics and _last_eval_batch(trainer):
             self.sync(
                 trainer, pl_module, "validation_epoch_end", checkpoint_point=False, metrics=True
             )
 
     @override
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.metrics:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.metrics and _last_eval_batch(trainer):
             self.sync(trainer, pl_module, "test_epoch_end", checkpoint_point=False, metrics=True)
 
     @override
@@ -274,3 +294,9 @@ def _metrics_to_compute(trainer: pl.Trainer) -> dict[str, Any]:
         and not result.has_reset
         and result._computed is None
     }
+
+
+def _last_eval_batch(trainer: pl.Trainer) -> bool:
+    """Is the running validation/test batch the last? (Set by the evaluation loop before the
+    step, from its data fetcher; the epoch's values are computed right after this batch.)"""
+    return bool(trainer._evaluation_loop.batch_progress.is_last_batch)
