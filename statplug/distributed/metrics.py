@@ -153,11 +153,26 @@ def _route(reduce: str | None, value: Any) -> str:
     return "gather"
 
 
+Setter = Callable[[Any, str, Any], None]
+
+
+def _setter(m: Metric) -> Setter:
+    """How to write ``m``'s states and sync flags: a plain attribute write where ``setattr``
+    would end in exactly that (``nn.Module.__setattr__`` costs ~10 us a call, a sync makes ~14
+    per metric): no ``__setattr__`` of its own and no state registered as a parameter, buffer or
+    module."""
+    plain = type(m).__setattr__ is _torchmetrics()[0].__setattr__ and not any(
+        a in m._parameters or a in m._buffers or a in m._modules for a in m._defaults
+    )
+    return object.__setattr__ if plain else setattr
+
+
 @dataclass(frozen=True)
 class _Slot:
     """One state of one metric and how it travels."""
 
     metric: Metric
+    put: Setter  # how to write the metric's attributes (see _setter)
     attr: str
     route: str
     reduce: str | None
@@ -189,16 +204,18 @@ def _signature(named: list[tuple[str, Metric]], group: Any, world: int) -> tuple
     return tuple(sig)
 
 
-def _slots_of(m: Metric) -> list[_Slot]:
+def _slots_of(m: Metric, put: Setter) -> list[_Slot]:
     reduce_names = _torchmetrics()[1]
     slots = []
     for attr, fn in m._reductions.items():
         reduce = None if fn is None else reduce_names.get(fn, "custom") if callable(fn) else str(fn)
         v = getattr(m, attr)
         if isinstance(v, list):  # its dtype and shape are only known once data arrives
-            slots.append(_Slot(m, attr, _route(reduce, v), reduce, m.dtype, torch.Size(), m.device))
+            slots.append(
+                _Slot(m, put, attr, _route(reduce, v), reduce, m.dtype, torch.Size(), m.device)
+            )
         else:
-            slots.append(_Slot(m, attr, _route(reduce, v), reduce, v.dtype, v.shape, v.device))
+            slots.append(_Slot(m, put, attr, _route(reduce, v), reduce, v.dtype, v.shape, v.device))
     return slots
 
 
@@ -233,6 +250,7 @@ class _Plan:
         self.slots: dict[str, list[_Slot]] = {
             r: [] for r in ("sum_float", "sum_i64", "sum_int", "max", "gather", "cat")
         }
+        self.setters: list[Setter] = []  # of the coalesced metrics
         lists = {"skip": self.skipped, "fallback": self.fallback, "coalesced": self.coalesced}
         for name, m in named:
             if m._is_synced:
@@ -240,10 +258,12 @@ class _Plan:
                     f"sync_metrics: metric `{name}` ({type(m).__name__}) is already synced (inside "
                     "another sync_metrics or torchmetrics' sync_context); leave that one first"
                 )
-            slots = _slots_of(m)
+            put = _setter(m)
+            slots = _slots_of(m, put)
             kind = _kind_of(m, slots)
             lists[kind].append((name, m))
             if kind == "coalesced":
+                self.setters.append(put)
                 for slot in slots:
                     self.slots[slot.route].append(slot)
             cls = type(m)
@@ -326,7 +346,7 @@ class _Exchange:
         self.world = plan.world
         self.rank = dist.get_rank(group)
         self.device = plan.device
-        self.results: list[tuple[Metric, str, Any]] = []
+        self.results: list[tuple[_Slot, Any]] = []  # each state's global value
         self.n_bytes = 0
         self.sizes: list[int] = []
         self.rode = False
@@ -360,11 +380,10 @@ class _Exchange:
 
     def layout_extra(self) -> Tensor:
         hi, lo = self.plan.fingerprint
-        t = torch.zeros(4 + self.world, dtype=_F64)
-        t[:4] = torch.tensor([hi, lo, -hi, -lo], dtype=_F64)
-        t[4 + self.rank] = 0 if self.blob is None else self.blob.numel()
-        self.n_bytes += t.numel() * 8
-        return t.to(self.device)
+        sizes = [0.0] * self.world  # each rank's own slot: the MAX gives every rank's
+        sizes[self.rank] = 0.0 if self.blob is None else float(self.blob.numel())
+        self.n_bytes += (4 + self.world) * 8
+        return torch.tensor([hi, lo, -hi, -lo, *sizes], dtype=_F64, device=self.device)
 
     def check_layout(self, reduced: Tensor) -> None:
         values = reduced.tolist()
@@ -459,18 +478,16 @@ class _Exchange:
         floats = plan.slots["sum_float"]
         n = sum(s.numel for s in floats)
         seg = sums[:n] if plan.divisor is None else sums[:n] / plan.divisor
-        out += [(s.metric, s.attr, v) for s, v in _split(seg, floats, lambda t, d: t.to(d))]
+        out += _split(seg, floats, lambda t, d: t.to(d))
         if plan.slots["sum_i64"]:
             k = sum(s.numel for s in plan.slots["sum_i64"])
             hi, lo = sums[n : n + k].to(torch.int64), sums[n + k : n + 2 * k].to(torch.int64)
             total = (hi << 32) + lo  # wraps past int64 as torch's int64 sum does
-            out += [(s.metric, s.attr, v)
-                    for s, v in _split(total, plan.slots["sum_i64"], lambda t, d: t)]
+            out += _split(total, plan.slots["sum_i64"], lambda t, d: t)
             n += 2 * k
         if plan.slots["sum_int"]:
             # torch.sum of integers and bool gives int64, as torchmetrics' sum over ranks does.
-            out += [(s.metric, s.attr, v) for s, v in _split(
-                sums[n:], plan.slots["sum_int"], lambda t, d: t.to(torch.int64))]
+            out += _split(sums[n:], plan.slots["sum_int"], lambda t, d: t.to(torch.int64))
 
     def _decode_maxes(self, maxes: Tensor | None) -> None:
         if maxes is None:
@@ -479,8 +496,7 @@ class _Exchange:
         assert plan.sign is not None
         n = plan.sign.numel()
         v = maxes[:n].masked_fill(maxes[n:] > 0, torch.nan) * plan.sign
-        self.results += [(s.metric, s.attr, t) for s, t in _split(
-            v, plan.slots["max"], lambda t, d: t.to(d))]
+        self.results += _split(v, plan.slots["max"], lambda t, d: t.to(d))
 
     def _decode_gathered(self, buf: Tensor) -> None:
         plan, world = self.plan, self.world
@@ -491,7 +507,7 @@ class _Exchange:
             raw = buf[:, off : off + w].contiguous().view(torch.uint8)[:, :n_bytes].contiguous()
             stacked = raw.view(s.dtype).view(world, *s.shape).to(s.device)
             fn = s.metric._reductions[s.attr]  # None, or one of torchmetrics' dim_zero_*
-            self.results.append((s.metric, s.attr, fn(stacked) if callable(fn) else stacked))
+            self.results.append((s, fn(stacked) if callable(fn) else stacked))
             off += w
         if plan.slots["cat"]:
             self._decode_cats(buf, off)
@@ -521,7 +537,7 @@ class _Exchange:
             # In rank order, as torchmetrics' gather and cat give them.
             value = torch.cat(got).to(device) if got else torch.tensor(
                 [], dtype=s.metric.dtype, device=device)
-            self.results.append((s.metric, s.attr, value))
+            self.results.append((s, value))
 
 
 def _raise_metric_layout_error(layout: list[str], group: Any) -> None:
@@ -549,8 +565,11 @@ def _raise_metric_layout_error(layout: list[str], group: Any) -> None:
 def _no_stats_check(device: torch.device) -> Tensor:
     """What the stats' layout check sends for a rank with no stats, so a rank with stats and
     one without meet in collectives of the same size and both raise."""
-    hi, lo = _fingerprint([])
+    hi, lo = _EMPTY_STATS
     return torch.tensor([hi, lo, 0.0, -hi, -lo, -0.0], dtype=_F64, device=device)
+
+
+_EMPTY_STATS = _fingerprint([])
 
 
 def _exchange_alone(ex: _Exchange) -> int:
@@ -579,17 +598,17 @@ def _exchange_alone(ex: _Exchange) -> int:
 class _Entered:
     """What leaving the context must undo."""
 
-    coalesced: list[tuple[Metric, dict[str, Any]]] = field(default_factory=list)
+    coalesced: list[tuple[Metric, Setter, dict[str, Any]]] = field(default_factory=list)
     fallback: list[Metric] = field(default_factory=list)
-    flags: list[tuple[Metric, bool, bool]] = field(default_factory=list)
+    flags: list[tuple[Metric, Setter, bool, bool]] = field(default_factory=list)
 
-    def hold_local(self, metrics: Iterable[Metric]) -> None:
+    def hold_local(self, metrics: Iterable[tuple[Metric, Setter]]) -> None:
         """compute() inside uses the state the metric holds and syncs nothing itself."""
-        for m in metrics:
-            self.flags.append((m, m._to_sync, m._should_unsync))
-            m._to_sync = False
-            m._should_unsync = False
-            m._computed = None
+        for m, put in metrics:
+            self.flags.append((m, put, m._to_sync, m._should_unsync))
+            put(m, "_to_sync", False)
+            put(m, "_should_unsync", False)
+            put(m, "_computed", None)
 
 
 def _enter(exchanges: list[_Exchange], fallback: list[Metric], group: Any, state: _Entered
@@ -601,27 +620,31 @@ def _enter(exchanges: list[_Exchange], fallback: list[Metric], group: Any, state
         state.fallback.append(m)
     for ex in exchanges:
         # As torchmetrics' sync: the local state is cached, the global one set.
-        caches = [(m, {a: getattr(m, a) for a in m._defaults}) for _, m in ex.plan.coalesced]
+        setters = ex.plan.setters
+        caches = [(m, put, {a: getattr(m, a) for a in m._defaults})
+                  for (_, m), put in zip(ex.plan.coalesced, setters, strict=True)]
         state.coalesced += caches
-        for m, attr, value in ex.results:
-            setattr(m, attr, value)
-        for m, cache in caches:
-            m._cache = cache
-            m._is_synced = True
-    state.hold_local([m for m, _ in state.coalesced] + state.fallback)
+        for slot, value in ex.results:
+            slot.put(slot.metric, slot.attr, value)
+        for m, put, cache in caches:
+            put(m, "_cache", cache)
+            put(m, "_is_synced", True)
+    state.hold_local([(m, put) for m, put, _ in state.coalesced]
+                     + [(m, setattr) for m in state.fallback])
 
 
 def _leave(state: _Entered) -> None:
     """Back to the local states, exactly as torchmetrics' ``unsync`` leaves a metric."""
-    for m, to_sync, should_unsync in state.flags:
-        m._to_sync, m._should_unsync = to_sync, should_unsync
-    for m, cache in state.coalesced:
+    for m, put, to_sync, should_unsync in state.flags:
+        put(m, "_to_sync", to_sync)
+        put(m, "_should_unsync", should_unsync)
+    for m, put, cache in state.coalesced:
         # A metric reset (or unsynced) inside keeps that state, as in torchmetrics' sync_context.
         if m._is_synced and m._cache is cache:
             for attr, value in cache.items():
-                setattr(m, attr, value)
-            m._is_synced = False
-            m._cache = None
+                put(m, attr, value)
+            put(m, "_is_synced", False)
+            put(m, "_cache", None)
     for m in state.fallback:
         if m._is_synced:
             m.unsync()
@@ -721,30 +744,31 @@ def _sync_and_enter(
     skipped: list[tuple[str, Metric]] = []
     n_coll = n_bytes = 0
     n_stats = len(stat_list)
-    with torch.no_grad():
-        for i, (g, bucket) in enumerate(_buckets(named, group)):
-            if i > 0 and not _distributed(g):
-                # A group of one, or one this rank is not in: nothing to sync with, and
-                # torchmetrics' own sync would fail there; compute() inside gives the local value.
-                skipped += bucket
-                state.hold_local(m for _, m in bucket)
-                continue
-            plan = _plan_for(bucket, g, dist.get_world_size(g))
-            ex = _Exchange(plan, g)
-            if i == 0 and stat_list:
-                report = _sync(stat_list, g, ex, start)
-                n_coll, n_bytes = n_coll + report.n_collectives, n_bytes + report.n_bytes
-            else:
-                n_coll += _exchange_alone(ex)
-                n_bytes += ex.n_bytes
-            exchanges.append(ex)
-            fallback += plan.fallback
-            skipped += plan.skipped
-        try:
+    try:
+        with torch.no_grad():
+            for i, (g, bucket) in enumerate(_buckets(named, group)):
+                if i > 0 and not _distributed(g):
+                    # A group of one, or one this rank is not in: nothing to sync with, and
+                    # torchmetrics' own sync would fail there; compute() inside gives the local
+                    # value.
+                    skipped += bucket
+                    state.hold_local((m, setattr) for _, m in bucket)
+                    continue
+                plan = _plan_for(bucket, g, dist.get_world_size(g))
+                ex = _Exchange(plan, g)
+                if i == 0 and stat_list:
+                    report = _sync(stat_list, g, ex, start)
+                    n_coll, n_bytes = n_coll + report.n_collectives, n_bytes + report.n_bytes
+                else:
+                    n_coll += _exchange_alone(ex)
+                    n_bytes += ex.n_bytes
+                exchanges.append(ex)
+                fallback += plan.fallback
+                skipped += plan.skipped
             _enter(exchanges, [m for _, m in fallback], group, state)
-        except BaseException:
-            _leave(state)
-            raise
+    except BaseException:
+        _leave(state)  # no metric stays half synced
+        raise
     n_metrics = sum(len(ex.plan.coalesced) for ex in exchanges) + len(fallback)
     return MetricsSyncReport(
         n_metrics, n_stats, n_coll, n_bytes, time.perf_counter() - start,
