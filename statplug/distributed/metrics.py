@@ -24,6 +24,7 @@ exist, so ``import statplug`` stays light.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -94,19 +95,31 @@ def find_metrics(metrics: MetricsLike) -> list[tuple[str, Metric]]:
     else:
         items = [("", m) for m in metrics]
     tm = sys.modules.get("torchmetrics.metric")  # not imported yet: no metric can exist
-    found: dict[int, tuple[str, Metric]] = {}
+    metric_cls = None if tm is None else tm.Metric
+    found: list[tuple[str, Metric]] = []
+    seen: set[int] = set()
+
+    def walk(name: str, module: nn.Module) -> None:
+        # named_modules' walk and names, with a memo by id: it hashes modules, and a Metric's
+        # __hash__ hashes its states.
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if isinstance(module, metric_cls):  # type: ignore[arg-type]
+            found.append((name or f"{type(module).__name__}#{len(found)}", module))
+        for child_name, child in module._modules.items():
+            if child is not None:
+                walk(f"{name}.{child_name}" if name else child_name, child)
+
     for key, item in items:
         if not isinstance(item, nn.Module):
             raise TypeError(
                 f"sync_metrics: expected a module, or an iterable or mapping of modules "
                 f"(torchmetrics metrics), got an item of type {type(item).__name__}"
             )
-        if tm is None:
-            continue
-        for name, m in item.named_modules(prefix=key):
-            if isinstance(m, tm.Metric) and id(m) not in found:
-                found[id(m)] = (name or f"{type(m).__name__}#{len(found)}", m)
-    return list(found.values())
+        if metric_cls is not None:
+            walk(key, item)
+    return found
 
 
 @functools.cache
@@ -516,21 +529,20 @@ class _Exchange:
         cats = self.plan.slots["cat"]
         lengths = buf[:, off].tolist()
         headers = buf[:, off + 1 : off + 1 + max(lengths)].tolist()
+        rows = buf.view(torch.uint8)  # [world, bytes]
         parts: list[list[Tensor]] = [[] for _ in cats]
         for r in range(self.world):
-            header, pos, data = headers[r], 0, off + 1 + lengths[r]
+            header, pos, data = headers[r], 0, 8 * (off + 1 + lengths[r])
             for i in range(len(cats)):
                 code, ndim = header[pos], header[pos + 1]
-                shape = header[pos + 2 : pos + 2 + max(ndim, 0)]
-                pos += 2 + max(ndim, 0)
+                shape = header[pos + 2 : pos + 2 + ndim]
+                pos += 2 + ndim
                 if code == _EMPTY:
                     continue  # no data on rank r (torchmetrics would add an empty float tensor)
                 dtype = _DTYPES[code]
-                n_bytes = int(torch.Size(shape).numel()) * dtype.itemsize
-                w = _words(n_bytes)
-                raw = buf[r, data : data + w].view(torch.uint8)[:n_bytes]
-                parts[i].append(raw.view(dtype).view(shape))
-                data += w
+                n_bytes = math.prod(shape) * dtype.itemsize
+                parts[i].append(rows[r, data : data + n_bytes].view(dtype).view(shape))
+                data += 8 * _words(n_bytes)
         for s, got in zip(cats, parts, strict=True):
             local = getattr(s.metric, s.attr)
             device = local[0].device if local else s.metric.device
