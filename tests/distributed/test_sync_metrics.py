@@ -304,6 +304,8 @@ def _mismatch(rank: int, world: int) -> dict[str, str]:
                 pass
         except StatLayoutError as err:
             out[case] = str(err)
+        for m in kwargs["metrics"].values():  # nothing left half synced
+            assert m._to_sync and not m._is_synced and m._cache is None
     return out
 
 
@@ -421,3 +423,30 @@ def test_layout_mismatch_raises_on_every_rank(runs):
         assert set(msg) == {"metrics", "stats"}
         assert "acc" in msg["metrics"] and "different metric layouts" in msg["metrics"]
         assert "different stat layouts" in msg["stats"]
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import statplug.distributed.metrics
+
+    result = doctest.testmod(statplug.distributed.metrics)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_without_a_process_group_nothing_changes():
+    from torchmetrics import MeanMetric
+
+    from statplug import sync_metrics
+
+    model = nn.Module()
+    model.mean = MeanMetric()
+    model.mean.update(torch.tensor([1.0, 2.0]))
+    with counting() as n, sync_metrics(model) as report:
+        assert model.mean.compute().item() == 1.5
+        assert not model.mean._is_synced
+    assert n[0] == 0 and report.n_collectives == 0 and report.n_metrics == 1
+    with pytest.raises(TypeError, match="got an item of type Tensor"), sync_metrics(
+        [torch.ones(1)]
+    ):
+        pass
