@@ -52,15 +52,22 @@ def state_buffers(model: nn.Module) -> list[StateBuffer]:
     ones) and every buffer a module names in ``_statplug_fixed_buffers`` (pruning masks). An
     :class:`~torch.optim.swa_utils.AveragedModel` is read through its ``module``.
     """
-    return list(_iter_state_buffers(_unwrap(model)))
+    return [
+        StateBuffer(mod_name, mod, name)
+        for mod_name, mod, names in _state_owners(_unwrap(model))
+        for name in names
+    ]
 
 
-def _iter_state_buffers(root: nn.Module) -> Iterator[StateBuffer]:
+def _state_owners(root: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
+    """``(qualified name, module, buffer names)`` of every module holding statplug state."""
     for mod_name, mod in root.named_modules():
         names = list(mod._buffers) if isinstance(mod, PinnedDtypeModule) else []
-        names += [n for n in getattr(mod, FIXED_ATTR, ()) if n in mod._buffers and n not in names]
-        for name in names:
-            yield StateBuffer(mod_name, mod, name)
+        # Through __dict__ first: a missing attribute costs nn.Module.__getattr__ a raise.
+        fixed = mod.__dict__.get(FIXED_ATTR) or getattr(type(mod), FIXED_ATTR, ())
+        names += [n for n in fixed if n in mod._buffers and n not in names]
+        if names:
+            yield mod_name, mod, names
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -83,7 +90,9 @@ def copy_stats_(dst: nn.Module, src: nn.Module) -> list[str]:
     the statplug buffers and fails on the bool ones), and call ``copy_stats_(averaged, model)``
     before evaluating or saving ``averaged``: its stats are then the live model's, whatever ran
     since the last ``update_parameters`` (more training steps, or ``update_bn``, whose train-mode
-    passes also feed the averaged copy's normalisers).
+    passes also feed the averaged copy's normalisers). ``update_parameters`` copies buffers by
+    position, so when buffers can appear or grow during training (pruning masks, positional
+    tables), also call it just before each ``update_parameters``.
 
     Args:
         dst: the module that receives the state (an ``AveragedModel`` of ``src``).
@@ -113,31 +122,41 @@ def copy_stats_(dst: nn.Module, src: nn.Module) -> list[str]:
         ['0.moments.count', '0.moments._base_count']
     """
     dst_root, src_root = _unwrap(dst), _unwrap(src)
-    copied = []
-    for entry in _iter_state_buffers(src_root):
+    copied: list[str] = []
+    dsts: list[Tensor] = []
+    srcs: list[Tensor] = []
+    for mod_name, src_mod, names in _state_owners(src_root):
         try:
-            dst_mod = dst_root.get_submodule(entry.module_name)
+            dst_mod = dst_root.get_submodule(mod_name)
         except AttributeError:
             raise StatplugError(
-                f"copy_stats_: `dst` has no module {entry.module_name!r}, where `src` holds "
-                f"{entry.qualified_name!r}; expected a module of the same structure as `src` "
-                "(an AveragedModel of it, or a copy.deepcopy)"
+                f"copy_stats_: `dst` has no module {mod_name!r}, where `src` holds statplug "
+                f"state ({names[0]!r}); expected a module of the same structure as `src` (an "
+                "AveragedModel of it, or a copy.deepcopy)"
             ) from None
-        _copy_buffer(dst_root, dst_mod, entry.module, entry.name)
-        copied.append(entry.qualified_name)
+        prefix = f"{mod_name}." if mod_name else ""
+        for name in names:
+            s, d = src_mod._buffers[name], dst_mod._buffers.get(name)
+            if s is not None and d is not None and d.shape == s.shape and d.dtype == s.dtype:
+                # In place: views into a stat's arena and tensors others hold stay valid.
+                dsts.append(d)
+                srcs.append(s)
+            else:
+                _replace_buffer(dst_root, dst_mod, src_mod, name)
+            copied.append(prefix + name)
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)  # one call for all of them (a stat has a dozen)
     return copied
 
 
-def _copy_buffer(dst_root: nn.Module, dst_mod: nn.Module, src_mod: nn.Module, name: str) -> None:
+def _replace_buffer(dst_root: nn.Module, dst_mod: nn.Module, src_mod: nn.Module, name: str) -> None:
+    """Give ``dst_mod`` a copy of ``src_mod``'s buffer ``name`` where it lacks one of that
+    shape: registered after ``dst`` was made (a pruning mask), or regrown (a positional table)."""
     src = src_mod._buffers[name]
     dst = dst_mod._buffers.get(name)
     if src is None:
         if dst is not None:
             dst_mod._buffers[name] = None
-        return
-    if dst is not None and dst.shape == src.shape and dst.dtype == src.dtype:
-        # In place: views into a stat's arena and tensors others hold stay valid.
-        dst.copy_(src)
         return
     device = dst.device if dst is not None else _device_of(dst_mod, dst_root, src)
     persistent = name not in src_mod._non_persistent_buffers_set

@@ -99,9 +99,7 @@ class StatsWeightAveraging(WeightAveraging):
 
     # ------------------------------------------------------------------ swaps and copies
     @override
-    def on_validation_epoch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._average_model is not None:
             self._bring_average_to_live(pl_module)
         super().on_validation_epoch_start(trainer, pl_module)
@@ -166,13 +164,17 @@ class StatsWeightAveraging(WeightAveraging):
             yield
             return
         hidden: dict[nn.Module, set[str]] = {}
+        twins: dict[str, nn.Module | None] = {}
         for entry in state_buffers(pl_module):
             hidden.setdefault(entry.module, set()).add(entry.name)
-            try:
-                twin = average.module.get_submodule(entry.module_name)
-            except AttributeError:
-                continue  # copy_stats_ after the update reports the mismatch
-            hidden.setdefault(twin, set()).add(entry.name)
+            if entry.module_name not in twins:
+                try:
+                    twins[entry.module_name] = average.module.get_submodule(entry.module_name)
+                except AttributeError:
+                    twins[entry.module_name] = None  # copy_stats_ after the update reports it
+            twin = twins[entry.module_name]
+            if twin is not None:
+                hidden.setdefault(twin, set()).add(entry.name)
         saved = [(mod, mod._buffers) for mod in hidden]
         for mod, names in hidden.items():
             mod.__dict__["_buffers"] = {k: v for k, v in mod._buffers.items() if k not in names}
