@@ -56,6 +56,8 @@ class AvgModel(StatsMixin, pl.LightningModule):
         self.hidden_stats = RunningMoments(8)
         self.target_ema = EMAMoments(1, momentum=0.1)
         self.target_range = RunningMinMax(1)
+        # Updated by validation steps, which run on the swapped-in averaged weights.
+        self.val_targets = RunningMoments(1)
         self.seen_in_validation: list[dict[str, Tensor]] = []
         self.weights_after_step: list[dict[str, Tensor]] = []
 
@@ -76,6 +78,7 @@ class AvgModel(StatsMixin, pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
+        self.val_targets.update(y)
         self.log("val_loss", F.mse_loss(self(x), y))
         self.seen_in_validation.append({**statplug_state(self), **_weights(self)})
 
@@ -112,17 +115,23 @@ def _pruning() -> MagnitudePruning:
 
 
 def fit(
-    tmp_path: Path, callbacks: list[Any], *, ckpt_path: str | None = None, **kw: Any
+    tmp_path: Path,
+    callbacks: list[Any],
+    *,
+    ckpt_path: str | None = None,
+    checkpoint: bool = True,
 ) -> tuple[AvgModel, pl.Trainer, ModelCheckpoint]:
+    """Fit ``AvgModel``; with ``checkpoint``, a ModelCheckpoint saves every epoch (last)."""
     torch.manual_seed(0)
     model = AvgModel()
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
     trainer = pl.Trainer(
         max_epochs=EPOCHS,
-        callbacks=[*callbacks, ckpt],
+        callbacks=[*callbacks, ckpt] if checkpoint else callbacks,
+        enable_checkpointing=checkpoint,
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
-        **{**QUIET, **kw},
+        **QUIET,
     )
     x, y = make_data(N_TRAIN, seed=1, loc=3.0, scale=2.0)
     xv, yv = make_data(12, seed=2, loc=3.0, scale=2.0)
@@ -144,31 +153,37 @@ def _last_checkpoint(ckpt: ModelCheckpoint) -> dict[str, Any]:
     return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
 
 
-CASES: list[tuple[Callable[[], WeightAveraging], str]] = [
-    (lambda: StatsWeightAveraging(), "after"),
-    (lambda: StatsEMAWeightAveraging(decay=DECAY), "before"),
-    (lambda: StatsEMAWeightAveraging(decay=DECAY, use_buffers=False), "after"),
-    (lambda: StatsWeightAveraging(use_buffers=False), "before"),
-    (lambda: StatsEMAWeightAveraging(decay=DECAY), "none"),
+CASES = [
+    pytest.param(lambda: StatsWeightAveraging(), "after", True, id="swa-pruning_after"),
+    pytest.param(
+        lambda: StatsEMAWeightAveraging(decay=DECAY), "before", True, id="ema-pruning_before"
+    ),
+    pytest.param(
+        lambda: StatsEMAWeightAveraging(decay=DECAY, use_buffers=False),
+        "after",
+        True,
+        id="ema-no_buffers-pruning_after",
+    ),
+    pytest.param(
+        lambda: StatsWeightAveraging(use_buffers=False),
+        "before",
+        True,
+        id="swa-no_buffers-pruning_before",
+    ),
+    pytest.param(lambda: StatsEMAWeightAveraging(decay=DECAY), "none", True, id="ema-no_pruning"),
+    # No save after the last pruning round: only the train-end copy brings the averaged model to
+    # the live masks.
+    pytest.param(lambda: StatsWeightAveraging(), "after", False, id="swa-pruning_after-no_ckpt"),
 ]
 
 
-@pytest.mark.parametrize(
-    ("make", "pruning"),
-    CASES,
-    ids=[
-        "swa-pruning_after",
-        "ema-pruning_before",
-        "ema-no_buffers-pruning_after",
-        "swa-no_buffers-pruning_before",
-        "ema-no_pruning",
-    ],
-)
+@pytest.mark.parametrize(("make", "pruning", "checkpoint"), CASES)
 def test_averaged_fit_keeps_the_live_stats_and_masks(
     tmp_path: Path,
     reference: dict[bool, AvgModel],
     make: Callable[[], WeightAveraging],
     pruning: str,
+    checkpoint: bool,
 ) -> None:
     averaging = make()
     callbacks: list[Any] = {
@@ -176,25 +191,31 @@ def test_averaged_fit_keeps_the_live_stats_and_masks(
         "after": [averaging, _pruning()],
         "none": [averaging],
     }[pruning]
-    model, _, ckpt = fit(tmp_path, callbacks)
+    model, _, ckpt = fit(tmp_path, callbacks, checkpoint=checkpoint)
     ref = reference[pruning != "none"]
 
     # The model after fit: the reference's stats and masks, exactly.
     assert_equal_state(statplug_state(model), statplug_state(ref), "model after fit")
     assert int(model.norm.count) == EPOCHS * N_TRAIN
+    assert int(model.val_targets.count) == EPOCHS * 12
     # Validation saw the same stats and masks, with other (averaged) weights.
     assert len(model.seen_in_validation) == len(ref.seen_in_validation) == EPOCHS
     for got, want in zip(model.seen_in_validation, ref.seen_in_validation, strict=True):
         assert_equal_state(statplug_state(model, got), statplug_state(ref, want), "validation")
         assert not torch.equal(got["head.weight"], want["head.weight"])
+        for layer in ("net.0", "head") if pruning != "none" else ():
+            # The averaged weights ran with the live masks applied.
+            assert torch.all(got[f"{layer}.weight"][~got[f"{layer}.weight_mask"]] == 0)
     # The checkpoint's state_dict: averaged weights, the reference's stats and masks.
-    saved = _last_checkpoint(ckpt)
-    assert_equal_state(
-        statplug_state(model, saved["state_dict"]), statplug_state(ref), "checkpoint"
-    )
-    assert_equal_state(
-        statplug_state(model, saved["current_model_state"]), statplug_state(ref), "checkpoint"
-    )
+    if checkpoint:
+        saved = _last_checkpoint(ckpt)
+        assert_equal_state(
+            statplug_state(model, saved["state_dict"]), statplug_state(ref), "checkpoint"
+        )
+        assert_equal_state(
+            statplug_state(model, saved["current_model_state"]), statplug_state(ref), "checkpoint"
+        )
+        assert torch.equal(saved["state_dict"]["head.weight"], model.head.weight)
     # The weights: averaged, and with pruning zero wherever the live mask prunes.
     assert not torch.equal(model.head.weight, ref.head.weight)
     if pruning != "none":
