@@ -288,6 +288,18 @@ def test_stock_weight_averaging_stops_fit_before_the_first_step(
     assert trainer.global_step == 0 and int(model.norm.count) == 0
 
 
+def test_audit_buffers_reports_stock_averaging_in_the_static_audit_unless_raising(
+    tmp_path: Path,
+) -> None:
+    audit = AuditBuffers(on_error="ignore")
+    trainer = pl.Trainer(
+        max_steps=1, callbacks=[EMAWeightAveraging(), audit], default_root_dir=tmp_path, **QUIET
+    )
+    trainer.fit(AvgModel(), loader(*make_data(N_TRAIN), BATCH))
+    assert audit.reports[0].codes() == ["stock-weight-averaging"]
+    assert "statplug.StatsEMAWeightAveraging" in str(audit.reports[0])
+
+
 class NoStatplugState(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
