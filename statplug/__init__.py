@@ -3,6 +3,7 @@
 from typing import TYPE_CHECKING, Any
 
 from statplug.audit import AuditReport, Finding, audit
+from statplug.averaging import copy_stats_
 from statplug.distributed import (
     MetricsSyncReport,
     SyncReport,
@@ -11,7 +12,13 @@ from statplug.distributed import (
     sync_stats,
 )
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
-from statplug.errors import AuditError, CheckpointMismatchError, StatLayoutError, StatplugError
+from statplug.errors import (
+    AuditError,
+    CheckpointMismatchError,
+    IncompatibleCallbackError,
+    StatLayoutError,
+    StatplugError,
+)
 from statplug.masks import CausalMask, RandomMask
 from statplug.stats import EMAMoments, RunningMinMax, RunningMoments, RunningNorm, Stat
 
@@ -22,7 +29,9 @@ _LIGHTNING_NAMES = (
     "ActivationStats",
     "AuditBuffers",
     "MagnitudePruning",
+    "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsWeightAveraging",
     "SyncStats",
 )
 
@@ -31,7 +40,9 @@ if TYPE_CHECKING:
         ActivationStats,
         AuditBuffers,
         MagnitudePruning,
+        StatsEMAWeightAveraging,
         StatsMixin,
+        StatsWeightAveraging,
         SyncStats,
     )
 
@@ -53,6 +64,7 @@ __all__ = [
     "CheckpointMismatchError",
     "EMAMoments",
     "Finding",
+    "IncompatibleCallbackError",
     "MagnitudePruning",
     "MetricsSyncReport",
     "RandomMask",
@@ -64,10 +76,13 @@ __all__ = [
     "Stat",
     "StatLayoutError",
     "StatplugError",
+    "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsWeightAveraging",
     "SyncReport",
     "SyncStats",
     "audit",
+    "copy_stats_",
     "exclude_from_ddp_broadcast",
     "sync_metrics",
     "sync_stats",
