@@ -205,9 +205,15 @@ class _Slot:
 
 
 def _signature(named: list[tuple[str, Metric]], group: Any, world: int) -> tuple[Any, ...]:
-    """Everything a plan depends on, cheap to make (no strings): a changed one rebuilds it."""
+    """Everything a plan depends on, cheap to make (no strings): a changed one rebuilds it.
+    Refuses a metric that is synced already (its local state would be lost)."""
     sig: list[Any] = [id(group), world]
-    for _, m in named:
+    for name, m in named:
+        if m._is_synced:
+            raise StatplugError(
+                f"sync_metrics: metric `{name}` ({type(m).__name__}) is already synced (inside "
+                "another sync_metrics block or torchmetrics' sync_context); leave that first"
+            )
         sig.append((id(m), m._to_sync, m.dist_sync_fn is None, id(m.process_group)))
         if not _default_available(m.distributed_available_fn):
             sig.append(bool(m.distributed_available_fn()))
@@ -266,11 +272,6 @@ class _Plan:
         self.setters: list[Setter] = []  # of the coalesced metrics
         lists = {"skip": self.skipped, "fallback": self.fallback, "coalesced": self.coalesced}
         for name, m in named:
-            if m._is_synced:
-                raise StatplugError(
-                    f"sync_metrics: metric `{name}` ({type(m).__name__}) is already synced (inside "
-                    "another sync_metrics or torchmetrics' sync_context); leave that one first"
-                )
             put = _setter(m)
             slots = _slots_of(m, put)
             kind = _kind_of(m, slots)

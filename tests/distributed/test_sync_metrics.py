@@ -264,7 +264,7 @@ def _special(rank: int, world: int) -> dict[str, Any]:
     """A fallback metric, sync_on_compute=False, a metric with a process group of its own."""
     from torchmetrics import SumMetric
 
-    from statplug import sync_metrics
+    from statplug import StatplugError, sync_metrics
 
     models = _metrics()
     custom, custom_ref = models.Custom(), models.Custom()  # type: ignore[attr-defined]
@@ -280,8 +280,15 @@ def _special(rank: int, world: int) -> dict[str, Any]:
     with counting() as n_custom:
         want_custom = custom_ref.compute()
     want_own = own_ref.compute() if rank < 2 else None  # torchmetrics needs every rank in it
+    nested = ""
+    with sync_metrics([custom_ref]):
+        try:  # refused before any collective: the outer block's local state would be lost
+            with sync_metrics([custom_ref]):
+                pass
+        except StatplugError as err:
+            nested = str(err)
     return {"got": got, "custom": want_custom, "n_custom": n_custom[0], "own": want_own,
-            "report": rep, "n": n[0]}
+            "report": rep, "n": n[0], "nested": nested}
 
 
 def _mismatch(rank: int, world: int) -> dict[str, str]:
@@ -404,6 +411,7 @@ def test_fallback_skip_and_own_group(runs):
     for rank, res in enumerate(results):
         s = res["special"]
         assert s["report"].fallback == ("custom",)
+        assert "already synced" in s["nested"]
         # Not in the metric's group: nothing to sync with, compute() gives the local value.
         assert s["report"].skipped == (("local",) if rank < 2 else ("local", "own"))
         _assert_same(s["got"]["custom"], s["custom"], "custom")
