@@ -261,8 +261,9 @@ def _combined(rank: int, world: int) -> dict[str, Any]:
 
 
 def _special(rank: int, world: int) -> dict[str, Any]:
-    """A fallback metric, sync_on_compute=False, a metric with a process group of its own."""
-    from torchmetrics import SumMetric
+    """A fallback metric, sync_on_compute=False, a metric with a process group of its own,
+    compute_on_cpu."""
+    from torchmetrics import CatMetric, SumMetric
 
     from statplug import StatplugError, sync_metrics
 
@@ -275,8 +276,13 @@ def _special(rank: int, world: int) -> dict[str, Any]:
         m.update(torch.tensor([1.0 + rank, 2.0]))
     for m in (local_only, own, own_ref):
         m.update(torch.tensor([10.0**rank]))
-    with counting() as n, sync_metrics({"custom": custom, "local": local_only, "own": own}) as rep:
-        got = {"custom": custom.compute(), "local": local_only.compute(), "own": own.compute()}
+    on_cpu, on_cpu_ref = CatMetric(compute_on_cpu=True), CatMetric(compute_on_cpu=True)
+    for m in (on_cpu, on_cpu_ref):
+        m.update(torch.arange(2.0 + rank))
+    metrics = {"custom": custom, "local": local_only, "own": own, "cpu": on_cpu}
+    with counting() as n, sync_metrics(metrics) as rep:
+        got = {name: m.compute() for name, m in metrics.items()}
+    cpu_restored = isinstance(on_cpu.value, list) and len(on_cpu.value) == 1
     with counting() as n_custom:
         want_custom = custom_ref.compute()
     want_own = own_ref.compute() if rank < 2 else None  # torchmetrics needs every rank in it
@@ -288,7 +294,8 @@ def _special(rank: int, world: int) -> dict[str, Any]:
         except StatplugError as err:
             nested = str(err)
     return {"got": got, "custom": want_custom, "n_custom": n_custom[0], "own": want_own,
-            "report": rep, "n": n[0], "nested": nested}
+            "report": rep, "n": n[0], "nested": nested, "cpu": on_cpu_ref.compute(),
+            "cpu_restored": cpu_restored}
 
 
 def _mismatch(rank: int, world: int) -> dict[str, str]:
@@ -412,6 +419,8 @@ def test_fallback_skip_and_own_group(runs):
         s = res["special"]
         assert s["report"].fallback == ("custom",)
         assert "already synced" in s["nested"]
+        _assert_same(s["got"]["cpu"], s["cpu"], "compute_on_cpu")
+        assert s["cpu_restored"]
         # Not in the metric's group: nothing to sync with, compute() gives the local value.
         assert s["report"].skipped == (("local",) if rank < 2 else ("local", "own"))
         _assert_same(s["got"]["custom"], s["custom"], "custom")
