@@ -3,7 +3,12 @@
 from typing import TYPE_CHECKING, Any
 
 from statplug.audit import AuditReport, Finding, audit
-from statplug.distributed import SyncReport, exclude_from_ddp_broadcast, sync_stats
+from statplug.distributed import (
+    SyncReport,
+    exclude_from_ddp_broadcast,
+    exclude_from_fsdp_buffer_cast,
+    sync_stats,
+)
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
 from statplug.errors import AuditError, CheckpointMismatchError, StatLayoutError, StatplugError
 from statplug.masks import CausalMask, RandomMask
@@ -62,5 +67,6 @@ __all__ = [
     "SyncStats",
     "audit",
     "exclude_from_ddp_broadcast",
+    "exclude_from_fsdp_buffer_cast",
     "sync_stats",
 ]

@@ -122,6 +122,7 @@ class Stat(PinnedDtypeModule):
         # Written directly (as ``register_buffer`` does) so a class property of the same name can
         # serve the read-out: ``stat.mean`` brings the saved buffer up to date first.
         self._buffers[name] = self._on_device(default)
+        self._pin_dtype(name, default)
         self._reduces[name] = reduce
         if reduce == "sum":
             # The value at the last sync (or load): what every rank already agrees on.
@@ -169,6 +170,7 @@ class Stat(PinnedDtypeModule):
         Never builds a graph and never reads a tensor value on the host, except with
         ``nan_policy="raise"``, which looks once per update to decide whether to raise.
         """
+        self._check_pinned_dtypes()
         if self._frozen:
             return
         x2 = self._check_input(x)
@@ -184,6 +186,7 @@ class Stat(PinnedDtypeModule):
         """``x`` as ``[n_samples, n_features]`` for a subclass's update fast path, or None when
         there is nothing left to do: frozen, empty, or handled by :meth:`update` (validation
         errors, the skip policy and unusual inputs)."""
+        self._check_pinned_dtypes()
         if self._frozen:
             return None
         if x.shape[-self._n_dims :] != self.shape or self.nan_policy == "skip" or x.dim() == 0:

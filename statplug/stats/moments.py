@@ -201,6 +201,7 @@ class RunningMoments(Stat):
         batches add a few ops on ``shape``-sized tensors. Never builds a graph; never reads a
         tensor on the host except with ``nan_policy="raise"``, which looks once per update.
         """
+        self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
         shape = x.shape if isinstance(x, Tensor) else None
         if (
             shape is not None

@@ -174,6 +174,7 @@ class RunningNorm(PinnedDtypeModule):
     def _affine(self) -> tuple[Tensor, Tensor]:
         """(shift, scale) with identity before two samples, decided on the device."""
         m = self.moments
+        m._check_pinned_dtypes()  # eval mode never updates: check before normalising with them
         ready = m.count >= 2
         scale = torch.where(ready, torch.rsqrt(m.var + self.eps), 1.0)
         shift = torch.where(ready, m.mean, 0.0)
