@@ -3,6 +3,7 @@
 from typing import TYPE_CHECKING, Any
 
 from statplug.audit import AuditReport, Finding, audit
+from statplug.averaging import copy_stats_
 from statplug.distributed import (
     SyncReport,
     exclude_from_ddp_broadcast,
@@ -10,7 +11,13 @@ from statplug.distributed import (
     sync_stats,
 )
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
-from statplug.errors import AuditError, CheckpointMismatchError, StatLayoutError, StatplugError
+from statplug.errors import (
+    AuditError,
+    CheckpointMismatchError,
+    IncompatibleCallbackError,
+    StatLayoutError,
+    StatplugError,
+)
 from statplug.masks import CausalMask, RandomMask
 from statplug.stats import EMAMoments, RunningMinMax, RunningMoments, RunningNorm, Stat
 
@@ -21,7 +28,9 @@ _LIGHTNING_NAMES = (
     "ActivationStats",
     "AuditBuffers",
     "MagnitudePruning",
+    "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsWeightAveraging",
     "SyncStats",
 )
 
@@ -30,7 +39,9 @@ if TYPE_CHECKING:
         ActivationStats,
         AuditBuffers,
         MagnitudePruning,
+        StatsEMAWeightAveraging,
         StatsMixin,
+        StatsWeightAveraging,
         SyncStats,
     )
 
@@ -52,6 +63,7 @@ __all__ = [
     "CheckpointMismatchError",
     "EMAMoments",
     "Finding",
+    "IncompatibleCallbackError",
     "MagnitudePruning",
     "RandomMask",
     "RotaryEncoding",
@@ -62,10 +74,13 @@ __all__ = [
     "Stat",
     "StatLayoutError",
     "StatplugError",
+    "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsWeightAveraging",
     "SyncReport",
     "SyncStats",
     "audit",
+    "copy_stats_",
     "exclude_from_ddp_broadcast",
     "exclude_from_fsdp_buffer_cast",
     "sync_stats",
