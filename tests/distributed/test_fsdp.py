@@ -329,7 +329,7 @@ _F64 = torch.float64
         (lambda: RunningMoments(4), torch.randn(3000, 4), torch.bfloat16),  # large batches
         (lambda: RunningMoments(4, nan_policy="skip"), torch.randn(8, 4), torch.float16),
         (lambda: RunningMoments((2, 2)), torch.randn(8, 2, 2), torch.bfloat16),
-        (lambda: RunningMoments(4), torch.randn(8, 4), torch.float32),  # float64 working state
+        (lambda: RunningMoments(4, accumulator_dtype=_F64), torch.randn(8, 4), torch.float32),
         (lambda: EMAMoments(4), torch.randn(8, 4), torch.bfloat16),
         (lambda: EMAMoments(4, accumulator_dtype=_F64), torch.randn(8, 4), torch.float32),
         (lambda: RunningMinMax(4), torch.randn(8, 4), torch.bfloat16),
