@@ -106,9 +106,10 @@ class PinnedDtypeModule(nn.Module):
         more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
         raise StatplugError(
             f"{self.stat_name}: buffer dtypes were changed behind statplug's dtype pinning: "
-            f"{listed}{more}. A wrapper assigned `buffer.data` (torch FSDP's "
-            "`MixedPrecision(buffer_dtype=...)` does this at its first forward, state_dict or "
-            "load), so the values may already be rounded; the module was left unchanged. Fix: "
+            f"{listed}{more}. Something replaced them without `.to()` (torch FSDP's "
+            "`MixedPrecision(buffer_dtype=...)` assigns `buffer.data` at its first forward, "
+            "state_dict or load), so the values may already be rounded; the module was left "
+            "unchanged. Fix: "
             "call `statplug.exclude_from_fsdp_buffer_cast(model)` right after wrapping the model "
             "in FSDP and before its first forward, state_dict or load (Lightning: add the "
             "`SyncStats` callback), or wrap with a policy whose `buffer_dtype` is None"

@@ -11,6 +11,7 @@ dtype and needs nothing. See ``docs/design-notes.md`` ("FSDP mixed precision").
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from statplug._buffers import PinnedDtypeModule
@@ -54,6 +55,8 @@ def exclude_from_fsdp_buffer_cast(module: nn.Module) -> list[str]:
         >>> exclude_from_fsdp_buffer_cast(nn.Sequential(RunningNorm(3)))  # no FSDP: nothing to do
         []
     """
+    if not torch.distributed.is_available():  # a torch build without distributed: no FSDP
+        return []
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     instances = FullyShardedDataParallel.fsdp_modules(module)

@@ -271,44 +271,49 @@ def test_stats_keep_their_dtypes_and_match_float64_under_fsdp_mixed_precision(
 
 
 # ----------------------------------------------------------------------------- failing loudly
-def _unprotected_fsdp(rank: int, world: int, what: str) -> dict[str, Any]:
-    """One rank: FSDP mixed precision without ``exclude_from_fsdp_buffer_cast`` (or too late)."""
+def _unprotected_fsdp(rank: int, world: int) -> dict[str, Any]:
+    """One rank: FSDP mixed precision without ``exclude_from_fsdp_buffer_cast``, and too late."""
+    out: dict[str, Any] = {}
     torch.manual_seed(0)
     model = StatNet()
-    wrapped = _wrap(model, "fsdp1")
-    x = rank_batches(0)[0]
-    out: dict[str, Any] = {}
-    if what == "forward":
-        try:
-            wrapped(x)
-        except StatplugError as err:
-            out["error"] = str(err)
-        out["count"] = int(model.moments._buffers["count"])  # type: ignore[arg-type]
-    elif what == "late":
-        wrapped.load_state_dict(warm_state())  # FSDP's lazy init casts (and rounds) here
-        try:
-            exclude_from_fsdp_buffer_cast(wrapped)
-        except StatplugError as err:
-            out["error"] = str(err)
+    try:
+        _wrap(model, "fsdp1")(rank_batches(0)[0])  # FSDP's lazy init casts, then the stats run
+    except StatplugError as err:
+        out["forward"] = str(err)
+    out["count"] = int(model.moments._buffers["count"])  # type: ignore[arg-type]
+    late = _wrap(StatNet(), "fsdp1")
+    late.load_state_dict(warm_state())  # FSDP's lazy init casts (and rounds) inside the load
+    try:
+        exclude_from_fsdp_buffer_cast(late)
+    except StatplugError as err:
+        out["late"] = str(err)
     return out
 
 
+@pytest.fixture(scope="module")
+def unprotected() -> dict[str, Any]:
+    (out,) = run_distributed(_unprotected_fsdp, 1, timeout=120.0)
+    return out  # type: ignore[no-any-return]
+
+
 @pytest.mark.slow
-def test_fsdp_without_exclusion_fails_at_the_first_update_before_any_change() -> None:
-    (out,) = run_distributed(_unprotected_fsdp, 1, "forward", timeout=120.0)
-    assert "error" in out, "an FSDP-demoted stat updated silently"
-    msg = out["error"]
+def test_fsdp_without_exclusion_fails_at_the_first_update_before_any_change(
+    unprotected: dict[str, Any],
+) -> None:
+    assert "forward" in unprotected, "an FSDP-demoted stat updated silently"
+    msg = unprotected["forward"]
     assert msg.startswith("RunningMoments:")
     assert "`mean` is torch.bfloat16 (pinned torch.float32)" in msg
     assert "exclude_from_fsdp_buffer_cast" in msg
-    assert out["count"] == 0  # the stat was left unchanged
+    assert unprotected["count"] == 0  # the stat was left unchanged
 
 
 @pytest.mark.slow
-def test_exclusion_after_fsdp_already_cast_raises_instead_of_restoring() -> None:
-    (out,) = run_distributed(_unprotected_fsdp, 1, "late", timeout=120.0)
-    assert "error" in out, "rounded, loaded stats were silently promoted back"
-    assert "already cast" in out["error"] and "torch.bfloat16" in out["error"]
+def test_exclusion_after_fsdp_already_cast_raises_instead_of_restoring(
+    unprotected: dict[str, Any],
+) -> None:
+    assert "late" in unprotected, "rounded, loaded stats were silently promoted back"
+    assert "already cast" in unprotected["late"] and "torch.bfloat16" in unprotected["late"]
 
 
 def _fsdp_cast(module: nn.Module, dtype: torch.dtype) -> None:
