@@ -466,3 +466,14 @@ def test_readme_fsdp_example_runs_on_two_gloo_ranks(tmp_path: Path) -> None:
     union = torch.cat(data).to(torch.bfloat16).double().numpy()
     got = np.array(ast.literal_eval(lines[0].split("var=", 1)[1]))
     np.testing.assert_allclose(got, union.var(0), rtol=1e-5)
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import statplug._buffers
+    import statplug.distributed.fsdp
+
+    for mod in (statplug.distributed.fsdp, statplug._buffers):
+        result = doctest.testmod(mod)
+        assert result.failed == 0 and result.attempted > 0, mod.__name__
