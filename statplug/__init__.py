@@ -4,7 +4,12 @@ from typing import TYPE_CHECKING, Any
 
 from statplug.audit import AuditReport, Finding, audit
 from statplug.averaging import copy_stats_
-from statplug.distributed import SyncReport, exclude_from_ddp_broadcast, sync_stats
+from statplug.distributed import (
+    SyncReport,
+    exclude_from_ddp_broadcast,
+    exclude_from_fsdp_buffer_cast,
+    sync_stats,
+)
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
 from statplug.errors import (
     AuditError,
@@ -77,5 +82,6 @@ __all__ = [
     "audit",
     "copy_stats_",
     "exclude_from_ddp_broadcast",
+    "exclude_from_fsdp_buffer_cast",
     "sync_stats",
 ]

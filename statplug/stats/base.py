@@ -194,6 +194,7 @@ class Stat(PinnedDtypeModule):
         Never builds a graph and never reads a tensor value on the host, except with
         ``nan_policy="raise"``, which looks once per update to decide whether to raise.
         """
+        self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
         rows = self._rows(x)
         if rows is None:
             return

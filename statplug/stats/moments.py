@@ -122,6 +122,7 @@ class RunningMoments(Stat):
         ``shape``-sized ops. Never builds a graph; never reads a tensor on the host except with
         ``nan_policy="raise"``, which looks once per update.
         """
+        self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
         if (
             type(x) is Tensor
             and x.dim() == 2

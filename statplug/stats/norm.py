@@ -179,6 +179,7 @@ class RunningNorm(PinnedDtypeModule):
     def _affine(self) -> tuple[Tensor, Tensor]:
         """(shift, scale) with identity before two samples, decided on the device."""
         m = self.moments
+        m._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise, never use them
         ready = m.count >= 2
         scale = torch.where(ready, torch.rsqrt(m.var + self.eps), 1.0)
         shift = torch.where(ready, m.mean, 0.0)
@@ -197,6 +198,8 @@ class RunningNorm(PinnedDtypeModule):
         if self.training:
             m.update(x)
             ready = not m._frozen and x.numel() >= 2 * m.n_features
+        else:
+            m._check_pinned_dtypes()  # eval never updates: check before normalising with them
         b = cast(dict[str, Tensor], m._buffers)
         mean, count = b["mean"], b["count"]
         var = b["m2"] / count
