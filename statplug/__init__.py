@@ -17,15 +17,20 @@ _LIGHTNING_NAMES = (
     "AuditBuffers",
     "MagnitudePruning",
     "StatsMixin",
+    "StatsMonitor",
     "SyncStats",
 )
+# Running recipes needs hydra and the recipes' models: loaded on first use too.
+_RECIPE_NAMES = ("RecipeRun", "run_recipe")
 
 if TYPE_CHECKING:
+    from statplug.config.run import RecipeRun, run_recipe
     from statplug.lightning import (
         ActivationStats,
         AuditBuffers,
         MagnitudePruning,
         StatsMixin,
+        StatsMonitor,
         SyncStats,
     )
 
@@ -35,6 +40,10 @@ def __getattr__(name: str) -> Any:
         import statplug.lightning
 
         return getattr(statplug.lightning, name)
+    if name in _RECIPE_NAMES:
+        import statplug.config.run
+
+        return getattr(statplug.config.run, name)
     raise AttributeError(f"module 'statplug' has no attribute {name!r}")
 
 
@@ -49,6 +58,7 @@ __all__ = [
     "Finding",
     "MagnitudePruning",
     "RandomMask",
+    "RecipeRun",
     "RotaryEncoding",
     "RunningMinMax",
     "RunningMoments",
@@ -58,9 +68,11 @@ __all__ = [
     "StatLayoutError",
     "StatplugError",
     "StatsMixin",
+    "StatsMonitor",
     "SyncReport",
     "SyncStats",
     "audit",
     "exclude_from_ddp_broadcast",
+    "run_recipe",
     "sync_stats",
 ]

@@ -4,8 +4,16 @@ from statplug.lightning.callbacks import (
     ActivationStats,
     AuditBuffers,
     MagnitudePruning,
+    StatsMonitor,
     SyncStats,
 )
 from statplug.lightning.mixin import StatsMixin
 
-__all__ = ["ActivationStats", "AuditBuffers", "MagnitudePruning", "StatsMixin", "SyncStats"]
+__all__ = [
+    "ActivationStats",
+    "AuditBuffers",
+    "MagnitudePruning",
+    "StatsMixin",
+    "StatsMonitor",
+    "SyncStats",
+]
