@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AuditError",
     "CheckpointMismatchError",
+    "MissingExtraError",
     "StatLayoutError",
     "StatplugError",
 ]
@@ -20,6 +21,10 @@ class StatLayoutError(StatplugError):
 
 class CheckpointMismatchError(StatplugError):
     """A checkpoint does not hold the stats the model declares."""
+
+
+class MissingExtraError(StatplugError, ImportError):
+    """A feature needs a package of an optional extra (``pip install 'statplug[recipes]'``)."""
 
 
 class AuditError(StatplugError):
