@@ -1,4 +1,4 @@
-"""Models (and a probe callback) for CLI tests, importable as `audit_models.<Name>` from a recipe."""
+"""Models (and a probe callback) for CLI tests, importable as `audit_models.<Name>`."""
 
 from __future__ import annotations
 
