@@ -22,7 +22,7 @@ SklearnName = Literal["breast_cancer", "wine", "digits", "iris"]
 
 
 def _loader(name: str) -> Callable[..., Any]:
-    datasets = require("sklearn.datasets", "the recipes' scikit-learn data sets")
+    datasets = require("sklearn.datasets", "loading the recipes' scikit-learn data sets")
 
     loaders: dict[str, Callable[..., Any]] = {
         "breast_cancer": datasets.load_breast_cancer,

@@ -1,0 +1,78 @@
+"""statplug: exact, fast, distributed-safe state that a model keeps but does not train."""
+
+from typing import TYPE_CHECKING, Any
+
+from statplug.audit import AuditReport, Finding, audit
+from statplug.distributed import SyncReport, exclude_from_ddp_broadcast, sync_stats
+from statplug.encodings import RotaryEncoding, SinusoidalEncoding
+from statplug.errors import AuditError, CheckpointMismatchError, StatLayoutError, StatplugError
+from statplug.masks import CausalMask, RandomMask
+from statplug.stats import EMAMoments, RunningMinMax, RunningMoments, RunningNorm, Stat
+
+__version__ = "0.1.0"
+
+# The Lightning names load lightning (~5 s) on first use only, so `import statplug` stays light.
+_LIGHTNING_NAMES = (
+    "ActivationStats",
+    "AuditBuffers",
+    "MagnitudePruning",
+    "StatsMixin",
+    "StatsMonitor",
+    "SyncStats",
+)
+# Running recipes needs hydra and the recipes' models: loaded on first use too.
+_RECIPE_NAMES = ("RecipeRun", "run_recipe")
+
+if TYPE_CHECKING:
+    from statplug.config.run import RecipeRun, run_recipe
+    from statplug.lightning import (
+        ActivationStats,
+        AuditBuffers,
+        MagnitudePruning,
+        StatsMixin,
+        StatsMonitor,
+        SyncStats,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_NAMES:
+        import statplug.lightning
+
+        return getattr(statplug.lightning, name)
+    if name in _RECIPE_NAMES:
+        import statplug.config.run
+
+        return getattr(statplug.config.run, name)
+    raise AttributeError(f"module 'statplug' has no attribute {name!r}")
+
+
+__all__ = [
+    "ActivationStats",
+    "AuditBuffers",
+    "AuditError",
+    "AuditReport",
+    "CausalMask",
+    "CheckpointMismatchError",
+    "EMAMoments",
+    "Finding",
+    "MagnitudePruning",
+    "RandomMask",
+    "RecipeRun",
+    "RotaryEncoding",
+    "RunningMinMax",
+    "RunningMoments",
+    "RunningNorm",
+    "SinusoidalEncoding",
+    "Stat",
+    "StatLayoutError",
+    "StatplugError",
+    "StatsMixin",
+    "StatsMonitor",
+    "SyncReport",
+    "SyncStats",
+    "audit",
+    "exclude_from_ddp_broadcast",
+    "run_recipe",
+    "sync_stats",
+]

@@ -1,0 +1,33 @@
+"""The one error the config layer raises: :class:`ConfigError`, a one-line message for the user."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+from statplug.errors import StatplugError
+
+__all__ = ["ConfigError", "closest"]
+
+
+class ConfigError(StatplugError):
+    """A recipe, a config fragment or an override is wrong; the message is one line for the user.
+
+    The command line prints it on stderr and exits with status 2, without a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))  # always one line
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to ``word`` (difflib), or None when nothing is close."""
+    options = sorted(set(candidates))
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    # A key under the wrong parent: compare the last dotted part alone.
+    tail = word.rsplit(".", 1)[-1]
+    tails = {c.rsplit(".", 1)[-1]: c for c in options}
+    match = difflib.get_close_matches(tail, list(tails), n=1, cutoff=0.75)
+    return tails[match[0]] if match else None

@@ -1,0 +1,344 @@
+"""Find, read and compose recipes: YAML fragments from ``configs/``, the recipe, then overrides.
+
+A recipe is one YAML file. Its ``defaults`` entry names fragments by group, e.g.::
+
+    defaults:
+      - trainer: cpu          # configs/trainer/cpu.yaml, merged under the key `trainer`
+      - callbacks: stats      # configs/callbacks/stats.yaml, merged under `callbacks`
+
+(a mapping ``{trainer: cpu, callbacks: stats}`` works too). Composition, later wins:
+fragments in order, then the recipe's own keys, then the command-line overrides. An override
+``group=name`` (``trainer=ddp-cpu-2``) selects another fragment for a group; ``a.b=value`` sets
+a key (values are parsed as YAML: ``3``, ``1e-3``, ``null``, ``[1, 2]``).
+
+Fragments are looked up in a ``configs/`` folder beside the recipe or beside its folder (so a
+project can keep its own), then in the configs shipped with statplug. Bundled recipes and
+configs live in ``statplug/resources/`` (links to the top-level ``configs/`` and ``recipes/`` of
+a source checkout, real files in an installed package).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from statplug.config.errors import ConfigError, closest
+
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "Recipe",
+    "bundled_configs_dir",
+    "bundled_recipes",
+    "bundled_recipes_dir",
+    "compose",
+    "find_recipe",
+    "load_yaml",
+    "parse_overrides",
+    "parse_yaml",
+    "to_plain",
+]
+
+# ``statplug fit run.ckpt`` re-runs the config stored in a checkpoint.
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: ``1e-3`` is a number (PyYAML's YAML 1.1 rules read it as text)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+        |[-+]?[0-9][0-9_]*\.[0-9_]*
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text (``1e-3`` is a float, as in OmegaConf)."""
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+_RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+_CHECKOUT = Path(__file__).resolve().parent.parent.parent
+
+
+def _first_dir(*candidates: Path) -> Path:
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return candidates[0]
+
+
+def bundled_configs_dir() -> Path:
+    """The ``configs/`` shipped with statplug (package data, or the source checkout's)."""
+    return _first_dir(_RESOURCES / "configs", _CHECKOUT / "configs")
+
+
+def bundled_recipes_dir() -> Path:
+    """The ``recipes/`` shipped with statplug (package data, or the source checkout's)."""
+    return _first_dir(_RESOURCES / "recipes", _CHECKOUT / "recipes")
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Bundled recipe names mapped to their files, sorted by name."""
+    folder = bundled_recipes_dir()
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """The file of ``recipe``: an existing path, else a bundled recipe name.
+
+    Raises:
+        ConfigError: no such file nor bundled recipe (names the closest bundled one).
+    """
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path
+    if path.exists():
+        raise ConfigError(f"recipe `{recipe}` is not a file")
+    bundled = bundled_recipes()
+    name = str(recipe)
+    if name in bundled:
+        return bundled[name]
+    if name.endswith((".yaml", ".yml")) and path.name in {p.name for p in bundled.values()}:
+        return bundled[path.stem]
+    guess = closest(path.stem, bundled)
+    hint = f"; did you mean `{guess}`?" if guess else ""
+    listing = ", ".join(bundled) or "none"
+    raise ConfigError(
+        f"recipe file not found: `{recipe}`{hint} (bundled recipes: {listing}; "
+        "`statplug recipes` lists them)"
+    )
+
+
+def load_yaml(path: Path) -> DictConfig:
+    """Read one YAML mapping with OmegaConf; bad YAML names the file and the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"file not found: `{path}`") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read `{path}`: {err.strerror}") from None
+    try:
+        data = parse_yaml(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context, cmark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and cmark is not None and (mark is None or cmark.line != mark.line):
+            problem += f" ({context} at line {cmark.line + 1})"
+        raise ConfigError(f"bad YAML in {where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"bad YAML in {path}: expected a mapping of keys at the top, got a "
+            f"{type(data).__name__}"
+        )
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad config in {path}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@dataclass
+class Recipe:
+    """A composed recipe: the config, where it came from, and which keys the user overrode."""
+
+    config: DictConfig
+    path: Path
+    name: str
+    fragments: dict[str, str] = field(default_factory=dict)
+    overridden: set[str] = field(default_factory=set)
+
+
+def _group_dirs(recipe_path: Path) -> list[Path]:
+    dirs: list[Path] = []
+    here = recipe_path.resolve().parent
+    for local in (here / "configs", here.parent / "configs"):
+        if local.is_dir() and local not in dirs:
+            dirs.append(local)
+    bundled = bundled_configs_dir().resolve()
+    if bundled.is_dir() and bundled not in dirs:
+        dirs.append(bundled)
+    return dirs
+
+
+def _groups(dirs: list[Path]) -> set[str]:
+    return {p.name for d in dirs for p in d.iterdir() if p.is_dir()}
+
+
+def _fragment_path(group: str, name: str, dirs: list[Path]) -> Path:
+    for d in dirs:
+        for ext in (".yaml", ".yml"):
+            p = d / group / f"{name}{ext}"
+            if p.is_file():
+                return p
+    options = sorted({p.stem for d in dirs for p in (d / group).glob("*.y*ml")})
+    if not options:
+        raise ConfigError(
+            f"unknown config group `{group}`; groups are the folders of configs/: "
+            f"{', '.join(sorted(_groups(dirs)))}"
+        )
+    guess = closest(name, options)
+    hint = f"; did you mean `{guess}`?" if guess else ""
+    raise ConfigError(
+        f"unknown {group} config `{name}`{hint} (available: {', '.join(options)})"
+    )
+
+
+def _parse_defaults(node: Any, path: Path) -> dict[str, str]:
+    """``defaults`` as an ordered ``{group: fragment}`` mapping."""
+    if node is None:
+        return {}
+    container = OmegaConf.to_container(node) if isinstance(node, DictConfig | ListConfig) else node
+    items: list[tuple[Any, Any]] = []
+    if isinstance(container, dict):
+        items = list(container.items())
+    elif isinstance(container, list):
+        for entry in container:
+            if not (isinstance(entry, dict) and len(entry) == 1):
+                raise ConfigError(
+                    f"bad `defaults` in {path}: expected entries like `- trainer: cpu`, got "
+                    f"{entry!r}"
+                )
+            items.extend(entry.items())
+    else:
+        raise ConfigError(
+            f"bad `defaults` in {path}: expected a list like `[{{trainer: cpu}}]` or a mapping, "
+            f"got {container!r}"
+        )
+    out: dict[str, str] = {}
+    for group, name in items:
+        if not isinstance(name, str):
+            raise ConfigError(
+                f"bad `defaults` in {path}: `{group}` must name a file of configs/{group}/, got "
+                f"{name!r}"
+            )
+        out[str(group)] = name
+    return out
+
+
+def parse_overrides(
+    overrides: Sequence[str], groups: set[str]
+) -> tuple[dict[str, str], list[tuple[str, Any]]]:
+    """Split ``key=value`` strings into group selections and key assignments (YAML values)."""
+    selections: dict[str, str] = {}
+    assignments: list[tuple[str, Any]] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"bad override `{item}`: expected `key=value`, e.g. trainer.max_epochs=3"
+            )
+        if key.startswith("+"):
+            key = key[1:]
+        if any(not part.isidentifier() and not part.replace("-", "_").isidentifier()
+               for part in key.split(".")):
+            raise ConfigError(f"bad override `{item}`: `{key}` is not a dotted key")
+        try:
+            value = parse_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw  # not YAML: keep the text
+        if key in groups and "." not in key and isinstance(value, str):
+            selections[key] = value
+        else:
+            assignments.append((key, value))
+    return selections, assignments
+
+
+def compose(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read ``recipe`` (a path or a bundled name), merge its fragments and apply ``overrides``.
+
+    ``recipe`` may also be a checkpoint written by ``statplug fit``: its stored config is re-run
+    (a ``group=name`` override then goes over the stored group).
+
+    The result is not yet validated against the targets' signatures; see
+    :func:`statplug.config.validate.validate`.
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown fragment, malformed override.
+    """
+    path = find_recipe(recipe)
+    stored = path.suffix in CHECKPOINT_SUFFIXES
+    raw = _stored_config(path) if stored else load_yaml(path)
+    dirs = _group_dirs(path)
+    groups = _groups(dirs)
+    fragments = _parse_defaults(raw.pop("defaults", None), path)
+    selections, assignments = parse_overrides(overrides, groups)
+    fragments.update(selections)
+    try:
+        cfg: Any = OmegaConf.create()
+        if stored:
+            # A stored config is already composed: a selected fragment goes over it.
+            cfg = raw
+        for group, name in fragments.items():
+            frag = load_yaml(_fragment_path(group, name, dirs))
+            cfg = OmegaConf.merge(cfg, {group: frag})
+        if not stored:
+            cfg = OmegaConf.merge(cfg, raw)
+        for key, value in assignments:
+            OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot compose recipe {path}: {_first_line(err)}") from None
+    assert isinstance(cfg, DictConfig)
+    return Recipe(
+        config=cfg,
+        path=path,
+        name=path.stem,
+        fragments=fragments,
+        overridden={k for k, _ in assignments},
+    )
+
+
+def _stored_config(path: Path) -> DictConfig:
+    """The resolved recipe config stored by ``statplug fit`` in ``checkpoint["statplug"]``."""
+    from statplug.config.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(path).get("statplug")
+    cfg = meta.get("config") if isinstance(meta, dict) else None
+    if isinstance(meta, dict) and meta.get("config_source") == "LightningCLI":
+        raise ConfigError(
+            f"checkpoint `{path}` holds a LightningCLI config, not a recipe; run it again with "
+            "your LightningCLI script (`statplug inspect --config` prints the stored config)"
+        )
+    if not isinstance(cfg, dict):
+        raise ConfigError(
+            f"checkpoint `{path}` holds no recipe config (checkpoint[\"statplug\"][\"config\"]); "
+            "only checkpoints written by `statplug fit` (or a model with `statplug_config`) can "
+            "be re-run"
+        )
+    return OmegaConf.create(cfg)
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """A resolved copy of ``cfg`` in plain Python (loads with ``torch.load(weights_only=True)``)."""
+    try:
+        out = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve the config: {_first_line(err)}") from None
+    assert isinstance(out, dict)
+    return {str(k): v for k, v in out.items()}

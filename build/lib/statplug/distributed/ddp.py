@@ -1,0 +1,51 @@
+"""Keep DDP's buffer broadcast away from stats: :func:`exclude_from_ddp_broadcast`."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from statplug.errors import StatplugError
+from statplug.stats.base import Stat
+
+__all__ = ["exclude_from_ddp_broadcast", "stat_buffer_names"]
+
+
+def stat_buffer_names(module: nn.Module) -> list[str]:
+    """Qualified names of every buffer (saved or working) owned by a :class:`Stat` in ``module``."""
+    names: list[str] = []
+    for mod_name, mod in module.named_modules():
+        if isinstance(mod, Stat):
+            prefix = f"{mod_name}." if mod_name else ""
+            names.extend(prefix + b for b, buf in mod._buffers.items() if buf is not None)
+    return names
+
+
+def exclude_from_ddp_broadcast(module: nn.Module) -> list[str]:
+    """Opt every stat buffer out of DDP's buffer broadcast; call before wrapping ``module``.
+
+    ``DistributedDataParallel(broadcast_buffers=True)`` (the default, and Lightning's) copies rank
+    0's buffers over every other rank before each forward with grad enabled, silently replacing
+    each rank's local statistics with rank 0's. This registers the stat buffers in DDP's supported
+    ignore list (``_set_params_and_buffers_to_ignore_for_model``); other buffers are still
+    broadcast. Returns the names excluded.
+
+    Example:
+        >>> from torch import nn
+        >>> from statplug import RunningMoments, exclude_from_ddp_broadcast
+        >>> model = nn.Sequential(nn.Linear(3, 3), RunningMoments(3))
+        >>> names = exclude_from_ddp_broadcast(model)
+        >>> names[:3], len(names) == len(list(model[1].buffers()))
+        (['1.count', '1._base_count', '1.n_skipped'], True)
+    """
+    if isinstance(module, DistributedDataParallel):
+        raise StatplugError(
+            "exclude_from_ddp_broadcast: the module is already wrapped in DistributedDataParallel, "
+            "which reads its ignore list only when it is built; call it on the plain module "
+            "before wrapping (Lightning: the SyncStats callback does this in setup)"
+        )
+    names = stat_buffer_names(module)
+    existing = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+    merged = existing + [n for n in names if n not in set(existing)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, merged)
+    return names

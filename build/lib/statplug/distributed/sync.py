@@ -1,0 +1,340 @@
+"""Coalesced, exact, idempotent merging of stats across ranks: :func:`sync_stats`.
+
+Every stat contributes float64 tensors to at most three coalesced collectives (see
+:class:`statplug.stats.Stat`): a SUM of counts and sums around a shared centre, a MAX (minima
+travel negated), and -- only when a one-phase merge would lose more than 10 bits -- a second SUM of
+squared deviations around the global means (Chan's two-phase merge). A fixed-size layout
+fingerprint goes first (it travels while the first payload is being made), so ranks holding
+different stats fail with :class:`~statplug.errors.StatLayoutError` instead of hanging on
+mismatched buffer sizes. At most 4 collective calls per sync, whatever the number of stats; the
+volume is the payload itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import repeat
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from statplug._buffers import name_modules
+from statplug.errors import StatLayoutError, StatplugError
+from statplug.stats.base import Stat, SyncBatch
+
+__all__ = ["SyncReport", "broadcast_stats", "find_stats", "sync_stats"]
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one :func:`sync_stats` call did.
+
+    Attributes:
+        n_stats: stats merged.
+        n_collectives: collective calls made (0 when there is nothing to sync with).
+        n_bytes: payload bytes this rank contributed to the collectives.
+        seconds: wall time of the sync on this rank.
+    """
+
+    n_stats: int
+    n_collectives: int
+    n_bytes: int
+    seconds: float
+
+
+def find_stats(module_or_stats: nn.Module | Iterable[Stat]) -> list[Stat]:
+    """Every :class:`Stat` in a module (walking ``modules()``, named for messages) or iterable."""
+    if isinstance(module_or_stats, Stat):
+        return [module_or_stats]
+    if isinstance(module_or_stats, nn.Module):
+        # One walk both names the stats for messages and finds them.
+        return [m for m in name_modules(module_or_stats) if isinstance(m, Stat)]
+    stats = list(module_or_stats)
+    if all(map(isinstance, stats, repeat(Stat))):  # C-level check of every item
+        return stats
+    for s in stats:
+        if not isinstance(s, Stat):
+            raise TypeError(
+                f"sync_stats: expected a module or an iterable of Stat, got an item of type "
+                f"{type(s).__name__}"
+            )
+    return stats
+
+
+def _describe(stat: Stat) -> str:
+    states = ",".join(
+        f"{n}:{tuple(stat._buffers[n].shape)}:{stat._buffers[n].dtype}"  # type: ignore[union-attr]
+        for n in stat.state_names
+    )
+    name = stat._statplug_name
+    where = f"{name} " if name else ""
+    return f"{where}{type(stat).__name__}(shape={stat.shape}) [{states}]"
+
+
+def _fingerprint(layout: list[str]) -> tuple[float, float]:
+    """A 62-bit hash of the layout as two float64-exact halves."""
+    digest = hashlib.blake2b("\n".join(layout).encode(), digest_size=8).digest()
+    h = int.from_bytes(digest, "little") >> 2
+    return float(h >> 31), float(h & (2**31 - 1))
+
+
+def _device_of(stats: list[Stat]) -> torch.device:
+    devices = {s._buffers["count"].device for s in stats}  # type: ignore[union-attr]
+    if len(devices) > 1:
+        raise StatplugError(
+            f"sync_stats: stats live on several devices {sorted(map(str, devices))}; move the "
+            "model to one device before syncing"
+        )
+    return devices.pop()
+
+
+class _LayoutCheck:
+    """The fixed-size exchange that goes first: the layout fingerprint (two float64-exact
+    halves) and one checksum of the state the stat classes assume agreed (see
+    ``Stat._sync_checksum``), in one float64 MAX of ``[v, -v]`` (equal on every rank iff
+    max == -max(-v); never for NaN). Started at once, so local work that needs no other rank
+    runs while it travels; :meth:`wait` raises on a layout mismatch and says whether the
+    checksums agree."""
+
+    def __init__(self, plan: _Plan, group: dist.ProcessGroup | None) -> None:
+        self.plan, self.group = plan, group
+        sums = [
+            c
+            for (cls, _), b in zip(plan.groups, plan.batches, strict=True)
+            if (c := cls._sync_checksum(b)) is not None
+        ]
+        check = sums[0] if len(sums) == 1 else torch.stack(sums).sum() if sums else plan.zero
+        v = torch.cat([plan.fingerprint_t, check.reshape(1)])
+        self.t = torch.cat([v, -v])
+        self.work = dist.all_reduce(self.t, op=dist.ReduceOp.MAX, group=group, async_op=True)
+
+    def wait(self) -> bool:
+        """Raise :class:`StatLayoutError` if the layouts differ; return whether the checksums
+        of agreed state are equal on every rank."""
+        self.work.wait()
+        hi, lo, check, neg_hi, neg_lo, neg_check = self.t.tolist()
+        if hi != -neg_hi or lo != -neg_lo:  # max != min: some rank holds another layout
+            _raise_layout_error(self.plan.layout, self.group)
+        return bool(check == -neg_check)
+
+
+def _raise_layout_error(layout: list[str], group: dist.ProcessGroup | None) -> None:
+    # Error path only: gather every rank's layout to name the first differing stat.
+    world = dist.get_world_size(group)
+    layouts: list[list[str] | None] = [None] * world
+    dist.all_gather_object(layouts, layout, group=group)
+    lists = [lst or [] for lst in layouts]
+
+    def at(lst: list[str], i: int) -> str | None:
+        return lst[i] if i < len(lst) else None
+
+    n_max = max(len(lst) for lst in lists)
+    first = next((i for i in range(n_max + 1) if len({at(lst, i) for lst in lists}) > 1), 0)
+    per_rank = "; ".join(
+        f"rank {r}: {at(lst, first) or '<no stat>'}" for r, lst in enumerate(lists)
+    )
+    raise StatLayoutError(
+        f"sync_stats: ranks hold different stat layouts; first difference at stat #{first}: "
+        f"{per_rank}. Every rank must build the same stats in the same order (same model and "
+        f"config); counts per rank: {[len(lst) for lst in lists]}"
+    )
+
+
+class _Plan:
+    """What a sync of one set of stats needs besides the data: cached between syncs."""
+
+    def __init__(self, stats: list[Stat]) -> None:
+        self.layout = [_describe(s) for s in stats]
+        self.fingerprint = _fingerprint(self.layout)
+        self._set_device(_device_of(stats))
+        # One batch per class and accumulator dtype: a batch's arenas hold one dtype.
+        groups: dict[tuple[type[Stat], torch.dtype], list[Stat]] = {}
+        for s in stats:
+            groups.setdefault((type(s), s.accumulator_dtype), []).append(s)
+        self.groups = [(cls, group) for (cls, _), group in groups.items()]
+        self.batches = [SyncBatch(group) for _, group in self.groups]
+
+    def _set_device(self, device: torch.device) -> None:
+        self.device = device
+        self.fingerprint_t = torch.tensor(self.fingerprint, dtype=torch.float64, device=device)
+        self.zero = torch.zeros((), dtype=torch.float64, device=device)
+
+    def refresh(self) -> None:
+        """Rebuild the arenas of stats that were moved or converted since the last sync."""
+        if any(b.stale() for b in self.batches):
+            self._set_device(_device_of([s for b in self.batches for s in b.stats]))
+            self.batches = [SyncBatch(group) for _, group in self.groups]
+
+
+_PLANS: dict[tuple[int, ...], tuple[list[Stat], _Plan]] = {}
+
+
+def _plan_for(stats: list[Stat]) -> _Plan:
+    key = tuple(map(id, stats))
+    hit = _PLANS.get(key)
+    # The stats are kept alongside, so their ids cannot be reused while the entry lives.
+    if hit is None:
+        if len(_PLANS) >= 64:
+            _PLANS.clear()
+        hit = (stats, _Plan(stats))
+        _PLANS[key] = hit
+    return hit[1]
+
+
+def _plan_if_distributed(stats: list[Stat], group: dist.ProcessGroup | None) -> _Plan | None:
+    """The plan for syncing ``stats``, or None when there is no one to sync with (no stats, no
+    process group, or a group of one)."""
+    if (
+        not stats
+        or not dist.is_available()
+        or not dist.is_initialized()
+        or dist.get_world_size(group) == 1
+    ):
+        return None
+    plan = _plan_for(stats)
+    plan.refresh()
+    return plan
+
+
+class _Packed:
+    """Segments packed into one flat float64 tensor, ready for one all-reduce."""
+
+    def __init__(self, segments: list[list[Tensor]], device: torch.device) -> None:
+        flat_parts = [t.reshape(-1) for parts in segments for t in parts]
+        self.segments = segments
+        self.flat = torch.cat(flat_parts).to(device, torch.float64) if flat_parts else None
+        self.sizes = [t.numel() for t in flat_parts]
+        self.n_bytes = 0 if self.flat is None else self.flat.numel() * 8
+
+    def all_reduce(
+        self, op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None
+    ) -> tuple[list[list[Tensor]], dist.Work | None]:
+        """Start the all-reduce; returns the segments as views of the result, and the work."""
+        if self.flat is None:
+            return [[] for _ in self.segments], None
+        work = dist.all_reduce(self.flat, op=op, group=group, async_op=True)
+        pieces = iter(self.flat.split(self.sizes))
+        return [[next(pieces).view(t.shape) for t in parts] for parts in self.segments], work
+
+
+def sync_stats(
+    module_or_stats: nn.Module | Iterable[Stat], group: dist.ProcessGroup | None = None
+) -> SyncReport:
+    """Merge every stat across the ranks of ``group``; afterwards each rank holds the global stats.
+
+    Exact (Chan's merge for moments, in one or two phases, MIN/MAX for extrema, count sums),
+    idempotent (only data added since the previous sync or load travels, so syncing twice changes
+    nothing and a checkpoint loaded on N ranks counts once), and coalesced (at most 4 collectives
+    for any number of stats). A no-op returning ``n_collectives == 0`` when ``torch.distributed``
+    is not initialised or the group has one rank.
+
+    Args:
+        module_or_stats: a module (every :class:`Stat` inside is found) or an iterable of stats.
+        group: the process group. Default: the world.
+
+    Raises:
+        StatLayoutError: on every rank, when ranks hold different stats.
+
+    Example:
+        >>> import torch
+        >>> from statplug import RunningMoments, sync_stats
+        >>> stat = RunningMoments(3)
+        >>> stat.update(torch.randn(8, 3))
+        >>> sync_stats(stat).n_collectives   # not distributed here: nothing to do
+        0
+    """
+    start = time.perf_counter()
+    stats = find_stats(module_or_stats)
+    plan = _plan_if_distributed(stats, group)
+    if plan is None:
+        return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
+    device = plan.device
+    n_coll, n_bytes = 1, 48
+
+    with torch.no_grad():
+        batches = plan.batches
+        for b in batches:
+            b.agreed = True  # optimistic: phase 1 is made while the checksums travel
+        check = _LayoutCheck(plan, group)
+        # Phase-1 segments are local work: made and packed while the fingerprints travel. (Only
+        # flushing deferred updates touches a stat, which changes no value.)
+        groups = plan.groups
+
+        def pack_phase1() -> tuple[_Packed, _Packed]:
+            phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(groups, batches, strict=True)]
+            return _Packed([p[0] for p in phase1], device), _Packed([p[1] for p in phase1], device)
+
+        packed = pack_phase1()
+        if not check.wait():  # before any collective whose size depends on the layout
+            for b in batches:
+                b.agreed = False
+            packed = pack_phase1()  # centred on 0 instead of a base the ranks disagree on
+        sums1, w1 = packed[0].all_reduce(dist.ReduceOp.SUM, group)
+        maxes, w2 = packed[1].all_reduce(dist.ReduceOp.MAX, group)
+        for w in (w1, w2):
+            if w is not None:
+                w.wait()
+                n_coll += 1
+        phase2 = [
+            cls._sync_phase2(b, s1) for (cls, _), b, s1 in zip(groups, batches, sums1, strict=True)
+        ]
+        packed2 = _Packed(phase2, device)
+        sums2, w3 = packed2.all_reduce(dist.ReduceOp.SUM, group)
+        if w3 is not None:
+            w3.wait()
+            n_coll += 1
+        b1, b2, b3 = packed[0].n_bytes, packed[1].n_bytes, packed2.n_bytes
+        for (cls, _), b, s1, mx, s2 in zip(groups, batches, sums1, maxes, sums2, strict=True):
+            cls._sync_apply(b, s1, mx, s2)
+    return SyncReport(len(stats), n_coll, n_bytes + b1 + b2 + b3, time.perf_counter() - start)
+
+
+def broadcast_stats(
+    module_or_stats: nn.Module | Iterable[Stat],
+    src: int = 0,
+    group: dist.ProcessGroup | None = None,
+) -> SyncReport:
+    """Make rank ``src``'s stats the agreed state of every rank of ``group``.
+
+    For state that is one copy of the same data on every rank -- stats warmed up before a
+    launcher copied the model to each rank, say -- which a sync would otherwise count once per
+    rank. Each stat is settled first (:meth:`Stat.settle_`), so after the call every rank holds
+    ``src``'s full state as data already agreed; only data added afterwards travels at the next
+    :func:`sync_stats`. One collective per state name and stat class, whatever the number of
+    stats, after the same layout check as :func:`sync_stats`. Without a process group (or with one
+    rank) it only settles.
+
+    Example:
+        >>> import torch
+        >>> from statplug import RunningMoments
+        >>> from statplug.distributed import broadcast_stats
+        >>> stat = RunningMoments(2)
+        >>> stat.update(torch.ones(4, 2))
+        >>> broadcast_stats(stat).n_collectives, stat.count.item()
+        (0, 4)
+    """
+    start = time.perf_counter()
+    stats = find_stats(module_or_stats)
+    with torch.no_grad():
+        for stat in stats:
+            stat.settle_()
+    plan = _plan_if_distributed(stats, group)
+    if plan is None:
+        return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
+    _LayoutCheck(plan, group).wait()  # checksums are not needed: the state is replaced
+    global_src = src if group is None else dist.get_global_rank(group, src)
+    n_coll, n_bytes = 1, 48
+    with torch.no_grad():
+        for batch in plan.batches:
+            for name in batch.stats[0].state_names:
+                arena = batch.gather(name)
+                dist.broadcast(arena, src=global_src, group=group)
+                n_coll += 1
+                n_bytes += arena.numel() * arena.element_size()
+        for stat in stats:
+            stat._after_load()  # the received state is the agreed base, as after a load
+    return SyncReport(len(stats), n_coll, n_bytes, time.perf_counter() - start)

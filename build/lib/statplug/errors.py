@@ -1,0 +1,31 @@
+"""statplug's exceptions: every misuse error is a :class:`StatplugError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuditError",
+    "CheckpointMismatchError",
+    "MissingExtraError",
+    "StatLayoutError",
+    "StatplugError",
+]
+
+
+class StatplugError(Exception):
+    """Base class of every error statplug raises for misuse (bad arguments raise ``ValueError``)."""
+
+
+class StatLayoutError(StatplugError):
+    """Ranks hold different stat layouts, so their state cannot be merged."""
+
+
+class CheckpointMismatchError(StatplugError):
+    """A checkpoint does not hold the stats the model declares."""
+
+
+class MissingExtraError(StatplugError, ImportError):
+    """A feature needs a package of an optional extra (``pip install 'statplug[recipes]'``)."""
+
+
+class AuditError(StatplugError):
+    """:func:`statplug.audit` found errors; the message lists every one."""

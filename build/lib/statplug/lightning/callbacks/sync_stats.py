@@ -1,0 +1,209 @@
+r"""
+Sync stats
+==========
+
+Merge every :class:`~statplug.stats.Stat` of the ``LightningModule`` across ranks at the points
+where Lightning reads or saves them, and keep DDP's buffer broadcast from overwriting them in
+between.
+
+When it syncs (every rank reaches each point, so every rank joins each collective):
+
+* the end of each training epoch (before an epoch-end ``ModelCheckpoint``, which Lightning runs
+  after every other callback);
+* the start of each validation run, so validation sees the global stats, and its end, so a
+  ``ModelCheckpoint`` saving on validation end writes them (Lightning takes the model's
+  ``state_dict`` *before* any ``on_save_checkpoint`` hook, so syncing there would be too late);
+* after a training batch when ``every_n_train_steps`` says so, or when a step-based
+  ``ModelCheckpoint`` is about to save at that step;
+* the end of training, so a manual ``trainer.save_checkpoint`` after ``fit`` holds global stats.
+
+Syncing is idempotent (only data added since the previous sync travels), so the extra sync points
+never double count, and costs at most 4 collectives whatever the number of stats.
+
+At the points where a checkpoint may follow (all but the extra ``every_n_train_steps`` syncs), the
+stats are then *settled*: brought to exactly the state that reloading their saved values gives
+(their float32 accumulators, where the running state is float64). A run resumed from such a
+checkpoint then continues bit for bit like the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from statplug.distributed import (
+    SyncReport,
+    broadcast_stats,
+    exclude_from_ddp_broadcast,
+    find_stats,
+    sync_stats,
+)
+from statplug.distributed.ddp import stat_buffer_names
+from statplug.lightning._utils import checkpoint_due_after_batch, process_group, settle
+
+__all__ = ["SyncStats"]
+
+log = logging.getLogger(__name__)
+
+# (trainer, pl_module, event) called right after each sync, on every rank.
+SyncListener = Callable[["pl.Trainer", "pl.LightningModule", str], None]
+
+
+class SyncStats(Callback):
+    r"""Merge the module's stats across ranks: every rank, and every checkpoint, holds global stats.
+
+    In ``setup`` (before the strategy wraps the model) it registers every stat buffer in DDP's
+    ignore list (:func:`~statplug.distributed.exclude_from_ddp_broadcast`): otherwise DDP copies
+    rank 0's buffers over every other rank before each training forward, and each rank's own data
+    is lost before it can be merged. Stats created later (in ``configure_model``) are added to the
+    wrapped model's ignore set in ``on_fit_start``. Syncs go over the strategy's process group.
+
+    Args:
+        every_n_train_steps: also sync after every ``n``-th optimizer step (e.g. when the model
+            reads its normaliser's stats in ``training_step`` and should see the global ones).
+            Default: None (only at epoch ends, validation and checkpoints).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from statplug import SyncStats
+        >>> trainer = pl.Trainer(callbacks=[SyncStats()], accelerator="cpu", logger=False)
+        >>> [type(cb).__name__ for cb in trainer.callbacks][0]
+        'SyncStats'
+    """
+
+    def __init__(self, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None and (
+            isinstance(every_n_train_steps, bool)
+            or not isinstance(every_n_train_steps, int)
+            or every_n_train_steps < 1
+        ):
+            raise ValueError(
+                f"SyncStats: `every_n_train_steps` must be a positive int or None, got "
+                f"{every_n_train_steps!r}"
+            )
+        self.every_n_train_steps = every_n_train_steps
+        self.excluded: list[str] = []
+        self.n_syncs = 0
+        self.last_report: SyncReport | None = None
+        self._last_step_synced = -1
+        self._listeners: list[SyncListener] = []
+        # Lightning reads state_key around every hook call (profiler names): build it once.
+        self._state_key = self._generate_state_key(every_n_train_steps=self.every_n_train_steps)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._state_key
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(every_n_train_steps={self.every_n_train_steps!r})"
+
+    def add_listener(self, fn: SyncListener) -> None:
+        """Call ``fn(trainer, pl_module, event)`` on every rank right after each sync."""
+        if fn not in self._listeners:
+            self._listeners.append(fn)
+
+    def sync(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        event: str,
+        *,
+        checkpoint_point: bool = True,
+    ) -> SyncReport:
+        """Sync ``pl_module``'s stats now (every rank must call this together).
+
+        At points where a checkpoint may be written (``checkpoint_point``) the stats are then
+        settled: brought to the exact state a reload of their saved values gives, so a resumed run
+        continues bit for bit like an uninterrupted one.
+        """
+        report = sync_stats(pl_module, group=process_group(trainer))
+        if checkpoint_point:
+            settle(find_stats(pl_module))
+        self.n_syncs += 1
+        self.last_report = report
+        log.debug(
+            "SyncStats[%s]: %d stats, %d collectives, %d bytes, %.2f ms",
+            event,
+            report.n_stats,
+            report.n_collectives,
+            report.n_bytes,
+            report.seconds * 1e3,
+        )
+        for fn in self._listeners:
+            fn(trainer, pl_module, event)
+        return report
+
+    # ------------------------------------------------------------------ DDP opt-out
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Callback.setup runs before LightningModule.setup/configure_model and before the strategy
+        # wraps the model in DDP, which reads its ignore list only when it is built.
+        self.excluded = exclude_from_ddp_broadcast(pl_module)
+        log.debug("SyncStats: %d stat buffers excluded from DDP broadcast", len(self.excluded))
+        # Whatever the stats hold before the run (warmed up, or copied to every rank by a
+        # spawn launcher) is one copy of the same data: make rank 0's the agreed state, so no
+        # sync counts it once per rank.
+        broadcast_stats(pl_module, group=process_group(trainer))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run starts at the checkpoint's step, which was already synced before the save.
+        self._last_step_synced = trainer.global_step
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        wrapped = trainer.strategy.model
+        if not isinstance(wrapped, DistributedDataParallel):
+            return
+        # Stats built in LightningModule.setup or configure_model came after our setup. DDP
+        # re-reads `parameters_to_ignore` whenever it broadcasts buffers, so adding them now
+        # still keeps them out of the broadcast.
+        late = [n for n in stat_buffer_names(pl_module) if n not in wrapped.parameters_to_ignore]
+        if late:
+            wrapped.parameters_to_ignore.update(late)
+            # DDP decides whether to broadcast from its cached buffer list: refresh it, or a
+            # model whose only buffers are these stats trips DDP's "no tensors" assert.
+            wrapped._assign_modules_buffers()
+            log.debug("SyncStats: %d late stat buffers excluded from DDP broadcast", len(late))
+
+    # ------------------------------------------------------------------ sync points
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        if step == 0 or step == self._last_step_synced:
+            return  # no step yet, or gradient accumulation: batches share one optimizer step
+        n = self.every_n_train_steps
+        due = checkpoint_due_after_batch(trainer)
+        if (n is not None and step % n == 0) or due:
+            self._last_step_synced = step
+            self.sync(trainer, pl_module, "train_batch_end", checkpoint_point=due)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.sync(trainer, pl_module, "validation_start")
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.sync(trainer, pl_module, "validation_end")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.sync(trainer, pl_module, "train_epoch_end")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.sync(trainer, pl_module, "train_end")

@@ -1,0 +1,72 @@
+"""Per-batch moment kernels shared by the moment stats.
+
+torch's fused batch-norm statistics kernel (``torch.batch_norm_update_stats``) is the speed
+floor: one call returns each column's mean and population variance, ~40x faster than
+``torch.var_mean`` on CPU. On its own it loses accuracy when a column's mean is large against its
+spread: the float32 column sum drifts by about ``eps * |mean| * sqrt(rows)`` and the variance
+comes out too large by that drift squared (mean 1e4, std 1, 65536 rows: 5e-3 relative). Viewing
+the ``[N, F]`` batch as ``[N / g, g * F]`` makes the kernel reduce ``g`` interleaved groups of at
+most 1024 rows per feature in the same single pass over memory (measured no slower); the groups
+are then combined exactly in float64. No extra pass, no data-dependent branch, no host sync.
+Rows left over by the split form one more group; wide batches are split at least down to
+``MAX_ROWS`` rows per group, at some cost in speed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["GROUP_ROWS", "grouped_moments"]
+
+# Rows per group: at most this many rows are summed per feature in float32. Measured with mean 1e4
+# and std 1 (float32): 65536 rows in one group give 5e-3 relative variance error, 2048 rows 1e-4.
+GROUP_ROWS = 1024
+# The kernel slows down ~2x once it reduces more than this many columns at once (measured on CPU),
+# so the split prefers to stop there -- unless groups would still hold more than MAX_ROWS rows
+# (GROUP_ROWS for batches too wide to split at all within MAX_COLUMNS), where exactness wins over
+# speed.
+MAX_COLUMNS = 2048
+MAX_ROWS = 2048
+
+_GROUPS: dict[tuple[int, int], int] = {}
+
+
+def n_groups(n_rows: int, n_features: int) -> int:
+    """How many interleaved groups an ``[n_rows, n_features]`` batch is split into (cached)."""
+    key = (n_rows, n_features)
+    g = _GROUPS.get(key)
+    if g is None:
+        g = 1
+        while n_rows // g > GROUP_ROWS and 2 * g * n_features <= MAX_COLUMNS:
+            g *= 2
+        limit = GROUP_ROWS if 2 * n_features > MAX_COLUMNS else MAX_ROWS
+        while n_rows // g > limit:
+            g *= 2
+        if len(_GROUPS) < 4096:
+            _GROUPS[key] = g
+    return g
+
+
+def grouped_moments(x: Tensor) -> list[tuple[Tensor, Tensor, int]]:
+    """Column means and population variances of ``x`` (``[N, F]``, float) by groups of rows.
+
+    Returns one or two parts ``(means [g, F], variances [g, F], rows_per_group)``: the groups of
+    the largest multiple of ``g`` rows, then, when ``N`` is not a multiple of ``g``, the
+    remaining rows (fewer than ``g``) as one more group.
+    """
+    n, f = x.shape
+    g = n_groups(n, f)
+    if g == 1:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        return [(mean.view(1, f), var.view(1, f), n)]
+    if not x.is_contiguous():
+        x = x.contiguous()
+    rows = n // g
+    main = rows * g
+    mean, var = torch.batch_norm_update_stats(x[:main].view(rows, g * f), None, None, 0.0)
+    parts = [(mean.view(g, f), var.view(g, f), rows)]
+    if main < n:
+        t_mean, t_var = torch.batch_norm_update_stats(x[main:], None, None, 0.0)
+        parts.append((t_mean.view(1, f), t_var.view(1, f), n - main))
+    return parts

@@ -1,0 +1,112 @@
+"""Running per-feature minimum and maximum: :class:`RunningMinMax`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from statplug.stats.base import NanPolicy, Stat
+
+__all__ = ["RunningMinMax"]
+
+# Column-wise min and max of a [rows, features] batch on CPU: from 32 features on, amin + amax are
+# ~10x faster than torch.aminmax(x, dim=0) (128x256: 7 us vs 67 us; 65536x64: 1.3 ms vs 13 ms).
+# Narrower batches reduce slowly either way (4096x16: 336 us, aminmax 147 us), so they are viewed
+# as [rows / g, g * features] (interleaved row groups, no copy) and the g partial results reduced
+# again: 4096x16 then takes ~15 us.
+_WIDE_ENOUGH = 64
+
+
+def _column_min_max(x: Tensor) -> tuple[Tensor, Tensor]:
+    n, f = x.shape
+    if f >= _WIDE_ENOUGH // 2:
+        return x.amin(0), x.amax(0)
+    g = 1
+    while g * f < _WIDE_ENOUGH and n % (2 * g) == 0:
+        g *= 2
+    if g == 1 or not x.is_contiguous():
+        lo, hi = torch.aminmax(x, dim=0)
+        return lo, hi
+    y = x.view(n // g, g * f)
+    return y.amin(0).view(g, f).amin(0), y.amax(0).view(g, f).amax(0)
+
+
+class RunningMinMax(Stat):
+    r"""Running per-feature minimum and maximum, exact and merged with MIN/MAX reductions.
+
+    State: ``count`` (int64), ``min`` and ``max`` in ``accumulator_dtype`` (``+inf`` / ``-inf``
+    before the first sample).
+
+    Args:
+        shape: feature shape.
+        accumulator_dtype: Default: ``torch.float32``.
+        nan_policy: ``"raise"``, ``"skip"`` or ``"propagate"`` (a NaN then sticks). Default:
+            ``"raise"``.
+
+    Example:
+        >>> import torch
+        >>> from statplug import RunningMinMax
+        >>> mm = RunningMinMax(2)
+        >>> mm.update(torch.tensor([[1.0, -2.0], [3.0, 5.0]]))
+        >>> mm.min.tolist(), mm.max.tolist()
+        ([1.0, -2.0], [3.0, 5.0])
+    """
+
+    _version = 1
+    min: Tensor
+    max: Tensor
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        *,
+        accumulator_dtype: torch.dtype = torch.float32,
+        nan_policy: NanPolicy = "raise",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
+        )
+        acc = accumulator_dtype
+        self.add_state("min", torch.full(self.shape, math.inf, dtype=acc), reduce="min")
+        self.add_state("max", torch.full(self.shape, -math.inf, dtype=acc), reduce="max")
+
+    def _fold(self, lo: Tensor, hi: Tensor) -> None:
+        flat_min, flat_max = self.min.view(-1), self.max.view(-1)
+        torch.minimum(flat_min, lo, out=flat_min)
+        torch.maximum(flat_max, hi, out=flat_max)
+
+    def update(self, x: Tensor) -> None:
+        """Fold the samples in ``x`` (shape ``[..., *shape]``) into the running min and max."""
+        x2 = self._fast_input(x)
+        if x2 is not None:
+            self._update(x2, self.nan_policy == "raise")
+
+    def _update(self, x: Tensor, check: bool) -> None:
+        lo, hi = _column_min_max(x)
+        # One host read: a NaN or Inf in a column makes max - min non-finite. A finite range
+        # that overflows is told apart by the exact check, run only then.
+        if (
+            check
+            and not math.isfinite(float((hi - lo).sum()))
+            and not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+        ):
+            self._raise_non_finite()
+        self._fold(lo, hi)
+        self._buffers["count"].add_(x.shape[0])  # type: ignore[union-attr]
+
+    def _update_skip(self, x: Tensor) -> None:
+        ok = torch.isfinite(x).all(dim=1, keepdim=True)
+        n_ok = ok.sum()
+        lo = torch.where(ok, x, math.inf).amin(0)
+        hi = torch.where(ok, x, -math.inf).amax(0)
+        self._fold(lo, hi)
+        self.count.add_(n_ok)
+        self.n_skipped.add_(x.shape[0] - n_ok)
+
+    def _merge_from(self, other: Any) -> None:
+        self._fold(other.min.reshape(-1), other.max.reshape(-1))

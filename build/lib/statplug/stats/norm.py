@@ -1,0 +1,205 @@
+"""Normalisation by running statistics: :class:`RunningNorm`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from statplug._buffers import PinnedDtypeModule
+from statplug.stats.base import NanPolicy
+from statplug.stats.moments import RunningMoments
+
+__all__ = ["RunningNorm"]
+
+
+class RunningNorm(PinnedDtypeModule):
+    r"""Normalise inputs by an exact running mean and population variance.
+
+    ``y = (x - mean) / sqrt(var + eps)``, then clipped to ``[-clip, clip]`` when ``clip`` is set.
+    In ``train()`` mode :meth:`forward` updates the statistics with ``x`` and then normalises; in
+    ``eval()`` mode it only normalises. Before two samples have been seen it returns ``x``
+    unchanged. The statistics live in the submodule ``moments`` (a :class:`RunningMoments`), so
+    they are saved, moved, synced and audited like any stat.
+
+    Args:
+        shape: feature shape.
+        eps: added to the variance. Default: 1e-8.
+        clip: clip the output to ``[-clip, clip]``. Default: None (no clipping).
+        accumulator_dtype: Default: ``torch.float32``.
+        nan_policy: Default: ``"raise"``.
+
+    Shape:
+        - Input: :math:`(*, \text{shape})`; Output: same shape and dtype as the input.
+
+    Example:
+        >>> import torch
+        >>> from statplug import RunningNorm
+        >>> norm = RunningNorm(3)
+        >>> y = norm(torch.randn(256, 3) * 5 + 2)   # train mode: update, then normalise
+        >>> bool(y.mean(0).abs().max() < 1e-5)
+        True
+        >>> bool((y.std(0, unbiased=False) - 1).abs().max() < 1e-4)
+        True
+        >>> _ = norm.eval()
+        >>> norm.inverse(norm(torch.ones(1, 3))).round(decimals=4).tolist()
+        [[1.0, 1.0, 1.0]]
+    """
+
+    _version = 1
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        *,
+        eps: float = 1e-8,
+        clip: float | None = None,
+        accumulator_dtype: torch.dtype = torch.float32,
+        nan_policy: NanPolicy = "raise",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if eps < 0:
+            raise ValueError(f"RunningNorm: `eps` must be >= 0, got {eps!r}")
+        if clip is not None and clip <= 0:
+            raise ValueError(f"RunningNorm: `clip` must be positive or None, got {clip!r}")
+        self.eps = float(eps)
+        self.clip = None if clip is None else float(clip)
+        self.moments = RunningMoments(
+            shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
+        )
+        # Named after the normaliser in messages until a model walk gives it its qualified name.
+        self.moments._statplug_name = "RunningNorm.moments"
+
+    @classmethod
+    def fixed(
+        cls,
+        mean: Sequence[float] | Tensor,
+        std: Sequence[float] | Tensor,
+        *,
+        eps: float = 0.0,
+        clip: float | None = None,
+        accumulator_dtype: torch.dtype = torch.float32,
+    ) -> RunningNorm:
+        """A frozen normaliser from known constants, e.g. an image data set's mean and std.
+
+        It holds the state of having seen the two samples ``mean - std`` and ``mean + std`` (whose
+        mean and population std are exactly the constants) and is frozen, so it is saved, moved
+        and loaded like any other normaliser.
+
+        Example:
+            >>> import torch
+            >>> from statplug import RunningNorm
+            >>> norm = RunningNorm.fixed([0.5, 1.0], [0.25, 2.0])
+            >>> norm(torch.tensor([[1.0, 3.0]])).tolist()
+            [[2.0, 1.0]]
+        """
+        m = torch.as_tensor(mean, dtype=torch.float64)
+        s = torch.as_tensor(std, dtype=torch.float64)
+        if m.shape != s.shape or m.dim() == 0:
+            raise ValueError(
+                f"RunningNorm.fixed: `mean` and `std` must have the same non-scalar shape, got "
+                f"{tuple(m.shape)} and {tuple(s.shape)}"
+            )
+        if not bool((s > 0).all()):
+            raise ValueError("RunningNorm.fixed: every `std` must be positive")
+        norm = cls(tuple(m.shape), eps=eps, clip=clip, accumulator_dtype=accumulator_dtype)
+        state = norm.moments.state_dict()
+        state["count"] = torch.tensor(2)
+        state["mean"] = m.to(accumulator_dtype)
+        state["m2"] = (2 * s * s).to(accumulator_dtype)  # computed in float64, then stored
+        norm.moments.load_state_dict(state)
+        norm.moments.freeze()
+        return norm
+
+    # Read-outs and the rules every stat follows delegate to the moments.
+    @property
+    def count(self) -> Tensor:
+        return self.moments.count
+
+    @property
+    def n_skipped(self) -> Tensor:
+        return self.moments.n_skipped
+
+    @property
+    def sample_var(self) -> Tensor:
+        return self.moments.sample_var
+
+    def update(self, x: Tensor) -> None:
+        """Update the statistics with ``x`` without normalising (as in ``train()`` mode)."""
+        self.moments.update(x)
+
+    def merge_(self, other: RunningNorm) -> RunningNorm:
+        """Merge another normaliser's statistics (same shape) exactly."""
+        if not isinstance(other, RunningNorm):
+            raise ValueError(
+                f"RunningNorm.merge_: expected a RunningNorm, got {type(other).__name__}"
+            )
+        self.moments.merge_(other.moments)
+        return self
+
+    def reset(self) -> None:
+        """Forget every sample (keeps frozen-ness)."""
+        self.moments.reset()
+
+    def reset_parameters(self) -> None:
+        self.moments.reset_parameters()
+
+    @property
+    def mean(self) -> Tensor:
+        return self.moments.mean
+
+    @property
+    def var(self) -> Tensor:
+        return self.moments.var
+
+    @property
+    def std(self) -> Tensor:
+        return self.moments.std
+
+    def freeze(self) -> RunningNorm:
+        """Stop updating the statistics (saved with the state)."""
+        self.moments.freeze()
+        return self
+
+    def unfreeze(self) -> RunningNorm:
+        self.moments.unfreeze()
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return self.moments.frozen
+
+    def _affine(self) -> tuple[Tensor, Tensor]:
+        """(shift, scale) with identity before two samples, decided on the device."""
+        m = self.moments
+        ready = m.count >= 2
+        scale = torch.where(ready, torch.rsqrt(m.var + self.eps), 1.0)
+        shift = torch.where(ready, m.mean, 0.0)
+        return shift, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise ``x``; in ``train()`` mode update the statistics with it first.
+
+        Returns the input's dtype for floating inputs; integer inputs come back in the
+        accumulator dtype (normalised values are not integers).
+        """
+        if self.training:
+            self.moments.update(x)
+        shift, scale = self._affine()
+        y = (x.to(shift.dtype) - shift) * scale
+        if self.clip is not None:
+            # No clipping either while the normaliser is still the identity.
+            bound = torch.where(self.moments.count >= 2, self.clip, torch.inf).to(y.dtype)
+            y = torch.clamp(y, -bound, bound)
+        return y.to(x.dtype) if x.is_floating_point() else y
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """Undo :meth:`forward` (up to clipping): ``x = y * sqrt(var + eps) + mean``."""
+        shift, scale = self._affine()
+        out = y.to(shift.dtype) / scale + shift
+        return out.to(y.dtype) if y.is_floating_point() else out
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, clip={self.clip}"
