@@ -62,7 +62,8 @@ def monitor_figure(metrics_csv: Path, out: Path) -> Path:
         for prefix in prefixes:
             xs, ys = _column(rows, f"{prefix}/{leaf}")
             if leaf == "drift":
-                xs, ys = zip(*[(x, y) for x, y in zip(xs, ys, strict=True) if y > 0]) or ((), ())
+                kept = [(x, y) for x, y in zip(xs, ys, strict=True) if y > 0]  # log axis
+                xs, ys = [x for x, _ in kept], [y for _, y in kept]
             ax.plot(xs, ys, marker=".", linewidth=1, color=colors[prefix],
                     label=prefix.split("/", 1)[1])
         if leaf == "drift":

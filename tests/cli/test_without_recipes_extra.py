@@ -2,8 +2,8 @@
 install in one line.
 
 Every process runs with a ``sitecustomize`` on ``PYTHONPATH`` that makes ``sklearn`` and
-``matplotlib`` unimportable and their package metadata invisible, as in an environment where ``pip install statplug`` left them
-out.
+``matplotlib`` unimportable and their package metadata invisible, as in an environment where
+``pip install statplug`` left them out.
 """
 
 from __future__ import annotations
