@@ -3,9 +3,16 @@
 from typing import TYPE_CHECKING, Any
 
 from statplug.audit import AuditReport, Finding, audit
+from statplug.averaging import copy_stats_
 from statplug.distributed import SyncReport, exclude_from_ddp_broadcast, sync_stats
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
-from statplug.errors import AuditError, CheckpointMismatchError, StatLayoutError, StatplugError
+from statplug.errors import (
+    AuditError,
+    CheckpointMismatchError,
+    IncompatibleCallbackError,
+    StatLayoutError,
+    StatplugError,
+)
 from statplug.masks import CausalMask, RandomMask
 from statplug.stats import EMAMoments, RunningMinMax, RunningMoments, RunningNorm, Stat
 
@@ -16,8 +23,10 @@ _LIGHTNING_NAMES = (
     "ActivationStats",
     "AuditBuffers",
     "MagnitudePruning",
+    "StatsEMAWeightAveraging",
     "StatsMixin",
     "StatsMonitor",
+    "StatsWeightAveraging",
     "SyncStats",
 )
 # Running recipes needs hydra and the recipes' models: loaded on first use too.
@@ -29,8 +38,10 @@ if TYPE_CHECKING:
         ActivationStats,
         AuditBuffers,
         MagnitudePruning,
+        StatsEMAWeightAveraging,
         StatsMixin,
         StatsMonitor,
+        StatsWeightAveraging,
         SyncStats,
     )
 
@@ -56,6 +67,7 @@ __all__ = [
     "CheckpointMismatchError",
     "EMAMoments",
     "Finding",
+    "IncompatibleCallbackError",
     "MagnitudePruning",
     "RandomMask",
     "RecipeRun",
@@ -67,11 +79,14 @@ __all__ = [
     "Stat",
     "StatLayoutError",
     "StatplugError",
+    "StatsEMAWeightAveraging",
     "StatsMixin",
     "StatsMonitor",
+    "StatsWeightAveraging",
     "SyncReport",
     "SyncStats",
     "audit",
+    "copy_stats_",
     "exclude_from_ddp_broadcast",
     "run_recipe",
     "sync_stats",

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AuditError",
     "CheckpointMismatchError",
+    "IncompatibleCallbackError",
     "MissingExtraError",
     "StatLayoutError",
     "StatplugError",
@@ -29,3 +30,7 @@ class MissingExtraError(StatplugError, ImportError):
 
 class AuditError(StatplugError):
     """:func:`statplug.audit` found errors; the message lists every one."""
+
+
+class IncompatibleCallbackError(StatplugError):
+    """A callback in the ``Trainer`` would corrupt statplug state (the message names the fix)."""

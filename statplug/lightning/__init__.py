@@ -4,7 +4,9 @@ from statplug.lightning.callbacks import (
     ActivationStats,
     AuditBuffers,
     MagnitudePruning,
+    StatsEMAWeightAveraging,
     StatsMonitor,
+    StatsWeightAveraging,
     SyncStats,
 )
 from statplug.lightning.mixin import StatsMixin
@@ -13,7 +15,9 @@ __all__ = [
     "ActivationStats",
     "AuditBuffers",
     "MagnitudePruning",
+    "StatsEMAWeightAveraging",
     "StatsMixin",
     "StatsMonitor",
+    "StatsWeightAveraging",
     "SyncStats",
 ]

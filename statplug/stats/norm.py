@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
@@ -12,6 +15,8 @@ from statplug.stats.base import NanPolicy
 from statplug.stats.moments import RunningMoments
 
 __all__ = ["RunningNorm"]
+
+_LOW = (torch.float16, torch.bfloat16)
 
 
 class RunningNorm(PinnedDtypeModule):
@@ -182,18 +187,36 @@ class RunningNorm(PinnedDtypeModule):
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x``; in ``train()`` mode update the statistics with it first.
 
-        Returns the input's dtype for floating inputs; integer inputs come back in the
-        accumulator dtype (normalised values are not integers).
+        One fused kernel normalises (torch's batch-norm in inference mode, fed the running mean
+        and population variance), as ``nn.BatchNorm`` does. Returns the input's dtype for
+        floating inputs; integer inputs come back in the accumulator dtype.
         """
+        m = self.moments
+        # Known on the host: right after an update with 2+ samples the normaliser is ready.
+        ready = False
         if self.training:
-            self.moments.update(x)
-        shift, scale = self._affine()
-        y = (x.to(shift.dtype) - shift) * scale
+            m.update(x)
+            ready = not m._frozen and x.numel() >= 2 * m.n_features
+        b = cast(dict[str, Tensor], m._buffers)
+        mean, m2, count = b["mean"], b["m2"], b["count"]
+        var = m2 / count
+        if not ready:
+            ok = count >= 2
+            # Identity until then: mean 0 and var + eps == 1 exactly make the kernel return x.
+            mean = torch.where(ok, mean, 0.0)
+            var = torch.where(ok, var, 1.0 - self.eps)
+        acc = m.accumulator_dtype
+        work = x if x.dtype is acc or (acc is torch.float32 and x.dtype in _LOW) else x.to(acc)
+        rows = work.reshape(-1, m.n_features)
+        y = F.batch_norm(rows, mean.reshape(-1), var.reshape(-1), None, None, False, 0.0, self.eps)
         if self.clip is not None:
-            # No clipping either while the normaliser is still the identity.
-            bound = torch.where(self.moments.count >= 2, self.clip, torch.inf).to(y.dtype)
-            y = torch.clamp(y, -bound, bound)
-        return y.to(x.dtype) if x.is_floating_point() else y
+            if ready:
+                y = y.clamp_(-self.clip, self.clip)
+            else:  # no clipping either while the normaliser is still the identity
+                bound = torch.where(count >= 2, self.clip, math.inf).to(y.dtype)
+                y = torch.clamp(y, -bound, bound)
+        y = y.view(x.shape)
+        return y.to(x.dtype) if x.is_floating_point() and y.dtype is not x.dtype else y
 
     def inverse(self, y: Tensor) -> Tensor:
         """Undo :meth:`forward` (up to clipping): ``x = y * sqrt(var + eps) + mean``."""

@@ -14,6 +14,8 @@ MODULES = [
     "statplug.lightning.callbacks.activation_stats",
     "statplug.lightning.callbacks.magnitude_pruning",
     "statplug.lightning.callbacks.stats_monitor",
+    "statplug.lightning.callbacks.stats_weight_averaging",
+    "statplug.lightning.callbacks.stats_ema_weight_averaging",
 ]
 
 
