@@ -208,6 +208,15 @@ def test_callbacks_and_stats_have_reprs_with_their_arguments() -> None:
         "MagnitudePruning(amount=0.3, schedule=[1, 2], parameter_names=['weight'], "
         "modules=['Linear', 'Conv2d'], patterns=['*'], scope='layer')"
     )
+    from statplug import StatsEMAWeightAveraging, StatsWeightAveraging
+
+    assert repr(StatsWeightAveraging(use_buffers=False)) == (
+        "StatsWeightAveraging(device=None, use_buffers=False)"
+    )
+    assert repr(StatsEMAWeightAveraging(decay=0.99, update_starting_at_step=10)) == (
+        "StatsEMAWeightAveraging(device=None, use_buffers=True, decay=0.99, "
+        "update_every_n_steps=1, update_starting_at_step=10, update_starting_at_epoch=None)"
+    )
     stat = RunningMoments(3)
     stat.update(torch.randn(7, 3))
     assert "count=7" in repr(stat)
