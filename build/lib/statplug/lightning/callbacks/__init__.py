@@ -1,9 +1,0 @@
-"""Lightning callbacks, one per file."""
-
-from statplug.lightning.callbacks.activation_stats import ActivationStats
-from statplug.lightning.callbacks.audit_buffers import AuditBuffers
-from statplug.lightning.callbacks.magnitude_pruning import MagnitudePruning
-from statplug.lightning.callbacks.stats_monitor import StatsMonitor
-from statplug.lightning.callbacks.sync_stats import SyncStats
-
-__all__ = ["ActivationStats", "AuditBuffers", "MagnitudePruning", "StatsMonitor", "SyncStats"]

@@ -1,8 +1,0 @@
-"""Running statistics held in buffers (pure torch)."""
-
-from statplug.stats.base import NanPolicy, Stat
-from statplug.stats.minmax import RunningMinMax
-from statplug.stats.moments import EMAMoments, RunningMoments
-from statplug.stats.norm import RunningNorm
-
-__all__ = ["EMAMoments", "NanPolicy", "RunningMinMax", "RunningMoments", "RunningNorm", "Stat"]
