@@ -132,17 +132,24 @@ class RunningMoments(Stat):
             and not self._frozen
             and self.nan_policy != "skip"
         ):
-            # The common case, checked inline: Python overhead is a large part of its cost.
-            with torch.no_grad():
-                self._update(x, self.nan_policy == "raise")
+            # The common case, checked inline: Python overhead is a large part of its cost. (No
+            # no_grad needed: neither x nor the buffers require grad, so nothing is recorded.)
+            mb, vb = torch.batch_norm_update_stats(x, None, None, 0.0)
+            if self.nan_policy == "raise":
+                self._check_finite(vb.dot(vb))  # a NaN or Inf in a column makes its variance NaN
+            self._merge_batch(mb, vb, x.shape[0])
         else:
             Stat.update(self, x)
 
     def _update(self, x: Tensor, check: bool) -> None:
         mb, vb = batch_moments(x)
         if check:
-            self._check_finite(vb.dot(vb))  # a NaN or Inf in a column makes its variance NaN
-        n = x.shape[0]
+            self._check_finite(vb.dot(vb))
+        self._merge_batch(mb, vb, x.shape[0])
+
+    def _merge_batch(self, mb: Tensor, vb: Tensor, n: int) -> None:
+        """Chan's merge of a batch of ``n`` samples with column means ``mb`` and population
+        variances ``vb`` (flat) into ``count``/``mean``/``m2``: seven small in-place ops."""
         b = self._buffers
         count, mean, m2 = b["count"], b["mean"], b["m2"]
         if self._n_dims != 1:
@@ -150,10 +157,10 @@ class RunningMoments(Stat):
         count.add_(n)  # type: ignore[union-attr]
         # q = count / n, correctly rounded (exactly 1 for a first batch); s = 1 - n / count.
         q = count.div(n) if self.accumulator_dtype is torch.float32 else count.to(_F64).div_(n)  # type: ignore[union-attr]
-        s = q.reciprocal().neg_().add_(1.0)
+        s = q.sub(1.0).div_(q)
         d = mb - mean  # type: ignore[operator]
         mean.addcdiv_(d, q)  # type: ignore[union-attr]
-        # Chan: m2 += n * vb + n * (1 - n / count) * d**2, from the unrounded update.
+        # m2 += n * vb + n * (1 - n / count) * d**2: from the exact update, not the rounded mean.
         m2.addcmul_(d, d * s, value=n)  # type: ignore[union-attr]
         m2.add_(vb, alpha=n)  # type: ignore[union-attr]
 
