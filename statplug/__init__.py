@@ -30,17 +30,22 @@ _LIGHTNING_NAMES = (
     "MagnitudePruning",
     "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsMonitor",
     "StatsWeightAveraging",
     "SyncStats",
 )
+# Running recipes needs hydra and the recipes' models: loaded on first use too.
+_RECIPE_NAMES = ("RecipeRun", "run_recipe")
 
 if TYPE_CHECKING:
+    from statplug.config.run import RecipeRun, run_recipe
     from statplug.lightning import (
         ActivationStats,
         AuditBuffers,
         MagnitudePruning,
         StatsEMAWeightAveraging,
         StatsMixin,
+        StatsMonitor,
         StatsWeightAveraging,
         SyncStats,
     )
@@ -51,6 +56,10 @@ def __getattr__(name: str) -> Any:
         import statplug.lightning
 
         return getattr(statplug.lightning, name)
+    if name in _RECIPE_NAMES:
+        import statplug.config.run
+
+        return getattr(statplug.config.run, name)
     raise AttributeError(f"module 'statplug' has no attribute {name!r}")
 
 
@@ -66,6 +75,7 @@ __all__ = [
     "IncompatibleCallbackError",
     "MagnitudePruning",
     "RandomMask",
+    "RecipeRun",
     "RotaryEncoding",
     "RunningMinMax",
     "RunningMoments",
@@ -76,6 +86,7 @@ __all__ = [
     "StatplugError",
     "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsMonitor",
     "StatsWeightAveraging",
     "SyncReport",
     "SyncStats",
@@ -83,5 +94,6 @@ __all__ = [
     "copy_stats_",
     "exclude_from_ddp_broadcast",
     "exclude_from_fsdp_buffer_cast",
+    "run_recipe",
     "sync_stats",
 ]

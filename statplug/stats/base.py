@@ -418,7 +418,8 @@ class Stat(PinnedDtypeModule):
         extra = f"shape={self.shape}, accumulator_dtype={self.accumulator_dtype}"
         if self.nan_policy != "raise":
             extra += f", nan_policy={self.nan_policy!r}"
-        return extra
+        # A repr is not a hot path: one host read for the count is fine here.
+        return extra + f", count={int(self.count)}"
 
 
 class SyncBatch:

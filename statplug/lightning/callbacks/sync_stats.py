@@ -115,6 +115,9 @@ class SyncStats(Callback):
     def state_key(self) -> str:
         return self._state_key
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(every_n_train_steps={self.every_n_train_steps!r})"
+
     def add_listener(self, fn: SyncListener) -> None:
         """Call ``fn(trainer, pl_module, event)`` on every rank right after each sync."""
         if fn not in self._listeners:
