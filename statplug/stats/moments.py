@@ -156,13 +156,15 @@ class RunningMoments(Stat):
         if self._n_dims != 1:
             mean, m2 = mean.view(-1), m2.view(-1)  # type: ignore[union-attr]
         count.add_(n)  # type: ignore[union-attr]
-        # q = count / n, correctly rounded (exactly 1 for a first batch); s = 1 - n / count.
+        # q = count / n, correctly rounded: exactly 1 for a first batch, whose mean is then
+        # stored exactly and adds nothing but n * vb to m2.
         q = count.div(n) if self.accumulator_dtype is torch.float32 else count.to(_F64).div_(n)  # type: ignore[union-attr]
-        s = q.sub(1.0).div_(q)
         d = mb - mean  # type: ignore[operator]
-        mean.addcdiv_(d, q)  # type: ignore[union-attr]
-        # m2 += n * vb + n * (1 - n / count) * d**2: from the exact update, not the rounded mean.
-        m2.addcmul_(d, d * s, value=n)  # type: ignore[union-attr]
+        step = d / q
+        mean.add_(step)  # type: ignore[union-attr]
+        # Chan: m2 += n * vb + n * (1 - n / count) * d**2, with d * (1 - n / count) = d - step
+        # taken from the unrounded step, never from the rounded new mean.
+        m2.addcmul_(d, d - step, value=n)  # type: ignore[union-attr]
         m2.add_(vb, alpha=n)  # type: ignore[union-attr]
 
     def _update_skip(self, x: Tensor) -> None:
