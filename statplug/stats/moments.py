@@ -132,6 +132,7 @@ class RunningMoments(Stat):
             and not self._frozen
             and self.nan_policy != "skip"
             and not x.is_meta
+            and x.layout is torch.strided
         ):
             # The common case, checked inline: Python overhead is a large part of its cost.
             with torch.no_grad():
