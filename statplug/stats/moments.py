@@ -211,7 +211,10 @@ class RunningMoments(Stat):
             return problem
         m2 = values["m2"].double()
         if bool((m2 < 0).any()):
-            return f"{prefix + 'm2'!r} (sum of squared deviations) must be >= 0, got {m2.min().item()!r}"
+            return (
+                f"{prefix + 'm2'!r} (sum of squared deviations) must be >= 0, got "
+                f"{m2.min().item()!r}"
+            )
         if int(values["count"]) == 0 and bool(values["mean"].any() or m2.any()):
             return (
                 f"an empty state (count 0) must have zero {prefix + 'mean'!r} and "

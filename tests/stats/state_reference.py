@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from statplug import EMAMoments, RunningMinMax, RunningMoments, RunningNorm
+from statplug import EMAMoments, RunningMinMax, RunningNorm
 
 __all__ = [
     "EMARef",

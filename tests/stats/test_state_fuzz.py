@@ -194,7 +194,9 @@ def test_random_call_sequences_match_float64_numpy(kind: str) -> None:
 SYNC_STEPS = 30
 
 
-def _rank_batch(seed: int, step: int, rank: int, shape: tuple[int, ...], dirty: bool) -> torch.Tensor:
+def _rank_batch(
+    seed: int, step: int, rank: int, shape: tuple[int, ...], dirty: bool
+) -> torch.Tensor:
     return batch(np.random.default_rng([seed, step, rank]), shape, dirty)
 
 
@@ -269,7 +271,8 @@ def _global(agreed: Any, news: list[Any]) -> Any:
     weights = [n / total for n in added] if total else [1 / len(news)] * len(news)
     out = copy.deepcopy(agreed)
     out.mean = sum(w * r.mean for w, r in zip(weights, news, strict=True))
-    out.var = sum(w * (r.var + (r.mean - out.mean) ** 2) for w, r in zip(weights, news, strict=True))
+    pairs = list(zip(weights, news, strict=True))
+    out.var = sum(w * (r.var + (r.mean - out.mean) ** 2) for w, r in pairs)
     out.weight = sum(w * r.weight for w, r in zip(weights, news, strict=True))
     out.count = agreed.count + total
     out.n_skipped = agreed.n_skipped + sum(r.n_skipped - agreed.n_skipped for r in news)
