@@ -127,6 +127,7 @@ class _LayoutCheck:
 def _agreed_summary(stat: Stat) -> tuple[int, float]:
     """(agreed count, checksum of the agreed state) of one stat, for error messages."""
     batch = SyncBatch([stat])
+    batch.begin()
     return int(stat._buffers["_base_count"]), float(type(stat)._sync_checksum(batch))  # type: ignore[arg-type]
 
 
@@ -283,6 +284,8 @@ def sync_stats(
     with torch.no_grad():
         batches = plan.batches
         groups = plan.groups
+        for b in batches:
+            b.begin()
         check = _LayoutCheck(plan, group)
         # Phase-1 segments are local work: made and packed while the fingerprints travel.
         phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(groups, batches, strict=True)]
@@ -305,6 +308,7 @@ def sync_stats(
         b1, b2, b3 = packed[0].n_bytes, packed[1].n_bytes, packed2.n_bytes
         for (cls, _), b, s1, mx, s2 in zip(groups, batches, sums1, maxes, sums2, strict=True):
             cls._sync_apply(b, s1, mx, s2)
+            b.flush()
     return SyncReport(len(stats), n_coll, n_bytes + b1 + b2 + b3, time.perf_counter() - start)
 
 
@@ -345,13 +349,14 @@ def broadcast_stats(
     n_coll, n_bytes = 1, 48
     with torch.no_grad():
         for batch in plan.batches:
+            batch.begin()
             for name in batch.stats[0].state_names:
-                zero_dim = batch.stats[0]._buffers[name].dim() == 0  # type: ignore[union-attr]
-                value = batch.stack(name) if zero_dim else batch.gather(name)
+                value = batch.gather(name).clone()
                 dist.broadcast(value, src=global_src, group=group)
                 batch.scatter(name, value)
                 n_coll += 1
                 n_bytes += value.numel() * value.element_size()
+            batch.flush()
         for stat in stats:
             stat._after_load()  # the received state is the agreed base, as after a load
     return SyncReport(len(stats), n_coll, n_bytes, time.perf_counter() - start)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
 from statplug.errors import CheckpointMismatchError, StatplugError
-from statplug.stats._kernels import batch_moments, exact_moments, rows_per_group, score_moments
+from statplug.stats._kernels import exact_moments, rows_per_group, score_moments
 
 __all__ = ["NanPolicy", "Stat", "SyncBatch", "real_number"]
 
@@ -252,8 +252,9 @@ class Stat(PinnedDtypeModule):
                 "nan_policy='skip' or 'propagate' to compile it"
             )
 
-    def _checked_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Column mean and population variance of ``x`` for the ``raise`` policy.
+    def _checked_moments(self, x: Tensor, mb: Tensor, vb: Tensor) -> tuple[Tensor, Tensor]:
+        """The ``raise`` policy's check of ``x``'s one-kernel column means ``mb`` and population
+        variances ``vb`` (``batch_moments``): the ones to merge, or an error.
 
         The policy's one host read (a score of the one-kernel result, see
         ``statplug.stats._kernels.score_moments``) decides: raise when the batch holds a NaN or
@@ -264,7 +265,6 @@ class Stat(PinnedDtypeModule):
         state is written.
         """
         self._refuse_compile()
-        mb, vb = batch_moments(x)
         n, f = x.shape
         score = float(score_moments(mb, vb, rows_per_group(n, f), x.dtype, self.accumulator_dtype))
         if score >= 0.0:
@@ -555,7 +555,10 @@ class Stat(PinnedDtypeModule):
         proto = batch.stats[0]
         names = proto._sum_states()
         for name, total in zip(names, sums1[: len(names)], strict=True):
-            # Counts travel as float64: sums of integers, exact below 2**53.
+            # Counts travel as float64: sums of integers, exact below 2**53. A count no rank
+            # added to (n_skipped, usually) needs no write: every rank already holds it.
+            if name != "count" and not bool(total.any()):
+                continue
             agreed = batch.stack(f"_base_{name}") + total.to(torch.int64)
             batch.scatter(name, agreed)
             batch.scatter(f"_base_{name}", agreed)
@@ -578,39 +581,72 @@ class Stat(PinnedDtypeModule):
 class SyncBatch:
     """The stats of one class and accumulator dtype taking part in a sync.
 
-    :meth:`gather` stacks every stat's buffer of a name into one tensor and :meth:`scatter`
-    writes one back with a single foreach copy: a constant number of tensor ops whatever the
-    number of stats. The stats' buffers stay their own tensors (never views of a shared arena),
-    so compiled code, FSDP and buffer swaps see ordinary buffers.
+    Reads and writes are batched over the stats: the first read of a sync (after :meth:`begin`)
+    stacks every state and agreed buffer of every stat in one ``torch.stack`` per dtype, and
+    :meth:`scatter` queues writes that :meth:`flush` applies in one ``torch._foreach_copy_``: a
+    constant number of tensor ops whatever the number of stats. The stats' buffers stay their own
+    tensors (never views of a shared arena), so compiled code, FSDP and buffer swaps see ordinary
+    buffers.
 
-    Element layout: when every stat has the same number of features ``F`` (the usual case),
-    :meth:`gather` gives ``[K, F]`` and :meth:`per_element` a ``[K, 1]`` view that broadcasts
-    against it; otherwise both are flat.
+    Element layout: when every stat has the same ``shape`` (the usual case), :meth:`gather` gives
+    ``[K, F]`` and :meth:`per_element` a ``[K, 1]`` view that broadcasts against it; otherwise both
+    are flat. :meth:`stack` gives a 0-dim state as ``[K]``.
     """
 
     def __init__(self, stats: Sequence[Stat]) -> None:
         self.stats = list(stats)
         self.sizes = [s.n_features for s in self.stats]
         self.device = self.stats[0].count.device
-        self.uniform = len(set(self.sizes)) == 1
+        self.uniform = len({s.shape for s in self.stats}) == 1
+        self._shape = self.stats[0].shape
         self._index: Tensor | None = None  # stat index of each element (non-uniform layout)
         self.work: Any = None  # what a class's hooks carry from one phase to the next
         self._hash_weights: dict[int, Tensor] = {}
+        self._cache: dict[str, Tensor] = {}
+        self._pending: tuple[list[Tensor], list[Tensor]] = ([], [])
+
+    def begin(self) -> None:
+        """Start a sync: forget values read by the previous one."""
+        self._cache = {}
+        self._pending = ([], [])
 
     def _buffers(self, name: str) -> list[Tensor]:
         get = operator.itemgetter(name)
         return [get(s._buffers) for s in self.stats]
 
+    def _read_all(self) -> None:
+        """Stack every state and agreed buffer in one call per (dtype, rank of the tensor)."""
+        proto = self.stats[0]
+        groups: dict[tuple[torch.dtype, int], list[str]] = {}
+        for name in (*proto._reduces, *proto._agreed_names()):
+            buf = proto._buffers[name]
+            assert buf is not None
+            if buf.dim() == 0 or self.uniform:
+                groups.setdefault((buf.dtype, buf.dim()), []).append(name)
+        k = len(self.stats)
+        for (_, dim), names in groups.items():
+            bufs = [b for n in names for b in self._buffers(n)]
+            stacked = torch.stack(bufs).view(len(names), k, *(() if dim == 0 else (-1,)))
+            self._cache.update(zip(names, stacked.unbind(0), strict=True))
+
     def gather(self, name: str) -> Tensor:
-        """Every stat's buffer ``name`` in the element layout (a new tensor)."""
-        bufs = self._buffers(name)
-        if self.uniform:
-            return torch.stack(bufs).view(len(bufs), -1)
-        return torch.cat([b.reshape(-1) for b in bufs])
+        """Every stat's buffer ``name`` in the element layout (read once per sync; do not modify
+        it in place)."""
+        value = self._cache.get(name)
+        if value is None:
+            if not self._cache:
+                self._read_all()
+            value = self._cache.get(name)
+            if value is None:  # a non-uniform layout, or a buffer that is not state
+                bufs = self._buffers(name)
+                zero_dim = bufs[0].dim() == 0
+                value = torch.stack(bufs) if zero_dim else torch.cat([b.reshape(-1) for b in bufs])
+                self._cache[name] = value
+        return value
 
     def stack(self, name: str) -> Tensor:
-        """Every stat's 0-dim buffer ``name`` as one ``[K]`` tensor (a new tensor)."""
-        return torch.stack(self._buffers(name))
+        """Every stat's 0-dim buffer ``name`` as one ``[K]`` tensor."""
+        return self.gather(name)
 
     def per_element(self, per_stat: Tensor) -> Tensor:
         """A ``[K]`` tensor lined up with :meth:`gather`'s layout (a view when uniform)."""
@@ -624,18 +660,27 @@ class SyncBatch:
         return per_stat.index_select(0, self._index)
 
     def scatter(self, name: str, value: Tensor) -> None:
-        """Write ``value`` (the :meth:`gather` or :meth:`stack` layout) into every stat's buffer,
-        converting to each buffer's dtype."""
+        """Queue writing ``value`` (the :meth:`gather` or :meth:`stack` layout) into every stat's
+        buffer ``name`` (converted to its dtype); later reads in this sync see it. Applied by
+        :meth:`flush`."""
         bufs = self._buffers(name)
+        value = value.to(bufs[0].dtype)  # one conversion; the copies are then same-dtype
         if bufs[0].dim() == 0:
             parts = list(value.unbind())
         elif self.uniform:
-            parts = [p.view(b.shape) for p, b in zip(value.unbind(), bufs, strict=True)]
+            parts = list(value.reshape(len(bufs), *self._shape).unbind(0))
         else:
-            parts = [
-                p.view(b.shape) for p, b in zip(value.split(self.sizes), bufs, strict=True)
-            ]
-        torch._foreach_copy_(bufs, parts)
+            parts = [p.view(b.shape) for p, b in zip(value.split(self.sizes), bufs, strict=True)]
+        self._pending[0].extend(bufs)
+        self._pending[1].extend(parts)
+        self._cache[name] = value
+
+    def flush(self) -> None:
+        """Apply every queued :meth:`scatter` in one foreach copy."""
+        bufs, parts = self._pending
+        if bufs:
+            torch._foreach_copy_(bufs, parts)
+        self._pending = ([], [])
 
     def checksum(self, names: Sequence[str]) -> Tensor:
         """A float64 checksum of every stat's buffers ``names`` (a scalar).
@@ -645,12 +690,7 @@ class SyncBatch:
         vanishing in rounding (then it is too small to matter). A sum, or small regular
         weights, would let structured differences cancel.
         """
-        parts = [
-            (self.stack(n) if self.stats[0]._buffers[n].dim() == 0 else self.gather(n))  # type: ignore[union-attr]
-            .to(torch.float64)
-            .reshape(-1)
-            for n in names
-        ]
+        parts = [self.gather(n).to(torch.float64).reshape(-1) for n in names]
         # Non-finite values (a propagated NaN, an empty min) hash as fixed stand-ins, so ranks
         # holding the same NaNs agree.
         flat = torch.nan_to_num(torch.cat(parts), nan=0.125, posinf=0.375, neginf=-0.375)

@@ -134,16 +134,24 @@ class RunningMoments(Stat):
             and not x.is_meta
             and x.layout is torch.strided
         ):
-            # The common case, checked inline: Python overhead is a large part of its cost.
-            with torch.no_grad():
-                self._update(x, self.nan_policy == "raise")
+            # The common case, checked inline: Python overhead is a large part of its cost. (No
+            # no_grad needed: neither x nor the buffers require grad, so nothing is recorded.)
+            mb, vb = torch.batch_norm_update_stats(x, None, None, 0.0)
+            if self.nan_policy == "raise":  # NaN/Inf raise; large offsets are refined
+                mb, vb = self._checked_moments(x, mb, vb)
+            self._merge_batch(mb, vb, x.shape[0])
         else:
             Stat.update(self, x)
 
     def _update(self, x: Tensor, check: bool) -> None:
-        # "raise": one host read refuses NaN/Inf and refines large offsets (Stat._checked_moments).
-        mb, vb = self._checked_moments(x) if check else batch_moments(x)
-        n = x.shape[0]
+        mb, vb = batch_moments(x)
+        if check:  # one host read refuses NaN/Inf and refines large offsets
+            mb, vb = self._checked_moments(x, mb, vb)
+        self._merge_batch(mb, vb, x.shape[0])
+
+    def _merge_batch(self, mb: Tensor, vb: Tensor, n: int) -> None:
+        """Chan's merge of a batch of ``n`` samples with column means ``mb`` and population
+        variances ``vb`` (flat) into ``count``/``mean``/``m2``: seven small in-place ops."""
         b = self._buffers
         count, mean, m2 = b["count"], b["mean"], b["m2"]
         if self._n_dims != 1:
@@ -151,10 +159,10 @@ class RunningMoments(Stat):
         count.add_(n)  # type: ignore[union-attr]
         # q = count / n, correctly rounded (exactly 1 for a first batch); s = 1 - n / count.
         q = count.div(n) if self.accumulator_dtype is torch.float32 else count.to(_F64).div_(n)  # type: ignore[union-attr]
-        s = q.reciprocal().neg_().add_(1.0)
+        s = q.sub(1.0).div_(q)
         d = mb - mean  # type: ignore[operator]
         mean.addcdiv_(d, q)  # type: ignore[union-attr]
-        # Chan: m2 += n * vb + n * (1 - n / count) * d**2, from the unrounded update.
+        # m2 += n * vb + n * (1 - n / count) * d**2: from the exact update, not the rounded mean.
         m2.addcmul_(d, d * s, value=n)  # type: ignore[union-attr]
         m2.add_(vb, alpha=n)  # type: ignore[union-attr]
 
@@ -347,7 +355,9 @@ class EMAMoments(Stat):
         self.count.add_(n)
 
     def _update(self, x: Tensor, check: bool) -> None:
-        mb, vb = self._checked_moments(x) if check else batch_moments(x)
+        mb, vb = batch_moments(x)
+        if check:
+            mb, vb = self._checked_moments(x, mb, vb)
         acc = self.accumulator_dtype
         self._step(mb.to(acc), vb.to(acc), x.shape[0])
 

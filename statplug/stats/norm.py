@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
@@ -19,6 +18,7 @@ __all__ = ["RunningNorm"]
 
 _LOW = (torch.float16, torch.bfloat16)
 _FINITE_MAX = sys.float_info.max
+_F32 = torch.float32
 
 
 class RunningNorm(PinnedDtypeModule):
@@ -229,24 +229,32 @@ class RunningNorm(PinnedDtypeModule):
             m.update(x)
             ready = not m._frozen and x.numel() >= 2 * m.n_features
         b = cast(dict[str, Tensor], m._buffers)
-        mean, m2, count = b["mean"], b["m2"], b["count"]
-        var = m2 / count
+        mean, count = b["mean"], b["count"]
+        var = b["m2"] / count
         if not ready:
             ok = count >= 2
             # Identity until then: mean 0 and var + eps == 1 exactly make the kernel return x.
             mean = torch.where(ok, mean, 0.0)
             var = torch.where(ok, var, 1.0 - self.eps)
         acc = m.accumulator_dtype
-        work = x if x.dtype is acc or (acc is torch.float32 and x.dtype in _LOW) else x.to(acc)
-        rows = work.reshape(-1, m.n_features)
-        y = F.batch_norm(rows, mean.reshape(-1), var.reshape(-1), None, None, False, 0.0, self.eps)
+        same = x.dtype is acc or (acc is _F32 and x.dtype in _LOW)
+        if x.dim() == 2 and m._n_dims == 1 and same:
+            # The common case: one call into torch's fused kernel, no reshapes.
+            y = torch.batch_norm(x, None, None, mean, var, False, 0.0, self.eps, False)
+        else:
+            work = x if x.is_floating_point() and x.dtype in (acc, *_LOW) else x.to(acc)
+            if acc is not _F32 and work.dtype in _LOW:
+                work = work.to(acc)
+            rows = work.reshape(-1, m.n_features)
+            y = torch.batch_norm(
+                rows, None, None, mean.reshape(-1), var.reshape(-1), False, 0.0, self.eps, False
+            ).view(x.shape)
         if self.clip is not None:
             if ready:
                 y = y.clamp_(-self.clip, self.clip)
             else:  # no clipping either while the normaliser is still the identity
                 bound = torch.where(count >= 2, self.clip, math.inf).to(y.dtype)
                 y = torch.clamp(y, -bound, bound)
-        y = y.view(x.shape)
         return y.to(x.dtype) if x.is_floating_point() and y.dtype is not x.dtype else y
 
     def inverse(self, y: Tensor) -> Tensor:
