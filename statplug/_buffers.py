@@ -28,7 +28,13 @@ from torch import Tensor, nn
 
 from statplug.errors import StatplugError
 
-__all__ = ["PinnedDtypeModule", "checked_int", "positive_int", "qualified_name"]
+__all__ = [
+    "PinnedDtypeModule",
+    "checked_int",
+    "derived_device",
+    "positive_int",
+    "qualified_name",
+]
 
 
 class PinnedDtypeModule(nn.Module):
@@ -162,6 +168,16 @@ class PinnedDtypeModule(nn.Module):
 
     def _after_load(self) -> None:
         """Refresh derived or hidden state after buffers were loaded in place."""
+
+
+def derived_device(buffer: Tensor, local_metadata: dict[str, Any]) -> torch.device:
+    """Where a load rebuilds a derived (never saved) buffer that now lives on ``buffer``'s
+    device: there, except on the meta device after ``load_state_dict(..., assign=True)`` -- a
+    model built on meta and materialised by the load, whose saved tensors say nothing about a
+    module without saved state -- where it is the CPU, like the checkpoint tensors torch loads."""
+    if buffer.device.type == "meta" and local_metadata.get("assign_to_params_buffers"):
+        return torch.device("cpu")
+    return buffer.device
 
 
 def qualified_name(module: nn.Module) -> str:
