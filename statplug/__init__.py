@@ -8,6 +8,7 @@ from statplug.distributed import (
     MetricsSyncReport,
     SyncReport,
     exclude_from_ddp_broadcast,
+    exclude_from_fsdp_buffer_cast,
     sync_metrics,
     sync_stats,
 )
@@ -31,17 +32,22 @@ _LIGHTNING_NAMES = (
     "MagnitudePruning",
     "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsMonitor",
     "StatsWeightAveraging",
     "SyncStats",
 )
+# Running recipes needs hydra and the recipes' models: loaded on first use too.
+_RECIPE_NAMES = ("RecipeRun", "run_recipe")
 
 if TYPE_CHECKING:
+    from statplug.config.run import RecipeRun, run_recipe
     from statplug.lightning import (
         ActivationStats,
         AuditBuffers,
         MagnitudePruning,
         StatsEMAWeightAveraging,
         StatsMixin,
+        StatsMonitor,
         StatsWeightAveraging,
         SyncStats,
     )
@@ -52,6 +58,10 @@ def __getattr__(name: str) -> Any:
         import statplug.lightning
 
         return getattr(statplug.lightning, name)
+    if name in _RECIPE_NAMES:
+        import statplug.config.run
+
+        return getattr(statplug.config.run, name)
     raise AttributeError(f"module 'statplug' has no attribute {name!r}")
 
 
@@ -68,6 +78,7 @@ __all__ = [
     "MagnitudePruning",
     "MetricsSyncReport",
     "RandomMask",
+    "RecipeRun",
     "RotaryEncoding",
     "RunningMinMax",
     "RunningMoments",
@@ -78,12 +89,15 @@ __all__ = [
     "StatplugError",
     "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsMonitor",
     "StatsWeightAveraging",
     "SyncReport",
     "SyncStats",
     "audit",
     "copy_stats_",
     "exclude_from_ddp_broadcast",
+    "exclude_from_fsdp_buffer_cast",
+    "run_recipe",
     "sync_metrics",
     "sync_stats",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 from statplug.config.errors import ConfigError
 from statplug.config.loader import Recipe, compose
 from statplug.config.validate import validate
+from statplug.errors import MissingExtraError
 
 __all__ = ["Run", "build", "build_node", "load_recipe"]
 
@@ -66,6 +67,8 @@ def build_node(node: dict[str, Any], where: str, **kwargs: Any) -> Any:
         return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as err:
         cause = err.__cause__ or err
+        if isinstance(cause, MissingExtraError):
+            raise cause from None
         user_error = isinstance(cause, ValueError | TypeError | InstantiationException) or (
             type(cause).__name__ == "MisconfigurationException"
         )

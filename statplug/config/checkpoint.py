@@ -37,7 +37,14 @@ from torch import Tensor
 
 from statplug.config.errors import ConfigError
 
-__all__ = ["CheckpointSummary", "Entry", "load_checkpoint", "summarize", "summarize_file"]
+__all__ = [
+    "CheckpointSummary",
+    "Entry",
+    "format_config",
+    "load_checkpoint",
+    "summarize",
+    "summarize_file",
+]
 
 _KNOWN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _STAT_LAYOUTS: tuple[tuple[str, frozenset[str]], ...] = (
@@ -79,6 +86,8 @@ class CheckpointSummary:
     global_step: int | None = None
     metadata_version: int | None = None
     has_config: bool = False
+    config_source: str | None = None  # "recipe" or "LightningCLI" (StatsMixin's metadata)
+    config: dict[str, Any] | None = field(default=None, repr=False)
     recipe_description: str | None = None
     n_parameters: int = 0
     n_parameter_values: int = 0
@@ -90,6 +99,7 @@ class CheckpointSummary:
             "global_step": self.global_step,
             "statplug_metadata_version": self.metadata_version,
             "has_config": self.has_config,
+            "config_source": self.config_source,
             "parameters": {"tensors": self.n_parameters, "values": self.n_parameter_values},
             "entries": [e.to_json() for e in self.entries],
         }
@@ -310,6 +320,10 @@ def summarize(ckpt: dict[str, Any], path: str = "") -> CheckpointSummary:
         summary.metadata_version = meta.get("version")
         cfg = meta.get("config")
         summary.has_config = isinstance(cfg, Mapping)
+        if isinstance(cfg, Mapping):
+            summary.config = dict(cfg)
+            source = meta.get("config_source")
+            summary.config_source = source if isinstance(source, str) else "recipe"
         if isinstance(cfg, Mapping) and isinstance(cfg.get("description"), str):
             summary.recipe_description = cfg["description"]
         _apply_metadata(summary, meta)
@@ -378,7 +392,11 @@ def format_table(summary: CheckpointSummary) -> str:
         if summary.metadata_version is not None
         else "no statplug metadata (layout read from the state_dict)"
     )
-    cfg = "recipe config stored" if summary.has_config else "no recipe config"
+    cfg = (
+        f"{summary.config_source or 'recipe'} config stored (--config shows it)"
+        if summary.has_config
+        else "no recipe config"
+    )
     head.append(f"{meta}; {cfg}")
     rows = [("name", "kind", "shape", "dtype", "count", "summary")]
     order = {"stat": 0, "mask": 1, "encoding": 2, "buffer": 3}
@@ -409,3 +427,17 @@ def format_table(summary: CheckpointSummary) -> str:
         "listed"
     )
     return "\n".join([*head, "", *lines, "", foot])
+
+
+def format_config(summary: CheckpointSummary) -> str:
+    """The stored config as YAML (``statplug inspect --config``)."""
+    import yaml
+
+    if summary.config is None:
+        return "no config stored in this checkpoint"
+    head = f"# config stored by {summary.config_source or 'recipe'}"
+    try:
+        body = yaml.safe_dump(summary.config, sort_keys=False, default_flow_style=False)
+    except yaml.YAMLError:  # a value YAML cannot represent (a tensor in a crafted file)
+        body = "\n".join(f"{k}: {v!r}" for k, v in summary.config.items())
+    return f"{head}\n{body.rstrip()}"
