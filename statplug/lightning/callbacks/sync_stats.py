@@ -136,7 +136,10 @@ class SyncStats(Callback):
         return self._state_key
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(every_n_train_steps={self.every_n_train_steps!r})"
+        return (
+            f"{type(self).__name__}(every_n_train_steps={self.every_n_train_steps!r}, "
+            f"metrics={self.metrics!r})"
+        )
 
     def add_listener(self, fn: SyncListener) -> None:
         """Call ``fn(trainer, pl_module, event)`` on every rank right after each sync."""
