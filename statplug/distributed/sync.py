@@ -416,5 +416,5 @@ def broadcast_stats(
                 n_bytes += value.numel() * value.element_size()
             batch.flush()
         for stat in stats:
-            stat._after_load()  # the received state is the agreed base, as after a load
+            stat._after_load({})  # the received state is the agreed base, as after a load
     return SyncReport(len(stats), n_coll, n_bytes, time.perf_counter() - start)
