@@ -96,6 +96,10 @@ def _matches(stat: nn.Module, ref, policy: str, acc: torch.dtype, last_rows: int
         exp = {"mean": exp["mean"], "var": exp["var"], "m2": exp["m2"]}
     if not _fits(exp, acc):  # an accumulator that cannot hold the answer: no claim
         return
+    if policy == "propagate" and not _fits(exp, torch.float32):
+        # propagate never reads the device, so it never refines: float32 input goes through the
+        # float32 kernel, whose sums overflow past float32's range (documented in design notes).
+        return
     if isinstance(m, RunningMinMax):
         for k in ("min", "max"):
             want = torch.from_numpy(exp[k]).to(acc)
