@@ -99,7 +99,7 @@ def _metrics_line(trainer: Any) -> str:
 def cmd_fit(args: argparse.Namespace) -> int:
     from statplug.config.build import build, load_recipe
 
-    run = load_recipe(args.recipe, args.overrides)
+    run = load_recipe(args.recipe, args.overrides, trust=args.trust)
     # Everything Lightning prints during the run goes to stderr: stdout carries the result only,
     # and its last line is the checkpoint path (`statplug fit ... | tail -n 1`).
     with contextlib.redirect_stdout(sys.stderr):
@@ -143,9 +143,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from statplug.audit import audit
     from statplug.config.build import build_node, load_recipe
 
-    run = load_recipe(args.recipe, args.overrides, require=("model",))
+    run = load_recipe(args.recipe, args.overrides, require=("model",), trust=args.trust)
     with contextlib.redirect_stdout(sys.stderr):
-        model = build_node(run.config["model"], "model")
+        model = build_node(run.config["model"], "model", trust=run.trusted)
         model.statplug_config = run.config
         optimizers = _optimizers(model.configure_optimizers())
     report = audit(model, optimizers or None)
@@ -188,14 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipes)
 
     overrides_help = "overrides: `a.b=value` (YAML value) or `group=name` (e.g. trainer=ddp-cpu-2)"
+    recipe_trust_help = (
+        "build any `_target_` the config names, and load a checkpoint given as RECIPE with "
+        "weights_only=False (only for files you trust); without it a config builds only "
+        "statplug's classes and a short allowlist"
+    )
     p = sub.add_parser("fit", help="train a recipe; the last line printed is the checkpoint path")
     p.add_argument("recipe", help="recipe YAML path or bundled name (see `statplug recipes`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    p.add_argument("--trust", action="store_true", help=recipe_trust_help)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("audit", help="audit the recipe's model and optimizer (exit 1 on errors)")
     p.add_argument("recipe", help="recipe YAML path or bundled name")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    p.add_argument("--trust", action="store_true", help=recipe_trust_help)
     p.set_defaults(func=cmd_audit)
 
     trust_help = "load with weights_only=False (only for files you trust)"

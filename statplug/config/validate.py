@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from omegaconf import DictConfig
 
 from statplug.config.errors import ConfigError, closest
+from statplug.config.targets import check_targets
 
 __all__ = ["TOP_LEVEL_KEYS", "resolve_target", "validate"]
 
@@ -218,8 +219,12 @@ def validate(
     overridden: set[str] | None = None,
     recipe: Path | None = None,
     require: tuple[str, ...] = ("model", "data"),
+    trust: bool = False,
 ) -> dict[str, Any]:
     """Check ``cfg``; return its resolved plain-dict copy.
+
+    Unless ``trust``, every ``_target_`` must be one statplug allows (see
+    :mod:`statplug.config.targets`); this is checked before any target is imported.
 
     Raises:
         ConfigError: the first problem, on one line, naming the key and the closest valid key.
@@ -228,6 +233,8 @@ def validate(
     from statplug.config.loader import to_plain
 
     plain = to_plain(cfg)
+    if not trust:
+        check_targets(plain, origin=f" (config from {recipe})" if recipe is not None else "")
     for key, value in plain.items():
         suffix = _origin(key, overridden, recipe)
         if key not in TOP_LEVEL_KEYS:
