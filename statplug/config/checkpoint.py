@@ -151,6 +151,10 @@ def _check_container(p: Path, shown: str) -> None:
         raise ConfigError(
             f"`{shown}` is not a torch checkpoint: a damaged zip archive ({_first(err)})"
         ) from None
+    if not any(i.filename.rpartition("/")[2] == "data.pkl" for i in infos):
+        raise ConfigError(
+            f"`{shown}` is not a torch checkpoint: a zip archive without torch's data.pkl record"
+        )
     if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
         raise ConfigError(
             f"`{shown}` is not a torch checkpoint: it holds compressed records, which torch.save "
@@ -280,6 +284,8 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     p = Path(path)
     shown = printable(str(path))
     if not p.is_file():
+        if p.exists():
+            raise ConfigError(f"`{shown}` is not a file (expected a checkpoint file)")
         raise ConfigError(f"checkpoint file not found: `{shown}`")
     try:
         _check_container(p, shown)

@@ -204,11 +204,18 @@ def load_yaml(path: Path) -> DictConfig:
         )
     try:
         return OmegaConf.create(data)
-    except OmegaConfBaseException as err:
+    except _OMEGACONF_ERRORS as err:
         raise ConfigError(f"bad config in {path}: {_first_line(err)}") from None
 
 
+# OmegaConf's interpolation grammar is parsed recursively: a deeply nested one (a few KB of
+# brackets) ends in RecursionError instead of one of its own errors.
+_OMEGACONF_ERRORS = (OmegaConfBaseException, RecursionError)
+
+
 def _first_line(err: BaseException) -> str:
+    if isinstance(err, RecursionError):
+        return "an interpolation nests too deeply"
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
@@ -378,7 +385,7 @@ def compose(recipe: str | Path, overrides: Sequence[str] = (), *, trust: bool = 
             if parts[0] == "callbacks" and len(parts) > 1:
                 _check_callback_name(cfg, parts[1:], value, " (command-line override)")
             OmegaConf.update(cfg, key, value, merge=True, force_add=True)
-    except OmegaConfBaseException as err:
+    except _OMEGACONF_ERRORS as err:
         raise ConfigError(f"cannot compose recipe {path}: {_first_line(err)}") from None
     assert isinstance(cfg, DictConfig)
     return Recipe(
@@ -434,7 +441,7 @@ def _stored_config(path: Path, trust: bool = False) -> DictConfig:
         )
     try:
         return OmegaConf.create(escape_interpolations(cfg))
-    except OmegaConfBaseException as err:
+    except _OMEGACONF_ERRORS as err:
         raise ConfigError(f"checkpoint `{path}`: bad stored config: {_first_line(err)}") from None
 
 
@@ -463,7 +470,7 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """A resolved copy of ``cfg`` in plain Python (loads with ``torch.load(weights_only=True)``)."""
     try:
         out = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as err:
+    except _OMEGACONF_ERRORS as err:
         raise ConfigError(f"cannot resolve the config: {_first_line(err)}") from None
     assert isinstance(out, dict)
     return {str(k): v for k, v in out.items()}

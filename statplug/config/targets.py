@@ -108,8 +108,18 @@ def iter_all_targets(node: Any, where: str = "") -> Iterator[tuple[str, Any]]:
             yield from iter_all_targets(value, f"{where}.{i}" if where else str(i))
 
 
+def _outside_by_name(target: Any) -> bool:
+    """Refused from the text alone: not a string, or neither allowlisted nor ``statplug.*``."""
+    if not isinstance(target, str):
+        return True
+    return target not in ALLOWED_TARGETS and target.split(".")[0] != _PACKAGE
+
+
 def check_targets(node: Any, *, where: str = "", origin: str = "") -> None:
     """Refuse the first ``_target_`` in ``node`` that is not allowed without ``--trust``.
+
+    Names outside statplug are refused from their text first, so a hostile config is refused
+    before any statplug module is imported to check the others.
 
     Args:
         node: a plain (resolved) config or one node of it.
@@ -119,16 +129,25 @@ def check_targets(node: Any, *, where: str = "", origin: str = "") -> None:
     Raises:
         ConfigError: one line naming the key, the target and ``--trust``.
     """
-    for key, target in iter_all_targets(node, where):
-        if is_allowed_target(target) or _names_nothing_in_statplug(target):
-            continue
-        shown = target if isinstance(target, str) else repr(target)
-        allowed = ", ".join(sorted(t for t in ALLOWED_TARGETS if t not in _ALIASES))
-        raise ConfigError(
-            f"`{key + '.' if key else ''}_target_`: refusing to build `{shown}`: without --trust "
-            f"a config builds only statplug's own classes and {allowed}; pass --trust if you "
-            f"trust this config and the code it names{origin}"
-        )
+    targets = list(iter_all_targets(node, where))
+    refused = next((kt for kt in targets if _outside_by_name(kt[1])), None) or next(
+        (
+            kt
+            for kt in targets
+            if not (is_allowed_target(kt[1]) or _names_nothing_in_statplug(kt[1]))
+        ),
+        None,
+    )
+    if refused is None:
+        return
+    key, target = refused
+    shown = target if isinstance(target, str) else repr(target)
+    allowed = ", ".join(sorted(t for t in ALLOWED_TARGETS if t not in _ALIASES))
+    raise ConfigError(
+        f"`{key + '.' if key else ''}_target_`: refusing to build `{shown}`: without --trust "
+        f"a config builds only statplug's own classes and {allowed}; pass --trust if you "
+        f"trust this config and the code it names{origin}"
+    )
 
 
 _INTERPOLATION = re.compile(r"(\\*)\$\{")
