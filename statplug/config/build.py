@@ -15,7 +15,7 @@ from typing import Any
 
 from statplug.config.errors import ConfigError
 from statplug.config.loader import Recipe, compose
-from statplug.config.targets import check_targets, escape_interpolations
+from statplug.config.targets import check_literal_text, check_targets, escape_for_hydra
 from statplug.config.validate import validate
 
 __all__ = ["Run", "build", "build_node", "load_recipe"]
@@ -71,16 +71,18 @@ def build_node(node: dict[str, Any], where: str, *, trust: bool = False, **kwarg
     """Instantiate one ``_target_`` node; constructor errors become one-line ConfigErrors.
 
     Without ``trust`` every ``_target_`` in ``node`` must be allowed (checked again here, so a
-    caller that skipped :func:`load_recipe` builds nothing else either). Strings are escaped first:
-    Hydra resolves interpolations again, and a resolved string may read ``${oc.create:...}``.
+    caller that skipped :func:`load_recipe` builds nothing else either) and no text may contain
+    ``${``: Hydra resolves interpolations again, and a resolved string may read
+    ``${oc.create:...}``. With ``trust`` such text is escaped, so it arrives as written.
     """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     if not trust:
         check_targets(node, where=where)
+        check_literal_text(node, where=where)
     try:
-        return instantiate(escape_interpolations(node), _convert_="all", **kwargs)
+        return instantiate(escape_for_hydra(node), _convert_="all", **kwargs)
     except InstantiationException as err:
         cause = err.__cause__ or err
         user_error = isinstance(cause, ValueError | TypeError | InstantiationException) or (

@@ -191,7 +191,7 @@ def _load_error(shown: str, err: BaseException) -> ConfigError:
     if isinstance(err, pickle.UnpicklingError):
         # torch prefixes the unpickler's reason with advice on weights_only; keep the reason.
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        inner = [line for line in lines if "WeightsUnpickler error" in line or "Unsupported" in line]
+        inner = [ln for ln in lines if "WeightsUnpickler error" in ln or "Unsupported" in ln]
         reason = inner[-1].split("error:", 1)[-1].strip() if inner else lines[-1] if lines else ""
     return ConfigError(f"`{shown}` is a damaged torch checkpoint: {reason or type(err).__name__}")
 
@@ -249,8 +249,8 @@ def _checked_tensor_bytes(t: Tensor, where: str, shown: str) -> int:
     """The bytes ``t`` spans; refuses tensors that claim more elements than their storage."""
     if t.layout != torch.strided or t.is_quantized or t.device.type != "cpu":
         raise ConfigError(
-            f"`{shown}`: `{_short(where)}` is a {t.layout}/{t.device.type} tensor; statplug reads dense "
-            "CPU tensors only"
+            f"`{shown}`: `{_short(where)}` is a {t.layout}/{t.device.type} tensor; statplug reads "
+            "dense CPU tensors only"
         )
     claimed = t.numel() * t.element_size()
     held = t.untyped_storage().nbytes()

@@ -377,8 +377,8 @@ def compose(recipe: str | Path, overrides: Sequence[str] = (), *, trust: bool = 
         if not stored:
             layer = raw.get("callbacks")
             if isinstance(layer, DictConfig):
-                for name in layer:
-                    _check_callback_name(cfg, [str(name)], layer[name], f" (in {path})")
+                for cb_name in layer:
+                    _check_callback_name(cfg, [str(cb_name)], layer[cb_name], f" (in {path})")
             cfg = OmegaConf.merge(cfg, raw)
         for key, value in assignments:
             parts = key.split(".")

@@ -14,9 +14,11 @@ passes ``--trust``, every ``_target_`` anywhere in a config (nested nodes, ``_ar
 
 Nothing outside statplug is imported to decide, so a refused name never runs module code.
 
-Hydra resolves OmegaConf interpolations again when it instantiates, so a string that reads
-``${oc.create:{_target_: ...}}`` after the config was resolved would become a node to build:
-:func:`escape_interpolations` keeps such strings literal.
+Hydra resolves OmegaConf interpolations again when it instantiates (twice: ``OmegaConf.resolve``
+on its copy, then again as it reads each value), so a string that reads
+``${oc.create:{_target_: ...}}`` after the config was resolved would become a node to build.
+Without ``--trust`` no such string reaches Hydra (:func:`check_literal_text`); with it,
+:func:`escape_for_hydra` keeps the text as it is.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sys
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -32,7 +35,9 @@ from statplug.config.errors import ConfigError
 
 __all__ = [
     "ALLOWED_TARGETS",
+    "check_literal_text",
     "check_targets",
+    "escape_for_hydra",
     "escape_interpolations",
     "is_allowed_target",
     "iter_all_targets",
@@ -52,14 +57,17 @@ _PACKAGE = "statplug"
 
 _MISSING = object()  # a statplug.* name that names nothing: validation suggests the fix
 _OUTSIDE = object()  # a name that leaves statplug's public modules on the way
+_NOT_LOADED = object()  # undecided without importing a statplug module not imported yet
 
 
-def _statplug_object(target: str) -> Any:
+def _statplug_object(target: str, *, load: bool = True) -> Any:
     """The object ``target`` names inside statplug, ``_MISSING`` or ``_OUTSIDE``.
 
     Resolved like Hydra's ``_locate`` (attribute, else submodule), but every step before the last
     must be a statplug module and no step may be private (``_x``), which also rules out dunder
-    attributes such as ``__globals__`` or ``__builtins__``.
+    attributes such as ``__globals__`` or ``__builtins__``. With ``load=False`` nothing is
+    imported (module ``__getattr__`` hooks are bypassed too) and ``_NOT_LOADED`` says the answer
+    needs an import.
     """
     parts = target.split(".")
     if parts[0] != _PACKAGE or not all(p.isidentifier() and not p.startswith("_") for p in parts):
@@ -70,30 +78,49 @@ def _statplug_object(target: str) -> Any:
             obj.__name__ == _PACKAGE or obj.__name__.startswith(_PACKAGE + ".")
         ):
             return _OUTSIDE
-        child = getattr(obj, part, _MISSING)
+        name = ".".join(parts[: i + 1])
+        child = getattr(obj, part, _MISSING) if load else vars(obj).get(part, _MISSING)
         if child is _MISSING:
+            if not load:
+                return sys.modules.get(name, _NOT_LOADED)  # type: ignore[call-overload]
             try:
-                child = importlib.import_module(".".join(parts[: i + 1]))
+                child = importlib.import_module(name)
             except ImportError:
                 return _MISSING
         obj = child
     return obj
 
 
-def is_allowed_target(target: Any) -> bool:
-    """Whether a config may build ``target`` without ``--trust``."""
-    if not isinstance(target, str):
-        return False
-    if target in ALLOWED_TARGETS:
-        return True
-    obj = _statplug_object(target)
+def _is_statplug_class(obj: Any) -> bool:
     module = getattr(obj, "__module__", None) or ""
     return inspect.isclass(obj) and (module == _PACKAGE or module.startswith(_PACKAGE + "."))
 
 
-def _names_nothing_in_statplug(target: Any) -> bool:
-    """A ``statplug.*`` name that does not exist: validation reports the typo and its fix."""
-    return isinstance(target, str) and _statplug_object(target) is _MISSING
+def is_allowed_target(target: Any) -> bool:
+    """Whether a config may build ``target`` without ``--trust``."""
+    if not isinstance(target, str):
+        return False
+    return target in ALLOWED_TARGETS or _is_statplug_class(_statplug_object(target))
+
+
+def _refused(target: Any, *, load: bool) -> bool:
+    """Whether ``target`` is refused; with ``load=False``, only what is decided without imports.
+
+    A ``statplug.*`` name that names nothing is not refused here: validation reports the typo
+    with the closest valid name.
+    """
+    if not isinstance(target, str):
+        return True
+    if target in ALLOWED_TARGETS:
+        return False
+    if target.split(".")[0] != _PACKAGE:
+        return True
+    obj = _statplug_object(target, load=load)
+    if obj is _MISSING or obj is _NOT_LOADED:
+        return False
+    if not load and obj is not _OUTSIDE and isinstance(obj, ModuleType):
+        return False  # a module reached without imports: the full pass resolves what follows
+    return not _is_statplug_class(obj)
 
 
 def iter_all_targets(node: Any, where: str = "") -> Iterator[tuple[str, Any]]:
@@ -108,18 +135,12 @@ def iter_all_targets(node: Any, where: str = "") -> Iterator[tuple[str, Any]]:
             yield from iter_all_targets(value, f"{where}.{i}" if where else str(i))
 
 
-def _outside_by_name(target: Any) -> bool:
-    """Refused from the text alone: not a string, or neither allowlisted nor ``statplug.*``."""
-    if not isinstance(target, str):
-        return True
-    return target not in ALLOWED_TARGETS and target.split(".")[0] != _PACKAGE
-
-
 def check_targets(node: Any, *, where: str = "", origin: str = "") -> None:
     """Refuse the first ``_target_`` in ``node`` that is not allowed without ``--trust``.
 
-    Names outside statplug are refused from their text first, so a hostile config is refused
-    before any statplug module is imported to check the others.
+    What can be decided without importing anything is decided first (names outside statplug,
+    paths through modules already imported), so a hostile config is refused before the modules
+    its other targets name (Lightning's, for the callbacks) are imported to check those.
 
     Args:
         node: a plain (resolved) config or one node of it.
@@ -130,13 +151,8 @@ def check_targets(node: Any, *, where: str = "", origin: str = "") -> None:
         ConfigError: one line naming the key, the target and ``--trust``.
     """
     targets = list(iter_all_targets(node, where))
-    refused = next((kt for kt in targets if _outside_by_name(kt[1])), None) or next(
-        (
-            kt
-            for kt in targets
-            if not (is_allowed_target(kt[1]) or _names_nothing_in_statplug(kt[1]))
-        ),
-        None,
+    refused = next((kt for kt in targets if _refused(kt[1], load=False)), None) or next(
+        (kt for kt in targets if _refused(kt[1], load=True)), None
     )
     if refused is None:
         return
@@ -167,3 +183,38 @@ def escape_interpolations(node: Any) -> Any:
     if isinstance(node, list | tuple):
         return type(node)(escape_interpolations(v) for v in node)
     return node
+
+
+def _first_interpolation_text(node: Any, where: str) -> str | None:
+    if isinstance(node, str):
+        return where if "${" in node else None
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(
+        node, list | tuple) else ()
+    for key, value in items:
+        found = _first_interpolation_text(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def check_literal_text(node: Any, *, where: str = "") -> None:
+    """Refuse text containing ``${`` in a node about to be built without ``--trust``.
+
+    Such text only comes from an escaped interpolation (or a stored config) and Hydra would read
+    it as an interpolation again; ``${oc.create:...}`` builds any ``_target_``.
+
+    Raises:
+        ConfigError: one line naming the key and ``--trust``.
+    """
+    key = _first_interpolation_text(node, where)
+    if key is not None:
+        raise ConfigError(
+            f"`{key}`: refusing to pass text containing `${{` to a constructor: Hydra would "
+            "resolve it again as an interpolation (which can build any `_target_`); pass --trust "
+            "if you trust this config"
+        )
+
+
+def escape_for_hydra(node: Any) -> Any:
+    """A resolved plain config escaped for ``hydra.utils.instantiate``'s two resolutions."""
+    return escape_interpolations(escape_interpolations(node))

@@ -38,7 +38,9 @@ def _torch_zip(obj: Any) -> dict[str, bytes]:
         return {n: zf.read(n) for n in zf.namelist()}
 
 
-def _write_zip(path: Path, records: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> None:
+def _write_zip(
+    path: Path, records: dict[str, bytes], compression: int = zipfile.ZIP_STORED
+) -> None:
     with zipfile.ZipFile(path, "w", compression=compression) as zf:
         for name, data in records.items():
             zf.writestr(name, data)
@@ -241,6 +243,7 @@ def stored_config_checkpoint(d: Path, kind: str) -> Hostile:
         "deep_callback": "torch.save",
         "private": "statplug.config.loader._YamlLoader",
         "not_a_string": "123",
+        "interpolation": "trainer.default_root_dir",
     }[kind]
     if kind == "open":
         cfg["model"] = {"_target_": "builtins.open", "file": victim, "mode": "w"}
@@ -262,6 +265,11 @@ def stored_config_checkpoint(d: Path, kind: str) -> Hostile:
         cfg["model"]["_target_"] = says
     elif kind == "not_a_string":
         cfg["model"]["_target_"] = 123
+    elif kind == "interpolation":
+        # Stored resolved, so literal text; re-resolved, it would build builtins.open.
+        cfg["trainer"]["default_root_dir"] = (
+            f"${{oc.create:{{_target_: builtins.open, file: {victim}, mode: w}}}}"
+        )
     else:
         raise ValueError(kind)
     p = d / f"config_{kind}.ckpt"
@@ -271,7 +279,7 @@ def stored_config_checkpoint(d: Path, kind: str) -> Hostile:
 
 STORED_CONFIG_KINDS = (
     "open", "attribute_path", "prefix", "nested_logger", "args_list", "partial",
-    "deep_callback", "private", "not_a_string",
+    "deep_callback", "private", "not_a_string", "interpolation",
 )
 
 
