@@ -3,9 +3,16 @@
 from typing import TYPE_CHECKING, Any
 
 from statplug.audit import AuditReport, Finding, audit
+from statplug.averaging import copy_stats_
 from statplug.distributed import SyncReport, exclude_from_ddp_broadcast, sync_stats
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
-from statplug.errors import AuditError, CheckpointMismatchError, StatLayoutError, StatplugError
+from statplug.errors import (
+    AuditError,
+    CheckpointMismatchError,
+    IncompatibleCallbackError,
+    StatLayoutError,
+    StatplugError,
+)
 from statplug.masks import CausalMask, RandomMask
 from statplug.stats import EMAMoments, RunningMinMax, RunningMoments, RunningNorm, Stat
 
@@ -16,7 +23,9 @@ _LIGHTNING_NAMES = (
     "ActivationStats",
     "AuditBuffers",
     "MagnitudePruning",
+    "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsWeightAveraging",
     "SyncStats",
 )
 
@@ -25,7 +34,9 @@ if TYPE_CHECKING:
         ActivationStats,
         AuditBuffers,
         MagnitudePruning,
+        StatsEMAWeightAveraging,
         StatsMixin,
+        StatsWeightAveraging,
         SyncStats,
     )
 
@@ -47,6 +58,7 @@ __all__ = [
     "CheckpointMismatchError",
     "EMAMoments",
     "Finding",
+    "IncompatibleCallbackError",
     "MagnitudePruning",
     "RandomMask",
     "RotaryEncoding",
@@ -57,10 +69,13 @@ __all__ = [
     "Stat",
     "StatLayoutError",
     "StatplugError",
+    "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsWeightAveraging",
     "SyncReport",
     "SyncStats",
     "audit",
+    "copy_stats_",
     "exclude_from_ddp_broadcast",
     "sync_stats",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AuditError",
     "CheckpointMismatchError",
+    "IncompatibleCallbackError",
     "StatLayoutError",
     "StatplugError",
 ]
@@ -24,3 +25,7 @@ class CheckpointMismatchError(StatplugError):
 
 class AuditError(StatplugError):
     """:func:`statplug.audit` found errors; the message lists every one."""
+
+
+class IncompatibleCallbackError(StatplugError):
+    """A callback in the ``Trainer`` would corrupt statplug state (the message names the fix)."""

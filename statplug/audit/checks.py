@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from statplug._buffers import name_modules
 from statplug.audit.report import AuditReport, Finding
 from statplug.audit.runtime import FixedBufferSnapshot, check_fixed_buffers, check_rank_divergence
+from statplug.stats import RunningNorm
 from statplug.stats.base import Stat
 
 __all__ = ["audit"]
@@ -74,6 +75,7 @@ def _as_optimizers(optimizers: Any) -> list[Any]:
 def _check_stats(model: nn.Module) -> list[Finding]:
     """``stat-is-parameter`` and ``low-precision-stat``."""
     findings: list[Finding] = []
+    users = _user_names(model)
     for prefix, mod in model.named_modules():
         if not isinstance(mod, Stat):
             continue
@@ -85,43 +87,69 @@ def _check_stats(model: nn.Module) -> list[Finding]:
             findings.append(
                 Finding.of(
                     "stat-is-parameter",
-                    qname,
+                    users[prefix],
                     f"{kind} state `{qname}` is registered as an nn.Parameter (expected a "
                     "buffer): an optimizer or weight decay would change it and DDP would average "
                     "it as a gradient. Register stat state with `Stat.add_state` (a buffer), "
                     "never as nn.Parameter",
                 )
             )
-        for bname, b in mod._buffers.items():
-            if b is None:
-                continue
-            qname = _join(prefix, bname)
-            if isinstance(b, nn.Parameter) or b.requires_grad:
-                findings.append(
-                    Finding.of(
-                        "stat-is-parameter",
-                        qname,
-                        f"{kind} buffer `{qname}` has requires_grad=True (expected False): "
-                        "autograd would track its updates and an optimizer may pick it up. "
-                        "Store a plain tensor (`.detach()`), or call `.requires_grad_(False)`",
-                    )
+        # One finding per stat, naming the stat (its internal buffers are not the user's).
+        grad = [n for n, b in mod._buffers.items() if b is not None and b.requires_grad]
+        if grad:
+            name = users[prefix]
+            findings.append(
+                Finding.of(
+                    "stat-is-parameter",
+                    name,
+                    f"{kind} `{name}` holds state with requires_grad=True (buffers "
+                    f"{_examples(grad)}; expected none): autograd would track its updates and "
+                    "an optimizer may pick it up. Store plain tensors (`.detach()`), or call "
+                    f"`{name}.requires_grad_(False)`",
                 )
-        for sname in mod.state_names:
-            b = mod._buffers.get(sname)
-            if b is not None and b.dtype in _LOW_PRECISION:
-                qname = _join(prefix, sname)
-                findings.append(
-                    Finding.of(
-                        "low-precision-stat",
-                        qname,
-                        f"{kind} accumulator `{qname}` is {b.dtype} (expected "
-                        f"{mod.accumulator_dtype}): a half-precision accumulator loses digits "
-                        "and stops growing. Something bypassed the dtype pinning (e.g. an "
-                        "assignment to `_buffers`); rebuild the stat, or restore the buffer with "
-                        f"`.to({mod.accumulator_dtype})`",
-                    )
+            )
+        low = [
+            n
+            for n in mod.state_names
+            if (b := mod._buffers.get(n)) is not None and b.dtype in _LOW_PRECISION
+        ]
+        if low:
+            name = users[prefix]
+            findings.append(
+                Finding.of(
+                    "low-precision-stat",
+                    name,
+                    f"{kind} `{name}` holds {_examples(low)} in {mod._buffers[low[0]].dtype} "  # type: ignore[union-attr]
+                    f"(expected {mod.accumulator_dtype}): a half-precision "
+                    "accumulator loses digits and stops growing. Something bypassed the dtype "
+                    "pinning (e.g. an assignment to `buffer.data`); rebuild the stat, or "
+                    f"restore it with `.to({mod.accumulator_dtype})`",
                 )
+            )
     return findings
+
+
+def _user_names(model: nn.Module) -> dict[str, str]:
+    """Qualified name of every stat -> the name a user knows it by: a normaliser's inner
+    moments are named after the normaliser (``encoder.norm``, not ``encoder.norm.moments``)."""
+    names = {}
+    for prefix, mod in model.named_modules():
+        if isinstance(mod, RunningNorm):
+            names[_join(prefix, "moments")] = prefix or "RunningNorm"
+        elif isinstance(mod, Stat):
+            names.setdefault(prefix, prefix or type(mod).__name__)
+    return names
+
+
+def _stat_owners(model: nn.Module) -> dict[str, str]:
+    """Qualified buffer name -> user name of the stat that owns it, for every stat."""
+    users = _user_names(model)
+    owners = {}
+    for prefix, mod in model.named_modules():
+        if isinstance(mod, Stat):
+            for bname in mod._buffers:
+                owners[_join(prefix, bname)] = users[prefix]
+    return owners
 
 
 def _check_optimizers(model: nn.Module, optimizers: list[Any]) -> list[Finding]:
@@ -134,6 +162,7 @@ def _check_optimizers(model: nn.Module, optimizers: list[Any]) -> list[Finding]:
         id(p) for m in model.modules() if isinstance(m, Stat) for p in m._parameters.values()
     }
     buffers = list(model.named_buffers())
+    owners = _stat_owners(model)
     buffer_by_id = {id(b): n for n, b in buffers}
     buffer_by_storage: dict[tuple[str, int], list[str]] = {}
     for n, b in buffers:
@@ -166,7 +195,20 @@ def _check_optimizers(model: nn.Module, optimizers: list[Any]) -> list[Finding]:
             names = buffer_by_storage.get(skey, []) if skey is not None else []
             if names:
                 bname, how = names[0], "a tensor sharing its storage"
-        if bname is not None and bname not in reported_buffers:
+        owner = owners.get(bname) if bname is not None else None
+        if owner is not None and owner not in reported_buffers:
+            reported_buffers.add(owner)
+            findings.append(
+                Finding.of(
+                    "buffer-in-optimizer",
+                    owner,
+                    f"the state of stat `{owner}` (buffer `{bname}`) is in {wheres[0]} ({how}); "
+                    "expected only parameters in optimizers: a step or weight decay would "
+                    "overwrite it. Build the optimizer from `model.parameters()`, not "
+                    "`model.buffers()` or `state_dict().values()`",
+                )
+            )
+        elif owner is None and bname is not None and bname not in reported_buffers:
             reported_buffers.add(bname)
             findings.append(
                 Finding.of(
@@ -353,8 +395,8 @@ def audit(
         []
         >>> bad = torch.optim.SGD([*model.parameters(), model[0].mean], lr=0.1)
         >>> report = audit(model, bad)
-        >>> report.ok, [(f.code, f.name) for f in report.findings]
-        (False, [('buffer-in-optimizer', '0.mean')])
+        >>> report.ok, [(f.code, f.name) for f in report.findings]   # names the stat, once
+        (False, [('buffer-in-optimizer', '0')])
     """
     name_modules(model)
     opts = _as_optimizers(optimizers)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from statplug._buffers import name_modules
+from statplug._buffers import name_modules, qualified_name
 from statplug.errors import StatLayoutError, StatplugError
 from statplug.stats.base import Stat, SyncBatch
 
@@ -82,7 +82,11 @@ def _fingerprint(layout: list[str]) -> tuple[float, float]:
     return float(h >> 31), float(h & (2**31 - 1))
 
 
-def _device_of(stats: list[Stat]) -> torch.device:
+def _device_of(stats: list[Stat], group: dist.ProcessGroup | None) -> torch.device:
+    if not stats:  # a rank without stats still takes part in the layout check
+        if dist.get_backend(group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
     devices = {s._buffers["count"].device for s in stats}  # type: ignore[union-attr]
     if len(devices) > 1:
         raise StatplugError(
@@ -94,32 +98,57 @@ def _device_of(stats: list[Stat]) -> torch.device:
 
 class _LayoutCheck:
     """The fixed-size exchange that goes first: the layout fingerprint (two float64-exact
-    halves) and one checksum of the state the stat classes assume agreed (see
+    halves) and one checksum of the state every rank must agree on (see
     ``Stat._sync_checksum``), in one float64 MAX of ``[v, -v]`` (equal on every rank iff
     max == -max(-v); never for NaN). Started at once, so local work that needs no other rank
-    runs while it travels; :meth:`wait` raises on a layout mismatch and says whether the
-    checksums agree."""
+    runs while it travels; :meth:`wait` raises on every rank when layouts or agreed states
+    differ."""
 
     def __init__(self, plan: _Plan, group: dist.ProcessGroup | None) -> None:
         self.plan, self.group = plan, group
-        sums = [
-            c
-            for (cls, _), b in zip(plan.groups, plan.batches, strict=True)
-            if (c := cls._sync_checksum(b)) is not None
-        ]
+        pairs = zip(plan.groups, plan.batches, strict=True)
+        sums = [cls._sync_checksum(b) for (cls, _), b in pairs]
         check = sums[0] if len(sums) == 1 else torch.stack(sums).sum() if sums else plan.zero
         v = torch.cat([plan.fingerprint_t, check.reshape(1)])
         self.t = torch.cat([v, -v])
         self.work = dist.all_reduce(self.t, op=dist.ReduceOp.MAX, group=group, async_op=True)
 
-    def wait(self) -> bool:
-        """Raise :class:`StatLayoutError` if the layouts differ; return whether the checksums
-        of agreed state are equal on every rank."""
+    def wait(self, check_agreed: bool = True) -> None:
+        """Raise :class:`StatLayoutError` on every rank if the layouts differ, or (with
+        ``check_agreed``) if the ranks' agreed states differ."""
         self.work.wait()
         hi, lo, check, neg_hi, neg_lo, neg_check = self.t.tolist()
         if hi != -neg_hi or lo != -neg_lo:  # max != min: some rank holds another layout
             _raise_layout_error(self.plan.layout, self.group)
-        return bool(check == -neg_check)
+        if check_agreed and check != -neg_check:
+            _raise_agreed_error(self.plan.stats, self.group)
+
+
+def _agreed_summary(stat: Stat) -> tuple[int, float]:
+    """(agreed count, checksum of the agreed state) of one stat, for error messages."""
+    batch = SyncBatch([stat])
+    batch.begin()
+    return int(stat._buffers["_base_count"]), float(type(stat)._sync_checksum(batch))  # type: ignore[arg-type]
+
+
+def _raise_agreed_error(stats: list[Stat], group: dist.ProcessGroup | None) -> None:
+    # Error path only: gather every rank's per-stat agreed state to name the first that differs.
+    mine = [_agreed_summary(s) for s in stats]
+    world = dist.get_world_size(group)
+    every: list[list[tuple[int, float]] | None] = [None] * world
+    dist.all_gather_object(every, mine, group=group)
+    lists = [lst or [] for lst in every]
+    first = next(
+        (i for i in range(len(stats)) if len({lst[i] for lst in lists}) > 1), 0
+    )
+    name = qualified_name(stats[first]) if stats else "<no stat>"
+    counts = ", ".join(f"rank {r}: {lst[first][0]}" for r, lst in enumerate(lists) if lst)
+    raise StatLayoutError(
+        f"sync_stats: ranks disagree on the already-merged state of {name} (agreed sample "
+        f"counts {counts}); a sync would leave them different. This happens when a checkpoint "
+        "or reset reached some ranks only. Load the same state on every rank, or call "
+        "statplug.distributed.broadcast_stats(model) to make one rank's state everyone's"
+    )
 
 
 def _raise_layout_error(layout: list[str], group: dist.ProcessGroup | None) -> None:
@@ -147,11 +176,12 @@ def _raise_layout_error(layout: list[str], group: dist.ProcessGroup | None) -> N
 class _Plan:
     """What a sync of one set of stats needs besides the data: cached between syncs."""
 
-    def __init__(self, stats: list[Stat]) -> None:
+    def __init__(self, stats: list[Stat], group: dist.ProcessGroup | None) -> None:
+        self.stats = stats
         self.layout = [_describe(s) for s in stats]
         self.fingerprint = _fingerprint(self.layout)
-        self._set_device(_device_of(stats))
-        # One batch per class and accumulator dtype: a batch's arenas hold one dtype.
+        self._set_device(_device_of(stats, group))
+        # One batch per class and accumulator dtype: a batch's stacked tensors hold one dtype.
         groups: dict[tuple[type[Stat], torch.dtype], list[Stat]] = {}
         for s in stats:
             groups.setdefault((type(s), s.accumulator_dtype), []).append(s)
@@ -163,40 +193,36 @@ class _Plan:
         self.fingerprint_t = torch.tensor(self.fingerprint, dtype=torch.float64, device=device)
         self.zero = torch.zeros((), dtype=torch.float64, device=device)
 
-    def refresh(self) -> None:
-        """Rebuild the arenas of stats that were moved or converted since the last sync."""
-        if any(b.stale() for b in self.batches):
-            self._set_device(_device_of([s for b in self.batches for s in b.stats]))
+    def refresh(self, group: dist.ProcessGroup | None) -> None:
+        """Follow stats that were moved to another device since the last sync."""
+        if self.stats and self.stats[0].count.device != self.device:
+            self._set_device(_device_of(self.stats, group))
             self.batches = [SyncBatch(group) for _, group in self.groups]
 
 
 _PLANS: dict[tuple[int, ...], tuple[list[Stat], _Plan]] = {}
 
 
-def _plan_for(stats: list[Stat]) -> _Plan:
+def _plan_for(stats: list[Stat], group: dist.ProcessGroup | None) -> _Plan:
     key = tuple(map(id, stats))
     hit = _PLANS.get(key)
     # The stats are kept alongside, so their ids cannot be reused while the entry lives.
     if hit is None:
         if len(_PLANS) >= 64:
             _PLANS.clear()
-        hit = (stats, _Plan(stats))
+        hit = (stats, _Plan(stats, group))
         _PLANS[key] = hit
     return hit[1]
 
 
 def _plan_if_distributed(stats: list[Stat], group: dist.ProcessGroup | None) -> _Plan | None:
-    """The plan for syncing ``stats``, or None when there is no one to sync with (no stats, no
-    process group, or a group of one)."""
-    if (
-        not stats
-        or not dist.is_available()
-        or not dist.is_initialized()
-        or dist.get_world_size(group) == 1
-    ):
+    """The plan for syncing ``stats``, or None when there is no one to sync with (no process
+    group, or a group of one). A rank without stats still gets a plan: it must take part in the
+    layout check, or its peers would wait for it."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return None
-    plan = _plan_for(stats)
-    plan.refresh()
+    plan = _plan_for(stats, group)
+    plan.refresh(group)
     return plan
 
 
@@ -257,22 +283,14 @@ def sync_stats(
 
     with torch.no_grad():
         batches = plan.batches
-        for b in batches:
-            b.agreed = True  # optimistic: phase 1 is made while the checksums travel
-        check = _LayoutCheck(plan, group)
-        # Phase-1 segments are local work: made and packed while the fingerprints travel. (Only
-        # flushing deferred updates touches a stat, which changes no value.)
         groups = plan.groups
-
-        def pack_phase1() -> tuple[_Packed, _Packed]:
-            phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(groups, batches, strict=True)]
-            return _Packed([p[0] for p in phase1], device), _Packed([p[1] for p in phase1], device)
-
-        packed = pack_phase1()
-        if not check.wait():  # before any collective whose size depends on the layout
-            for b in batches:
-                b.agreed = False
-            packed = pack_phase1()  # centred on 0 instead of a base the ranks disagree on
+        for b in batches:
+            b.begin()
+        check = _LayoutCheck(plan, group)
+        # Phase-1 segments are local work: made and packed while the fingerprints travel.
+        phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(groups, batches, strict=True)]
+        packed = _Packed([p[0] for p in phase1], device), _Packed([p[1] for p in phase1], device)
+        check.wait()  # before any collective whose size depends on the layout
         sums1, w1 = packed[0].all_reduce(dist.ReduceOp.SUM, group)
         maxes, w2 = packed[1].all_reduce(dist.ReduceOp.MAX, group)
         for w in (w1, w2):
@@ -290,6 +308,7 @@ def sync_stats(
         b1, b2, b3 = packed[0].n_bytes, packed[1].n_bytes, packed2.n_bytes
         for (cls, _), b, s1, mx, s2 in zip(groups, batches, sums1, maxes, sums2, strict=True):
             cls._sync_apply(b, s1, mx, s2)
+            b.flush()
     return SyncReport(len(stats), n_coll, n_bytes + b1 + b2 + b3, time.perf_counter() - start)
 
 
@@ -325,16 +344,19 @@ def broadcast_stats(
     plan = _plan_if_distributed(stats, group)
     if plan is None:
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
-    _LayoutCheck(plan, group).wait()  # checksums are not needed: the state is replaced
+    _LayoutCheck(plan, group).wait(check_agreed=False)  # the agreed state is replaced
     global_src = src if group is None else dist.get_global_rank(group, src)
     n_coll, n_bytes = 1, 48
     with torch.no_grad():
         for batch in plan.batches:
+            batch.begin()
             for name in batch.stats[0].state_names:
-                arena = batch.gather(name)
-                dist.broadcast(arena, src=global_src, group=group)
+                value = batch.gather(name).clone()
+                dist.broadcast(value, src=global_src, group=group)
+                batch.scatter(name, value)
                 n_coll += 1
-                n_bytes += arena.numel() * arena.element_size()
+                n_bytes += value.numel() * value.element_size()
+            batch.flush()
         for stat in stats:
             stat._after_load()  # the received state is the agreed base, as after a load
     return SyncReport(len(stats), n_coll, n_bytes, time.perf_counter() - start)

@@ -4,8 +4,18 @@ from statplug.lightning.callbacks import (
     ActivationStats,
     AuditBuffers,
     MagnitudePruning,
+    StatsEMAWeightAveraging,
+    StatsWeightAveraging,
     SyncStats,
 )
 from statplug.lightning.mixin import StatsMixin
 
-__all__ = ["ActivationStats", "AuditBuffers", "MagnitudePruning", "StatsMixin", "SyncStats"]
+__all__ = [
+    "ActivationStats",
+    "AuditBuffers",
+    "MagnitudePruning",
+    "StatsEMAWeightAveraging",
+    "StatsMixin",
+    "StatsWeightAveraging",
+    "SyncStats",
+]

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from statplug.averaging import FIXED_ATTR
 from statplug.errors import CheckpointMismatchError
 from statplug.lightning._utils import PRUNING_ATTR, TrackedBuffer, tracked
 from statplug.stats.base import Stat
@@ -216,6 +217,11 @@ class StatsMixin(_Base):
                 continue
             mod.register_buffer(buf_name, torch.ones_like(param, dtype=torch.bool))
             setattr(mod, PRUNING_ATTR, {**getattr(mod, PRUNING_ATTR, {}), param_name: buf_name})
+            # Marked fixed as MagnitudePruning marks it: the audit watches it, and weight
+            # averaging (statplug.averaging.state_buffers) copies it instead of averaging it.
+            fixed = tuple(getattr(mod, FIXED_ATTR, ()))
+            if buf_name not in fixed:
+                setattr(mod, FIXED_ATTR, (*fixed, buf_name))
 
     def _check_layout(self, state_dict: dict[str, Any]) -> None:
         stats, masks, _ = tracked(self)

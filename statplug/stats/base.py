@@ -4,11 +4,15 @@ A stat declares each piece of its state once, in ``__init__``, with :meth:`Stat.
 rule by which that piece merges across ranks. Everything is a registered buffer, so it is saved in
 ``state_dict``, moved by ``.to()`` and never seen by an optimizer.
 
+One source of truth: a stat's whole state is its buffers. Every public call leaves the saved
+buffers current (an update writes ``count``, ``mean``, ... before it returns), so tools that copy,
+swap, average or shard buffers without going through statplug see the real state. The only other
+buffers are the *agreed* state (``_base_*``, non-persistent): the value every rank held at the
+last sync or load, from which a sync tells each rank's new data apart so nothing is counted twice.
+
 Sync protocol (used by :func:`statplug.sync_stats`, which coalesces it over every stat): a stat
 contributes float64 tensors to a first SUM all-reduce and to one MAX all-reduce (a minimum travels
-as a negated maximum), then, knowing the phase-1 totals, to a second SUM all-reduce. Only data seen
-*since the last sync* is contributed, so a second sync changes nothing and a checkpoint loaded on N
-ranks counts once.
+as a negated maximum), then, knowing the phase-1 totals, possibly to a second SUM all-reduce.
 """
 
 from __future__ import annotations
@@ -30,30 +34,36 @@ NanPolicy = Literal["raise", "skip", "propagate"]
 _NAN_POLICIES = ("raise", "skip", "propagate")
 _REDUCES = ("sum", "min", "max", "custom")
 _ACCUMULATOR_DTYPES = (torch.float32, torch.float64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _as_shape(shape: int | Sequence[int], owner: str) -> tuple[int, ...]:
+    if isinstance(shape, bool) or isinstance(shape, (str, bytes)):
+        raise ValueError(f"{owner}: `shape` must be an int or a tuple of ints, got {shape!r}")
     if isinstance(shape, int):
         shape = (shape,)
-    if isinstance(shape, (str, bytes)):
-        raise ValueError(f"{owner}: `shape` must be an int or a tuple of ints, got {shape!r}")
     try:
-        out = tuple(int(s) for s in shape)
+        out = tuple(operator.index(s) for s in shape)
     except TypeError as err:
         raise ValueError(
             f"{owner}: `shape` must be an int or a tuple of ints, got {shape!r}"
         ) from err
-    if any(s <= 0 for s in out):
-        raise ValueError(f"{owner}: `shape` must have positive sizes, got {out}")
+    if any(isinstance(s, bool) for s in shape) or not out or any(s <= 0 for s in out):
+        raise ValueError(f"{owner}: `shape` must have positive int sizes, got {shape!r}")
     return out
+
+
+def _compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
 
 
 class Stat(PinnedDtypeModule):
     """Base class of every running statistic.
 
     Subclasses call :meth:`add_state` in ``__init__`` for each piece of state and implement
-    :meth:`_update`, :meth:`_merge_from` and the sync hooks. The base owns argument checking, the
-    nan policy, freezing, the int64 ``count``, and ``sum``-reduced states' bookkeeping.
+    :meth:`_update`, :meth:`_update_skip`, :meth:`_merge_from` and the sync hooks. The base owns
+    argument checking, the nan policy, freezing, the int64 ``count``, and the agreed state of
+    ``sum``-reduced states.
 
     Args:
         shape: feature shape; every leading dim of an update is a sample dim.
@@ -65,6 +75,7 @@ class Stat(PinnedDtypeModule):
             Default: ``"raise"``.
     """
 
+    count: Tensor
     n_skipped: Tensor
     frozen_flag: Tensor
 
@@ -82,9 +93,9 @@ class Stat(PinnedDtypeModule):
         if accumulator_dtype not in _ACCUMULATOR_DTYPES:
             raise ValueError(
                 f"{name}: `accumulator_dtype` must be torch.float32 or torch.float64, got "
-                f"{accumulator_dtype}; low precision accumulators silently stop growing"
+                f"{accumulator_dtype!r}; low precision accumulators silently stop growing"
             )
-        if nan_policy not in _NAN_POLICIES:
+        if not isinstance(nan_policy, str) or nan_policy not in _NAN_POLICIES:
             raise ValueError(
                 f"{name}: `nan_policy` must be one of {_NAN_POLICIES}, got {nan_policy!r}"
             )
@@ -94,16 +105,16 @@ class Stat(PinnedDtypeModule):
         self._n_dims = len(self.shape)
         self._device = torch.device(device) if device is not None else None
         self._reduces: dict[str, str] = {}
+        # Frozen-ness is configuration, like `training`: kept on the module (so an update can
+        # return without touching the device) and saved in `frozen_flag`, which every load
+        # reads back. freeze()/unfreeze() change both.
         self._frozen = False
         self.add_state("count", torch.zeros((), dtype=torch.int64), reduce="sum")
         self.add_state("n_skipped", torch.zeros((), dtype=torch.int64), reduce="sum")
-        # Saved so that a warm-up-then-freeze normalizer stays frozen after a reload.
         self.register_buffer("frozen_flag", self._on_device(torch.zeros((), dtype=torch.bool)))
 
     # ----------------------------------------------------------------------------- declaration
-    def add_state(
-        self, name: str, default: Tensor, *, reduce: str, persistent: bool = True
-    ) -> None:
+    def add_state(self, name: str, default: Tensor, *, reduce: str) -> None:
         """Register ``default`` as buffer ``name`` that merges across ranks by ``reduce``.
 
         ``reduce`` is resolved here, once: ``"sum"`` (counts; only the part added since the last
@@ -119,9 +130,7 @@ class Stat(PinnedDtypeModule):
                 f"{type(self).__name__}.add_state({name!r}): floating state must be float32 or "
                 f"float64, got {default.dtype}"
             )
-        # Written directly (as ``register_buffer`` does) so a class property of the same name can
-        # serve the read-out: ``stat.mean`` brings the saved buffer up to date first.
-        self._buffers[name] = self._on_device(default)
+        self.register_buffer(name, self._on_device(default))
         self._reduces[name] = reduce
         if reduce == "sum":
             # The value at the last sync (or load): what every rank already agrees on.
@@ -131,37 +140,53 @@ class Stat(PinnedDtypeModule):
         return t if self._device is None else t.to(self._device)
 
     def _hidden(self, name: str, default: Tensor) -> None:
-        """A non-persistent working buffer (moved with the stat, never saved or synced)."""
+        """A non-persistent buffer (moved with the stat, never saved)."""
         self.register_buffer(name, self._on_device(default), persistent=False)
-
-    @property
-    def count(self) -> Tensor:
-        """Number of samples seen (int64, exact), shape ``()``."""
-        self._flush()
-        return self._buffers["count"]  # type: ignore[return-value]
-
-    def _flush(self) -> None:
-        """Fold work deferred by the update fast path into the buffers (subclasses)."""
 
     @property
     def state_names(self) -> tuple[str, ...]:
         """Names of the declared (saved, synced) state buffers."""
         return tuple(self._reduces)
 
+    def _agreed_names(self) -> list[str]:
+        """Hidden buffers holding the agreed state (equal on every rank after a sync or load)."""
+        return [f"_base_{n}" for n in self._sum_states()]
+
     # ----------------------------------------------------------------------------- update path
-    def _check_input(self, x: Tensor) -> Tensor:
-        """Validate ``x`` and view it as ``[n_samples, n_features]`` in a float dtype."""
+    def _rows(self, x: Any) -> Tensor | None:
+        """Validate ``x`` and view it as ``[n_samples, n_features]``; None when there is nothing
+        to do (frozen, or no samples)."""
         if not isinstance(x, Tensor):
-            raise TypeError(f"{self.stat_name}.update: expected a torch.Tensor, got {type(x)}")
-        k = len(self.shape)
+            raise TypeError(
+                f"{self.stat_name}.update: expected a torch.Tensor, got {type(x).__name__}"
+            )
+        k = self._n_dims
         if x.dim() < k or tuple(x.shape[x.dim() - k :]) != self.shape:
             raise ValueError(
                 f"{self.stat_name}: expected input whose trailing shape is {self.shape} "
                 f"(got shape {tuple(x.shape)}); leading dims are samples"
             )
+        if x.is_complex() or x.dtype is torch.bool:
+            raise TypeError(
+                f"{self.stat_name}.update: expected real numbers, got a {x.dtype} tensor; "
+                "convert it first (e.g. x.real or x.float())"
+            )
+        if x.device.type == "meta":
+            raise ValueError(
+                f"{self.stat_name}.update: got a meta tensor (no data); materialise the input "
+                "(and the stat, with to_empty() and reset_parameters()) first"
+            )
+        if self._frozen:
+            return None
+        if x.requires_grad:
+            x = x.detach()  # never build a graph through the stat
         if not x.is_floating_point():
             x = x.to(self.accumulator_dtype)
-        return x.detach().reshape(-1, self.n_features)
+        elif x.dtype in _LOW_PRECISION:
+            x = x.float()
+        if x.dim() != 2 or k != 1:
+            x = x.reshape(-1, self.n_features)
+        return x if x.shape[0] else None
 
     def update(self, x: Tensor) -> None:
         """Add the samples in ``x`` (shape ``[..., *shape]``) to the statistic.
@@ -169,31 +194,26 @@ class Stat(PinnedDtypeModule):
         Never builds a graph and never reads a tensor value on the host, except with
         ``nan_policy="raise"``, which looks once per update to decide whether to raise.
         """
-        if self._frozen:
-            return
-        x2 = self._check_input(x)
-        if x2.shape[0] == 0:
+        rows = self._rows(x)
+        if rows is None:
             return
         with torch.no_grad():
             if self.nan_policy == "skip":
-                self._update_skip(x2)
+                self._update_skip(rows)
             else:
-                self._update(x2, check=self.nan_policy == "raise")
+                self._update(rows, self.nan_policy == "raise")
 
-    def _fast_input(self, x: Tensor) -> Tensor | None:
-        """``x`` as ``[n_samples, n_features]`` for a subclass's update fast path, or None when
-        there is nothing left to do: frozen, empty, or handled by :meth:`update` (validation
-        errors, the skip policy and unusual inputs)."""
-        if self._frozen:
-            return None
-        if x.shape[-self._n_dims :] != self.shape or self.nan_policy == "skip" or x.dim() == 0:
-            Stat.update(self, x)
-            return None
-        if x.requires_grad:
-            x = x.detach()  # never build a graph through the stat
-        if x.dim() != 2 or self._n_dims != 1:
-            x = x.reshape(-1, self.n_features)
-        return x if x.shape[0] else None
+    def _check_finite(self, value: Tensor) -> None:
+        """The ``raise`` policy's one host read: ``value`` is NaN when the batch held a NaN or
+        Inf. Raises before any state is written."""
+        if _compiling():
+            raise StatplugError(
+                f"{self.stat_name}: nan_policy='raise' needs a host read per update, which "
+                "torch.compile(fullgraph=True) cannot trace; build the stat with "
+                "nan_policy='skip' or 'propagate' to compile it"
+            )
+        if math.isnan(float(value)):
+            self._raise_non_finite()
 
     def _raise_non_finite(self) -> None:
         raise ValueError(
@@ -234,57 +254,45 @@ class Stat(PinnedDtypeModule):
         """Forget every sample (keeps frozen-ness, dtype and device)."""
         with torch.no_grad():
             for name in self._reduces:
-                buf = self._buffers[name]
-                assert buf is not None
-                buf.copy_(self._initial_value(name, buf))
-                if self._reduces[name] == "sum":
-                    base = self._buffers[f"_base_{name}"]
-                    assert base is not None
-                    base.zero_()
-            self._reset_hidden()
+                self._buffers[name].copy_(self._initial_value(name))  # type: ignore[union-attr]
+            self.settle_()
 
     def reset_parameters(self) -> None:
-        """Same as :meth:`reset`: the meta-device flow (``to_empty()`` then ``reset_parameters()``)
-        leaves an empty, valid stat instead of uninitialised memory."""
-        self.reset()
+        """Same as :meth:`reset`, and unfrozen: the meta-device flow (``to_empty()`` then
+        ``reset_parameters()``) leaves an empty, valid stat instead of uninitialised memory."""
         self.unfreeze()
+        self.reset()
 
-    def _initial_value(self, name: str, buf: Tensor) -> Tensor:
+    def _initial_value(self, name: str) -> Tensor:
+        buf = self._buffers[name]
+        assert buf is not None
         if self._reduces[name] == "min":
             return torch.full_like(buf, math.inf)
         if self._reduces[name] == "max":
             return torch.full_like(buf, -math.inf)
         return torch.zeros_like(buf)
 
-    def _reset_hidden(self) -> None:
-        """Reset non-persistent working buffers (subclasses)."""
-
     def merge_(self, other: Stat) -> Stat:
-        """Merge ``other`` (same class and shape) into this stat, exactly; returns ``self``."""
+        """Merge ``other`` (same class and shape) into this stat, exactly; returns ``self``.
+
+        The merged samples count as this rank's new data at the next sync.
+        """
         if type(other) is not type(self) or other.shape != self.shape:
             raise ValueError(
                 f"{self.stat_name}.merge_: expected a {type(self).__name__} of shape {self.shape}, "
                 f"got {type(other).__name__} of shape {getattr(other, 'shape', None)}"
             )
         with torch.no_grad():
+            self._merge_from(other)
             self.count.add_(other.count)
             self.n_skipped.add_(other.n_skipped)
-            self._merge_from(other)
         return self
 
     def _merge_from(self, other: Any) -> None:
+        """Merge ``other``'s state; runs before the counts are added."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------- persistence
-    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        # Buffers that are views into a sync arena: save just their own elements.
-        for name in self._reduces:
-            key = prefix + name
-            t = destination.get(key)
-            if isinstance(t, Tensor) and t._base is not None and not keep_vars:
-                destination[key] = t.clone()
-
     def _migrate_state_dict(
         self, state_dict: dict[str, Any], prefix: str, version: int | None
     ) -> None:
@@ -292,43 +300,66 @@ class Stat(PinnedDtypeModule):
         for key, default in (("n_skipped", self.n_skipped), ("frozen_flag", self.frozen_flag)):
             state_dict.setdefault(prefix + key, torch.zeros_like(default))
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Atomic: a state whose pieces do not fit is refused whole, never half loaded.
+        self._migrate_state_dict(state_dict, prefix, local_metadata.get("version"))
+        for name in (*self._reduces, "frozen_flag"):
+            value = state_dict.get(prefix + name)
+            mine = self._buffers[name]
+            if isinstance(value, Tensor) and mine is not None and value.shape != mine.shape:
+                error_msgs.append(
+                    f"{self.stat_name}: size mismatch for {prefix + name}: expected shape "
+                    f"{tuple(mine.shape)}, got {tuple(value.shape)}; the stat was not loaded"
+                )
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def _after_load(self) -> None:
-        # A loaded state is what every rank agrees on: it is the base, never re-counted at a sync.
-        # Loading is not a hot path, so reading the frozen flag on the host is fine here.
-        self._frozen = bool(self.frozen_flag.item())
-        for name, reduce in self._reduces.items():
-            if reduce == "sum":
-                base = self._buffers[f"_base_{name}"]
-                buf = self._buffers[name]
-                assert base is not None and buf is not None
-                base.copy_(buf)
-        self._rebase_after_load()
+        # Loading is not a hot path: reading the frozen flag on the host is fine here.
+        self._frozen = bool(self.frozen_flag)
+        self.settle_()
 
     def settle_(self) -> Stat:
-        """Bring the working state to exactly what saving and reloading the stat gives.
+        """Make the current state the agreed state, as a save and reload would.
 
-        A stat may keep more precise working state than it saves (``RunningMoments`` keeps
-        float64 sums, saves ``accumulator_dtype``); a run resumed from a checkpoint restarts from
-        the saved values. Settling where a checkpoint may be written makes an uninterrupted run
-        take the same path (``SyncStats`` does this). Data not yet synced becomes agreed data,
-        as after a load. Equivalent to ``stat.load_state_dict(stat.state_dict())``, cheaper.
+        A loaded state is what every rank agrees on: a later sync contributes only data added
+        after it. Equivalent to ``stat.load_state_dict(stat.state_dict())``, cheaper.
         """
-        self._flush()
-        self._after_load()
+        with torch.no_grad():
+            for name in self._sum_states():
+                agreed, value = self._buffers[f"_base_{name}"], self._buffers[name]
+                assert agreed is not None and value is not None
+                agreed.copy_(value)
+            self._settle_agreed()
         return self
 
-    def _rebase_after_load(self) -> None:
-        """Rebuild hidden working state from the loaded persistent buffers (subclasses)."""
+    def _settle_agreed(self) -> None:
+        """Copy the subclass's own agreed state from its current state (subclasses)."""
 
     # ----------------------------------------------------------------------------- sync hooks
     # Class-level and batched: one call handles every stat of a class with a constant number of
-    # tensor ops (gather with one ``cat``, math on the flat tensors, scatter with one foreach
-    # copy), so a sync costs no per-stat tensor op. Each hook returns a few flat float64
-    # segments; the engine coalesces them into one collective per phase.
+    # tensor ops (gather with one stack, math on the stacked tensors, scatter with one foreach
+    # copy). Each hook returns a few float64 segments; the engine coalesces them into one
+    # collective per phase.
 
     @classmethod
     def _sync_phase1(cls, batch: SyncBatch) -> tuple[list[Tensor], list[Tensor]]:
-        """Segments for the first SUM all-reduce and for the MAX all-reduce."""
+        """Segments for the first SUM all-reduce and for the MAX all-reduce.
+
+        Sum states send what was added since the agreed state; min/max states send their values
+        and a NaN flag per element, so a NaN on any rank reaches every rank.
+        """
         proto = batch.stats[0]
         sums = [
             (batch.stack(n) - batch.stack(f"_base_{n}")).to(torch.float64)
@@ -338,17 +369,16 @@ class Stat(PinnedDtypeModule):
         for n, r in proto._reduces.items():
             if r in ("min", "max"):
                 flat = batch.gather(n).to(torch.float64)
-                maxes.append(flat if r == "max" else -flat)
+                nan = flat.isnan()
+                flat = torch.where(nan, -math.inf, flat if r == "max" else -flat)
+                maxes += [flat, nan.to(torch.float64)]
         return sums, maxes
 
     @classmethod
-    def _sync_checksum(cls, batch: SyncBatch) -> Tensor | None:
-        """A float64 scalar checksum of state the hooks assume every rank agrees on, or None.
-
-        Exchanged with the layout fingerprint before phase 1; when ranks differ,
-        ``batch.agreed`` is False for the sync and the hooks must not rely on that state.
-        """
-        return None
+    def _sync_checksum(cls, batch: SyncBatch) -> Tensor:
+        """A float64 scalar checksum of the agreed state (NaN if not finite)."""
+        proto = batch.stats[0]
+        return batch.checksum(proto._agreed_names())
 
     @classmethod
     def _sync_phase2(cls, batch: SyncBatch, sums1: list[Tensor]) -> list[Tensor]:
@@ -362,17 +392,23 @@ class Stat(PinnedDtypeModule):
     def _sync_apply(
         cls, batch: SyncBatch, sums1: list[Tensor], maxes: list[Tensor], sums2: list[Tensor]
     ) -> None:
-        """Write the reduced segments back; afterwards every rank holds the global state."""
+        """Write the reduced segments back; afterwards every rank holds the global state, and
+        it is the agreed state."""
         proto = batch.stats[0]
         names = proto._sum_states()
         for name, total in zip(names, sums1[: len(names)], strict=True):
-            # Counts travel as float64: sums of integers, exact below 2**53.
-            base = batch.stack(f"_base_{name}")
-            base.add_(total.to(torch.int64))
-            batch.scatter(name, base)
+            # Counts travel as float64: sums of integers, exact below 2**53. A count no rank
+            # added to (n_skipped, usually) needs no write: every rank already holds it.
+            if name != "count" and not bool(total.any()):
+                continue
+            agreed = batch.stack(f"_base_{name}") + total.to(torch.int64)
+            batch.scatter(name, agreed)
+            batch.scatter(f"_base_{name}", agreed)
         extrema = [(n, r) for n, r in proto._reduces.items() if r in ("min", "max")]
-        for (name, r), flat in zip(extrema, maxes, strict=True):
-            batch.scatter(name, flat if r == "max" else -flat)
+        for i, (name, r) in enumerate(extrema):
+            flat, nan = maxes[2 * i], maxes[2 * i + 1]
+            value = flat if r == "max" else -flat
+            batch.scatter(name, torch.where(nan > 0, math.nan, value))
 
     def _sum_states(self) -> list[str]:
         return [n for n, r in self._reduces.items() if r == "sum"]
@@ -384,85 +420,75 @@ class Stat(PinnedDtypeModule):
         return extra
 
 
-_BUFFERS = operator.attrgetter("_buffers")
-_COUNT = operator.itemgetter("count")
-
-
 class SyncBatch:
-    """The stats of one class taking part in syncs, their state held in flat arenas.
+    """The stats of one class and accumulator dtype taking part in a sync.
 
-    On first use of a state name, every stat's buffer of that name is moved into one flat tensor
-    (the arena) and the stat's buffer is re-pointed at its view of it. From then on gathering is
-    free (the arena *is* the gathered tensor) and writing back is one ``copy_``, whatever the
-    number of stats: a sync does no per-stat tensor work. The stats keep working on their views
-    in place as before. Anything that rebinds a stat's buffers (``.to()``, ``.half()``) makes
-    the batch :meth:`stale`; the sync engine then builds a new one.
+    Reads and writes are batched over the stats: the first read of a sync (after :meth:`begin`)
+    stacks every state and agreed buffer of every stat in one ``torch.stack`` per dtype, and
+    :meth:`scatter` queues writes that :meth:`flush` applies in one ``torch._foreach_copy_``: a
+    constant number of tensor ops whatever the number of stats. The stats' buffers stay their own
+    tensors (never views of a shared arena), so compiled code, FSDP and buffer swaps see ordinary
+    buffers.
 
-    Element layout: when every stat has the same number of features ``F`` (the usual case),
-    :meth:`gather` gives ``[K, F]`` and :meth:`per_element` a ``[K, 1]`` view that broadcasts
-    against it, so no per-element copy of per-stat values is made; otherwise both are flat.
+    Element layout: when every stat has the same ``shape`` (the usual case), :meth:`gather` gives
+    ``[K, F]`` and :meth:`per_element` a ``[K, 1]`` view that broadcasts against it; otherwise both
+    are flat. :meth:`stack` gives a 0-dim state as ``[K]``.
     """
 
     def __init__(self, stats: Sequence[Stat]) -> None:
         self.stats = list(stats)
         self.sizes = [s.n_features for s in self.stats]
-        self.device = self.stats[0]._buffers["count"].device  # type: ignore[union-attr]
-        self._arenas: dict[str, Tensor] = {}
-        self._gathered: dict[str, Tensor] = {}  # arenas in the element layout
-        self._counts: list[Tensor | None] = [s._buffers["count"] for s in self.stats]
-        self.uniform = len(set(self.sizes)) == 1
+        self.device = self.stats[0].count.device
+        self.uniform = len({s.shape for s in self.stats}) == 1
+        self._shape = self.stats[0].shape
         self._index: Tensor | None = None  # stat index of each element (non-uniform layout)
-        self.scratch: dict[str, Tensor] = {}  # values a class's hooks pass between phases
-        # Set by the engine for each sync: do all ranks hold the same agreed (base) state, as
-        # the classes' checksums say? Hooks may then centre data on it (see _sync_checksum).
-        self.agreed = True
-        self.cache: dict[str, Any] = {}  # what a class's hooks keep between syncs
+        self.work: Any = None  # what a class's hooks carry from one phase to the next
         self._hash_weights: dict[int, Tensor] = {}
+        self._cache: dict[str, Tensor] = {}
+        self._pending: tuple[list[Tensor], list[Tensor]] = ([], [])
 
-    def stale(self) -> bool:
-        """Were any of the stats' buffers rebound (moved, converted) since the arenas were made?"""
-        # C-level iteration: a sync checks this for every stat, every time.
-        current = map(_COUNT, map(_BUFFERS, self.stats))
-        return any(map(operator.is_not, current, self._counts))
+    def begin(self) -> None:
+        """Start a sync: forget values read by the previous one."""
+        self._cache = {}
+        self._pending = ([], [])
 
-    def _arena(self, name: str) -> Tensor:
-        arena = self._arenas.get(name)
-        if arena is None:
-            bufs: list[Tensor] = [s._buffers[name] for s in self.stats]  # type: ignore[misc]
-            if len({b.dtype for b in bufs}) > 1:  # the engine batches by accumulator dtype
-                raise StatplugError(f"internal: stats of mixed dtypes share the arena {name!r}")
-            # Never an inference tensor (a first sync may run under torch.inference_mode, as
-            # Lightning's validation does): the stats' buffers must stay writable in training.
-            with torch.inference_mode(False):
-                if bufs[0].dim() == 0:
-                    arena = torch.stack(bufs)
-                    views = list(arena.unbind())
-                else:
-                    arena = torch.cat([b.reshape(-1) for b in bufs])
-                    views = [
-                        v.view(b.shape)
-                        for v, b in zip(arena.split([b.numel() for b in bufs]), bufs, strict=True)
-                    ]
-            for stat, view in zip(self.stats, views, strict=True):
-                stat._buffers[name] = view
-            if name == "count":
-                self._counts = list(views)
-            self._arenas[name] = arena
-        return arena
+    def _buffers(self, name: str) -> list[Tensor]:
+        get = operator.itemgetter(name)
+        return [get(s._buffers) for s in self.stats]
+
+    def _read_all(self) -> None:
+        """Stack every state and agreed buffer in one call per (dtype, rank of the tensor)."""
+        proto = self.stats[0]
+        groups: dict[tuple[torch.dtype, int], list[str]] = {}
+        for name in (*proto._reduces, *proto._agreed_names()):
+            buf = proto._buffers[name]
+            assert buf is not None
+            if buf.dim() == 0 or self.uniform:
+                groups.setdefault((buf.dtype, buf.dim()), []).append(name)
+        k = len(self.stats)
+        for (_, dim), names in groups.items():
+            bufs = [b for n in names for b in self._buffers(n)]
+            stacked = torch.stack(bufs).view(len(names), k, *(() if dim == 0 else (-1,)))
+            self._cache.update(zip(names, stacked.unbind(0), strict=True))
 
     def gather(self, name: str) -> Tensor:
-        """Every stat's buffer ``name`` in the element layout (live: a view, not a copy)."""
-        view = self._gathered.get(name)
-        if view is None:
-            arena = self._arena(name)
-            with torch.inference_mode(False):
-                view = arena.view(len(self.stats), -1) if self.uniform else arena
-            self._gathered[name] = view
-        return view
+        """Every stat's buffer ``name`` in the element layout (read once per sync; do not modify
+        it in place)."""
+        value = self._cache.get(name)
+        if value is None:
+            if not self._cache:
+                self._read_all()
+            value = self._cache.get(name)
+            if value is None:  # a non-uniform layout, or a buffer that is not state
+                bufs = self._buffers(name)
+                zero_dim = bufs[0].dim() == 0
+                value = torch.stack(bufs) if zero_dim else torch.cat([b.reshape(-1) for b in bufs])
+                self._cache[name] = value
+        return value
 
     def stack(self, name: str) -> Tensor:
-        """Every stat's 0-dim buffer ``name`` as one ``[K]`` tensor (live: not a copy)."""
-        return self._arena(name)
+        """Every stat's 0-dim buffer ``name`` as one ``[K]`` tensor."""
+        return self.gather(name)
 
     def per_element(self, per_stat: Tensor) -> Tensor:
         """A ``[K]`` tensor lined up with :meth:`gather`'s layout (a view when uniform)."""
@@ -476,28 +502,44 @@ class SyncBatch:
         return per_stat.index_select(0, self._index)
 
     def scatter(self, name: str, value: Tensor) -> None:
-        """Write ``value`` (the :meth:`gather` or :meth:`stack` layout) into every stat's buffer."""
-        self._arena(name).view(value.shape).copy_(value)
+        """Queue writing ``value`` (the :meth:`gather` or :meth:`stack` layout) into every stat's
+        buffer ``name`` (converted to its dtype); later reads in this sync see it. Applied by
+        :meth:`flush`."""
+        bufs = self._buffers(name)
+        value = value.to(bufs[0].dtype)  # one conversion; the copies are then same-dtype
+        if bufs[0].dim() == 0:
+            parts = list(value.unbind())
+        elif self.uniform:
+            parts = list(value.reshape(len(bufs), *self._shape).unbind(0))
+        else:
+            parts = [p.view(b.shape) for p, b in zip(value.split(self.sizes), bufs, strict=True)]
+        self._pending[0].extend(bufs)
+        self._pending[1].extend(parts)
+        self._cache[name] = value
 
-    def checksum(self, name: str) -> Tensor:
-        """A float64 checksum of every stat's float64 buffer ``name`` (a scalar; NaN if not
-        finite, which never counts as agreeing).
+    def flush(self) -> None:
+        """Apply every queued :meth:`scatter` in one foreach copy."""
+        bufs, parts = self._pending
+        if bufs:
+            torch._foreach_copy_(bufs, parts)
+        self._pending = ([], [])
+
+    def checksum(self, names: Sequence[str]) -> Tensor:
+        """A float64 checksum of every stat's buffers ``names`` (a scalar).
 
         A dot product with fixed pseudo-random weights (the same on every rank): a difference
         between ranks escapes it only by cancelling exactly against random weights, or by
         vanishing in rounding (then it is too small to matter). A sum, or small regular
-        weights, would let structured differences cancel (a base of [2, -1] against [0, 0] with
-        weights [1, 2]).
+        weights, would let structured differences cancel.
         """
-        flat = self.gather(name).reshape(-1)
+        parts = [self.gather(n).to(torch.float64).reshape(-1) for n in names]
+        # Non-finite values (a propagated NaN, an empty min) hash as fixed stand-ins, so ranks
+        # holding the same NaNs agree.
+        flat = torch.nan_to_num(torch.cat(parts), nan=0.125, posinf=0.375, neginf=-0.375)
         weights = self._hash_weights.get(flat.numel())
         if weights is None:
             g = torch.Generator().manual_seed(0x5EED)
             w = torch.randn(flat.numel(), generator=g, dtype=torch.float64)
             weights = w.to(self.device)
             self._hash_weights[flat.numel()] = weights
-        c = torch.dot(flat, weights)
-        return torch.where(c.isfinite(), c, torch.nan)  # Inf on every rank proves nothing
-
-    def zero(self, name: str) -> None:
-        self._arena(name).zero_()
+        return torch.dot(flat, weights)

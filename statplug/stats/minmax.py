@@ -80,24 +80,14 @@ class RunningMinMax(Stat):
         torch.minimum(flat_min, lo, out=flat_min)
         torch.maximum(flat_max, hi, out=flat_max)
 
-    def update(self, x: Tensor) -> None:
-        """Fold the samples in ``x`` (shape ``[..., *shape]``) into the running min and max."""
-        x2 = self._fast_input(x)
-        if x2 is not None:
-            self._update(x2, self.nan_policy == "raise")
-
     def _update(self, x: Tensor, check: bool) -> None:
         lo, hi = _column_min_max(x)
-        # One host read: a NaN or Inf in a column makes max - min non-finite. A finite range
-        # that overflows is told apart by the exact check, run only then.
-        if (
-            check
-            and not math.isfinite(float((hi - lo).sum()))
-            and not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
-        ):
-            self._raise_non_finite()
+        if check:
+            # NaN unless every extreme is finite (inf * 0 and NaN * 0 are NaN; a huge finite
+            # range is no reason to raise).
+            self._check_finite(torch.cat([lo, hi]).mul_(0).sum())
         self._fold(lo, hi)
-        self._buffers["count"].add_(x.shape[0])  # type: ignore[union-attr]
+        self.count.add_(x.shape[0])
 
     def _update_skip(self, x: Tensor) -> None:
         ok = torch.isfinite(x).all(dim=1, keepdim=True)

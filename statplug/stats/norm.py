@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -12,6 +14,9 @@ from statplug.stats.base import NanPolicy
 from statplug.stats.moments import RunningMoments
 
 __all__ = ["RunningNorm"]
+
+_LOW = (torch.float16, torch.bfloat16)
+_F32 = torch.float32
 
 
 class RunningNorm(PinnedDtypeModule):
@@ -182,18 +187,44 @@ class RunningNorm(PinnedDtypeModule):
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x``; in ``train()`` mode update the statistics with it first.
 
-        Returns the input's dtype for floating inputs; integer inputs come back in the
-        accumulator dtype (normalised values are not integers).
+        One fused kernel normalises (torch's batch-norm in inference mode, fed the running mean
+        and population variance), as ``nn.BatchNorm`` does. Returns the input's dtype for
+        floating inputs; integer inputs come back in the accumulator dtype.
         """
+        m = self.moments
+        # Known on the host: right after an update with 2+ samples the normaliser is ready.
+        ready = False
         if self.training:
-            self.moments.update(x)
-        shift, scale = self._affine()
-        y = (x.to(shift.dtype) - shift) * scale
+            m.update(x)
+            ready = not m._frozen and x.numel() >= 2 * m.n_features
+        b = cast(dict[str, Tensor], m._buffers)
+        mean, count = b["mean"], b["count"]
+        var = b["m2"] / count
+        if not ready:
+            ok = count >= 2
+            # Identity until then: mean 0 and var + eps == 1 exactly make the kernel return x.
+            mean = torch.where(ok, mean, 0.0)
+            var = torch.where(ok, var, 1.0 - self.eps)
+        acc = m.accumulator_dtype
+        same = x.dtype is acc or (acc is _F32 and x.dtype in _LOW)
+        if x.dim() == 2 and m._n_dims == 1 and same:
+            # The common case: one call into torch's fused kernel, no reshapes.
+            y = torch.batch_norm(x, None, None, mean, var, False, 0.0, self.eps, False)
+        else:
+            work = x if x.is_floating_point() and x.dtype in (acc, *_LOW) else x.to(acc)
+            if acc is not _F32 and work.dtype in _LOW:
+                work = work.to(acc)
+            rows = work.reshape(-1, m.n_features)
+            y = torch.batch_norm(
+                rows, None, None, mean.reshape(-1), var.reshape(-1), False, 0.0, self.eps, False
+            ).view(x.shape)
         if self.clip is not None:
-            # No clipping either while the normaliser is still the identity.
-            bound = torch.where(self.moments.count >= 2, self.clip, torch.inf).to(y.dtype)
-            y = torch.clamp(y, -bound, bound)
-        return y.to(x.dtype) if x.is_floating_point() else y
+            if ready:
+                y = y.clamp_(-self.clip, self.clip)
+            else:  # no clipping either while the normaliser is still the identity
+                bound = torch.where(count >= 2, self.clip, math.inf).to(y.dtype)
+                y = torch.clamp(y, -bound, bound)
+        return y.to(x.dtype) if x.is_floating_point() and y.dtype is not x.dtype else y
 
     def inverse(self, y: Tensor) -> Tensor:
         """Undo :meth:`forward` (up to clipping): ``x = y * sqrt(var + eps) + mean``."""

@@ -35,6 +35,7 @@ from statplug.audit import (
     check_rank_divergence,
     snapshot_fixed_buffers,
 )
+from statplug.stats import Stat
 
 
 class Block(nn.Module):
@@ -114,8 +115,17 @@ def test_buffer_in_optimizer() -> None:
     # By identity: a stat's accumulator handed to the optimizer.
     opt = torch.optim.SGD([*params, model.encoder.norm.moments.mean], lr=0.1)
     (f,) = only(audit(model, opt), "buffer-in-optimizer")
-    assert f.severity == "error" and f.name == "encoder.norm.moments.mean"
+    # Named after the stat the user built (the normaliser), with the buffer in the message.
+    assert f.severity == "error" and f.name == "encoder.norm"
+    assert "encoder.norm.moments.mean" in f.message
     assert "optimizer 0 (SGD) param group 0" in f.message and "model.parameters()" in f.message
+    # Every buffer of the model in an optimizer: one finding per stat, never its internals.
+    opt = torch.optim.SGD([*params, *model.buffers()], lr=0.1)
+    names = [f.name for f in only(audit(model, opt), "buffer-in-optimizer")]
+    stats = [n for n, m in model.named_modules() if isinstance(m, Stat) and ".moments" not in n]
+    assert len(names) == len(set(names))
+    assert set(stats) <= set(names)
+    assert not any("_base" in n or n.endswith((".count", ".m2", ".n_skipped")) for n in names)
 
     # By shared storage: a view of a plain buffer is another tensor over the same memory.
     model.register_buffer("scale", torch.ones(6))
@@ -138,7 +148,8 @@ def test_stat_is_parameter() -> None:
     model.encoder.minmax._buffers["max"].requires_grad_(True)
     report = audit(model, torch.optim.SGD(model.parameters(), lr=0.1))
     found = only(report, "stat-is-parameter")
-    assert [f.name for f in found] == ["encoder.norm.moments.offset", "encoder.minmax.max"]
+    assert [f.name for f in found] == ["encoder.norm", "encoder.minmax"]
+    assert "encoder.norm.moments.offset" in found[0].message and "`max`" in found[1].message
     assert all(f.severity == "error" for f in found)
     assert "nn.Parameter" in found[0].message and "requires_grad=True" in found[1].message
     # A stat's own parameter is reported once, not again as missing from the optimizer.
@@ -215,7 +226,7 @@ def test_low_precision_stat() -> None:
     stat._buffers["mean"] = stat._buffers["mean"].half()  # bypasses the dtype pinning
     model.encoder.ema._buffers["var"] = model.encoder.ema._buffers["var"].bfloat16()
     found = only(audit(model, torch.optim.SGD(model.parameters(), lr=0.1)), "low-precision-stat")
-    assert [f.name for f in found] == ["encoder.norm.moments.mean", "encoder.ema.var"]
+    assert [f.name for f in found] == ["encoder.norm", "encoder.ema"]
     assert "torch.float16 (expected torch.float32)" in found[0].message
     assert all(f.severity == "warning" for f in found)
     # The pinned path is fine: .half() keeps accumulators in float32.
@@ -351,18 +362,19 @@ def test_report_table_errors_and_dict() -> None:
     model.cache = torch.zeros(1)
     opt = torch.optim.SGD([*model.parameters(), model.moments.mean, model.moments.m2], lr=0.1)
     report = audit(model, opt)
-    assert codes(report) == ["buffer-in-optimizer", "buffer-in-optimizer", "unregistered-tensor"]
-    assert not report.ok and len(report.errors) == 2 and len(report.warnings) == 1
+    # Two buffers of one stat: one finding, naming the stat.
+    assert codes(report) == ["buffer-in-optimizer", "unregistered-tensor"]
+    assert not report.ok and len(report.errors) == 1 and len(report.warnings) == 1
     lines = str(report).splitlines()
     assert lines[0].split() == ["code", "severity", "name", "message"]
     # Aligned columns: every row's message starts where the header's does.
     col = lines[0].index("message")
     assert all(line[col - 2 : col] == "  " and line[col] != " " for line in lines[1:-1])
-    assert lines[-1] == "3 findings: 2 errors, 1 warning"
+    assert lines[-1] == "2 findings: 1 error, 1 warning"
     with pytest.raises(AuditError) as err:
         report.raise_for_errors()
     text = str(err.value)
-    assert "2 errors" in text and "moments.mean" in text and "moments.m2" in text
+    assert "1 error" in text and "moments.mean" in text
     assert "cache" not in text  # warnings do not make it an error
     data = report.to_dict()
     assert json.loads(json.dumps(data)) == data

@@ -94,6 +94,7 @@ def _late_stats_body(rank: int, world_size: int) -> bool:
 
     class FakeTrainer:
         strategy = FakeStrategy()
+        callbacks: list[Any] = []
 
     FakeTrainer.strategy.model = ddp  # type: ignore[attr-defined]
     SyncStats().on_fit_start(FakeTrainer(), model)  # type: ignore[arg-type]

@@ -5,6 +5,10 @@ Audit buffers
 Run :func:`statplug.audit.audit` on the ``LightningModule`` and its optimizers before the first
 training step, and the runtime checks while it trains:
 
+* ``setup`` and ``on_fit_start``: Lightning's stock ``WeightAveraging``/``EMAWeightAveraging``
+  on a model with statplug state, which would average or overwrite it, is an error
+  (``stock-weight-averaging``) naming the replacement (``statplug.StatsWeightAveraging`` or
+  ``statplug.StatsEMAWeightAveraging``);
 * ``on_fit_start`` (optimizers exist, the model is on its device and wrapped, no step has run
   yet): the static audit. With ``on_error="raise"`` an error (a stat or mask in an optimizer, a
   stat registered as a parameter, ...) stops ``fit`` here with
@@ -38,6 +42,7 @@ from statplug.audit import (
 )
 from statplug.lightning._utils import process_group
 from statplug.lightning.callbacks.magnitude_pruning import MagnitudePruning
+from statplug.lightning.callbacks.stats_weight_averaging import stock_averaging_error
 from statplug.lightning.callbacks.sync_stats import SyncStats
 
 __all__ = ["AuditBuffers"]
@@ -89,9 +94,22 @@ class AuditBuffers(Callback):
 
     # ------------------------------------------------------------------ hooks
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Stop as early as possible: Lightning's WeightAveraging already misbehaves when it
+        # restores a checkpoint, before on_fit_start. Other policies report it there, in the
+        # static audit's report.
+        if stage == "fit" and self.on_error == "raise":
+            findings = _averaging_findings(trainer, pl_module)
+            if findings:
+                self._handle(trainer, AuditReport(findings), "at setup")
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Optimizers exist from here on, and no training step has run yet.
         report = audit(pl_module, trainer.optimizers)
+        averaging = _averaging_findings(trainer, pl_module)
+        if averaging:
+            report = AuditReport([*report.findings, *averaging])
         self._handle(trainer, report, "before the first training step")
         self._snapshot = snapshot_fixed_buffers(pl_module)
         for cb in trainer.callbacks:  # type: ignore[attr-defined]
@@ -145,3 +163,11 @@ class AuditBuffers(Callback):
             f"statplug audit {when} found errors:\n{report}\nFix them, or pass "
             "AuditBuffers(on_error='ignore') to silence this warning."
         )
+
+
+def _averaging_findings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
+    message = stock_averaging_error(trainer, pl_module)
+    if message is None:
+        return []
+    # A callback-level code beside audit()'s codes of DESIGN.md §4 (see docs/design-notes.md).
+    return [Finding("stock-weight-averaging", "error", "WeightAveraging", message)]

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from statplug.averaging import FIXED_ATTR
 from statplug.lightning._utils import PRUNING_ATTR, matches
 
 __all__ = ["MagnitudePruning"]
@@ -189,9 +190,9 @@ class MagnitudePruning(Callback):
             masks[pname] = bname
             setattr(mod, PRUNING_ATTR, masks)
             # The audit's fixed-buffer check watches the masks between pruning rounds.
-            fixed = tuple(getattr(mod, "_statplug_fixed_buffers", ()))
+            fixed = tuple(getattr(mod, FIXED_ATTR, ()))
             if bname not in fixed:
-                setattr(mod, "_statplug_fixed_buffers", (*fixed, bname))  # noqa: B010
+                setattr(mod, FIXED_ATTR, (*fixed, bname))
             if id(mod) not in hooked:
                 hooked.add(id(mod))
                 self._hooked.append(mod)

@@ -45,7 +45,9 @@ from statplug.distributed import (
     sync_stats,
 )
 from statplug.distributed.ddp import stat_buffer_names
+from statplug.errors import IncompatibleCallbackError
 from statplug.lightning._utils import checkpoint_due_after_batch, process_group, settle
+from statplug.lightning.callbacks.stats_weight_averaging import stock_averaging_error
 
 __all__ = ["SyncStats"]
 
@@ -63,6 +65,11 @@ class SyncStats(Callback):
     rank 0's buffers over every other rank before each training forward, and each rank's own data
     is lost before it can be merged. Stats created later (in ``configure_model``) are added to the
     wrapped model's ignore set in ``on_fit_start``. Syncs go over the strategy's process group.
+
+    Lightning's ``WeightAveraging`` and ``EMAWeightAveraging`` average or overwrite stats and
+    masks: with one of them in the ``Trainer``, ``fit`` stops in ``setup`` (or ``on_fit_start``)
+    with :class:`~statplug.errors.IncompatibleCallbackError` naming the replacement
+    (:class:`~statplug.StatsWeightAveraging`, :class:`~statplug.StatsEMAWeightAveraging`).
 
     Args:
         every_n_train_steps: also sync after every ``n``-th optimizer step (e.g. when the model
@@ -140,6 +147,8 @@ class SyncStats(Callback):
     # ------------------------------------------------------------------ DDP opt-out
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _refuse_stock_averaging(trainer, pl_module)
         # Callback.setup runs before LightningModule.setup/configure_model and before the strategy
         # wraps the model in DDP, which reads its ignore list only when it is built.
         self.excluded = exclude_from_ddp_broadcast(pl_module)
@@ -156,6 +165,7 @@ class SyncStats(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _refuse_stock_averaging(trainer, pl_module)  # stats built in configure_model count too
         wrapped = trainer.strategy.model
         if not isinstance(wrapped, DistributedDataParallel):
             return
@@ -204,3 +214,9 @@ class SyncStats(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.sync(trainer, pl_module, "train_end")
+
+
+def _refuse_stock_averaging(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    message = stock_averaging_error(trainer, pl_module)
+    if message is not None:
+        raise IncompatibleCallbackError(f"SyncStats: {message}")
