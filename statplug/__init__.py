@@ -4,7 +4,12 @@ from typing import TYPE_CHECKING, Any
 
 from statplug.audit import AuditReport, Finding, audit
 from statplug.averaging import copy_stats_
-from statplug.distributed import SyncReport, exclude_from_ddp_broadcast, sync_stats
+from statplug.distributed import (
+    SyncReport,
+    exclude_from_ddp_broadcast,
+    exclude_from_fsdp_buffer_cast,
+    sync_stats,
+)
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
 from statplug.errors import (
     AuditError,
@@ -25,17 +30,22 @@ _LIGHTNING_NAMES = (
     "MagnitudePruning",
     "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsMonitor",
     "StatsWeightAveraging",
     "SyncStats",
 )
+# Running recipes needs hydra and the recipes' models: loaded on first use too.
+_RECIPE_NAMES = ("RecipeRun", "run_recipe")
 
 if TYPE_CHECKING:
+    from statplug.config.run import RecipeRun, run_recipe
     from statplug.lightning import (
         ActivationStats,
         AuditBuffers,
         MagnitudePruning,
         StatsEMAWeightAveraging,
         StatsMixin,
+        StatsMonitor,
         StatsWeightAveraging,
         SyncStats,
     )
@@ -46,6 +56,10 @@ def __getattr__(name: str) -> Any:
         import statplug.lightning
 
         return getattr(statplug.lightning, name)
+    if name in _RECIPE_NAMES:
+        import statplug.config.run
+
+        return getattr(statplug.config.run, name)
     raise AttributeError(f"module 'statplug' has no attribute {name!r}")
 
 
@@ -61,6 +75,7 @@ __all__ = [
     "IncompatibleCallbackError",
     "MagnitudePruning",
     "RandomMask",
+    "RecipeRun",
     "RotaryEncoding",
     "RunningMinMax",
     "RunningMoments",
@@ -71,11 +86,14 @@ __all__ = [
     "StatplugError",
     "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsMonitor",
     "StatsWeightAveraging",
     "SyncReport",
     "SyncStats",
     "audit",
     "copy_stats_",
     "exclude_from_ddp_broadcast",
+    "exclude_from_fsdp_buffer_cast",
+    "run_recipe",
     "sync_stats",
 ]

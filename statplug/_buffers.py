@@ -7,6 +7,11 @@ Two habits every statplug module shares, kept here once:
   conversion move its floating buffers to the new device but keeps each buffer's dtype, because an
   accumulator or a phase table in half precision is silently wrong (a bf16 count stops at 256, a
   bf16 ``inv_freq`` is radians off at position 8k).
+* **Demotions behind ``_apply``'s back fail loudly.** Some wrappers cast buffers by assigning
+  ``buffer.data`` (torch FSDP's ``MixedPrecision(buffer_dtype=...)``), which no ``_apply`` sees.
+  Each module records its floating buffers' dtypes when they are registered;
+  :meth:`PinnedDtypeModule._check_pinned_dtypes` compares them (dtype attributes only, no tensor
+  read) on the update path and raises before the state changes.
 * **Versioned state.** An integer ``_version`` is written into the ``state_dict`` metadata by
   :class:`torch.nn.Module`; :meth:`_migrate_state_dict` upgrades older layouts before loading, as
   ``torch.nn.modules.batchnorm`` does.
@@ -18,9 +23,18 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["PinnedDtypeModule", "checked_int", "positive_int", "qualified_name"]
+from statplug.errors import StatplugError
+
+__all__ = [
+    "PinnedDtypeModule",
+    "checked_int",
+    "derived_device",
+    "positive_int",
+    "qualified_name",
+]
 
 
 class PinnedDtypeModule(nn.Module):
@@ -40,6 +54,72 @@ class PinnedDtypeModule(nn.Module):
     _version: int = 1
     # Set by statplug when it walks a model (sync, audit, StatsMixin), used in messages.
     _statplug_name: str | None = None
+    # Dtype of each floating buffer at registration: {name: dtype}. Instance dicts, made on the
+    # first registration (class-level None so that modules unpickled from before it still work).
+    _pinned_dtypes: dict[str, torch.dtype] | None = None
+    # One (name, dtype) per distinct pinned dtype: what the hot-path check compares.
+    _dtype_sentinels: tuple[tuple[str, torch.dtype], ...] = ()
+
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        self._pin_dtype(name, tensor)
+
+    def _pin_dtype(self, name: str, tensor: Tensor | None) -> None:
+        """Record ``tensor``'s dtype as buffer ``name``'s pinned dtype (floating tensors only).
+
+        :meth:`register_buffer` calls it; code that writes ``self._buffers`` directly to register
+        a buffer (``Stat.add_state``) must call it too.
+        """
+        if tensor is None or not tensor.is_floating_point():
+            return
+        pinned = self.__dict__.get("_pinned_dtypes")
+        if pinned is None:
+            pinned = self.__dict__["_pinned_dtypes"] = {}
+        pinned[name] = tensor.dtype
+        # A wrapper that casts buffers casts every floating buffer it manages to one dtype, so one
+        # buffer per distinct dtype tells: float64 working state cast to float32 is caught too.
+        firsts: dict[torch.dtype, str] = {}
+        for n, d in pinned.items():
+            firsts.setdefault(d, n)
+        self.__dict__["_dtype_sentinels"] = tuple((n, d) for d, n in firsts.items())
+
+    def _check_pinned_dtypes(self) -> None:
+        """Raise :class:`~statplug.errors.StatplugError` if a floating buffer lost its pinned dtype.
+
+        Cheap enough for every update (a few dtype attribute comparisons, no tensor read, no
+        device work). Call it first on every path that changes or uses the state (``update``,
+        a normaliser's ``forward``), so a demoted module fails before anything changes.
+        """
+        bufs = self._buffers
+        for name, dtype in self._dtype_sentinels:
+            buf = bufs.get(name)
+            if buf is not None and buf.dtype is not dtype:
+                self._raise_demoted()
+
+    def demoted_buffers(self) -> list[tuple[str, torch.dtype, torch.dtype]]:
+        """``(name, pinned dtype, current dtype)`` of every own buffer whose dtype was changed
+        behind :meth:`_apply`'s back (e.g. by ``buffer.data = buffer.to(torch.bfloat16)``)."""
+        out = []
+        for name, dtype in (self._pinned_dtypes or {}).items():
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype is not dtype:
+                out.append((name, dtype, buf.dtype))
+        return out
+
+    def _raise_demoted(self) -> None:
+        bad = self.demoted_buffers()
+        listed = ", ".join(f"`{n}` is {got} (pinned {want})" for n, want, got in bad[:4])
+        more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+        raise StatplugError(
+            f"{self.stat_name}: buffer dtypes were changed behind statplug's dtype pinning: "
+            f"{listed}{more}. Something replaced them without `.to()` (torch FSDP's "
+            "`MixedPrecision(buffer_dtype=...)` assigns `buffer.data` at its first forward, "
+            "state_dict or load), so the values may already be rounded; the module was left "
+            "unchanged. Fix: "
+            "call `statplug.exclude_from_fsdp_buffer_cast(model)` right after wrapping the model "
+            "in FSDP and before its first forward, state_dict or load (Lightning: add the "
+            "`SyncStats` callback), or wrap with a policy whose `buffer_dtype` is None"
+        )
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
         pinned = {
@@ -88,6 +168,16 @@ class PinnedDtypeModule(nn.Module):
 
     def _after_load(self) -> None:
         """Refresh derived or hidden state after buffers were loaded in place."""
+
+
+def derived_device(buffer: Tensor, local_metadata: dict[str, Any]) -> torch.device:
+    """Where a load rebuilds a derived (never saved) buffer that now lives on ``buffer``'s
+    device: there, except on the meta device after ``load_state_dict(..., assign=True)`` -- a
+    model built on meta and materialised by the load, whose saved tensors say nothing about a
+    module without saved state -- where it is the CPU, like the checkpoint tensors torch loads."""
+    if buffer.device.type == "meta" and local_metadata.get("assign_to_params_buffers"):
+        return torch.device("cpu")
+    return buffer.device
 
 
 def qualified_name(module: nn.Module) -> str:

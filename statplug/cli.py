@@ -4,9 +4,11 @@
 
     statplug recipes                               # bundled recipes, one line each
     statplug fit RECIPE [key=value ...]            # last stdout line: the checkpoint path
-    statplug inspect CKPT [--json]                 # every stat, mask, encoding and buffer
+    statplug inspect CKPT [--json] [--config]      # every stat, mask, encoding and buffer
     statplug plot CKPT -o stats.png                # per-feature mean ± std, min/max
+    statplug plot CKPT CKPT ... -o time.png        # the stats across checkpoints (or a folder)
     statplug audit RECIPE [key=value ...]          # audit table of the model and optimizer
+    statplug --version
 
 ``RECIPE`` is a YAML path or a bundled recipe name; overrides are ``a.b=value`` (YAML values) or
 ``group=name`` to pick another fragment of ``configs/`` (``trainer=ddp-cpu-2``). A mistake in
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from statplug.config.errors import ConfigError
-from statplug.errors import StatplugError
+from statplug.errors import MissingExtraError, StatplugError
 
 __all__ = ["main"]
 
@@ -36,6 +38,23 @@ PROG = "statplug"
 def _error(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
+
+
+def version_line() -> str:
+    """``statplug X (torch Y, lightning Z, python W)``: what a bug report needs first."""
+    import platform
+    from importlib import metadata
+
+    import statplug
+
+    parts = []
+    for dist in ("torch", "lightning"):
+        try:
+            parts.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    parts.append(f"python {platform.python_version()}")
+    return f"{PROG} {statplug.__version__} ({', '.join(parts)})"
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -71,19 +90,6 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def _checkpoint_path(trainer: Any) -> str:
-    """The checkpoint Lightning wrote, or a final one saved now (every rank calls this)."""
-    cb = trainer.checkpoint_callback
-    path = ""
-    if cb is not None:
-        path = cb.best_model_path or cb.last_model_path or ""
-    if not path:
-        root = Path(trainer.log_dir or trainer.default_root_dir)
-        path = trainer.strategy.broadcast(str(root / "checkpoints" / "final.ckpt"))
-        trainer.save_checkpoint(path)
-    return str(Path(path).resolve())
-
-
 def _metrics_line(trainer: Any) -> str:
     parts = []
     for key, value in sorted(trainer.callback_metrics.items()):
@@ -96,21 +102,32 @@ def _metrics_line(trainer: Any) -> str:
     return "metrics: " + " ".join(parts) if parts else "metrics: none logged"
 
 
+def _show_progress(args: argparse.Namespace, config: dict[str, Any]) -> bool | None:
+    """``--progress``/``--no-progress``, else the recipe's own choice, else whether stderr is a
+    terminal (a log file or a pipe would fill with carriage-return redraws)."""
+    if args.progress is not None:
+        return bool(args.progress)
+    if "enable_progress_bar" in (config.get("trainer") or {}):
+        return None
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
-    from statplug.config.build import build, load_recipe
+    from statplug.config.build import load_recipe
+    from statplug.config.run import fit_run
 
     run = load_recipe(args.recipe, args.overrides, trust=args.trust)
-    # Everything Lightning prints during the run goes to stderr: stdout carries the result only,
-    # and its last line is the checkpoint path (`statplug fit ... | tail -n 1`).
+    progress = _show_progress(args, run.config)
+    # Everything Lightning prints during the run (the progress bar too) goes to stderr: stdout
+    # carries the result only, and its last line is the checkpoint path (`... | tail -n 1`).
     with contextlib.redirect_stdout(sys.stderr):
         _quiet_lightning()
-        built = build(run)
-        built.trainer.fit(built.model, datamodule=built.data)
-        ckpt = _checkpoint_path(built.trainer)
-    if built.trainer.is_global_zero:
+        result = fit_run(run, progress=progress)
+    if result.trainer.is_global_zero:
         print(f"recipe: {run.name} ({run.path})")
-        print(_metrics_line(built.trainer))
-        print(ckpt, flush=True)
+        print(_metrics_line(result.trainer))
+        print(result.checkpoint_path, flush=True)
     return 0
 
 
@@ -156,22 +173,34 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- inspect, plot
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from statplug.config.checkpoint import format_table, summarize_file
+    from statplug.config.checkpoint import format_config, format_table, summarize_file
 
     summary = summarize_file(args.checkpoint, trust=args.trust)
     if args.json:
-        print(json.dumps(summary.to_json(), indent=2, allow_nan=False))
+        out = summary.to_json()
+        if args.config:
+            out["config"] = summary.config
+        print(json.dumps(out, indent=2, allow_nan=False))
     else:
         print(format_table(summary))
+        if args.config:
+            print()
+            print(format_config(summary))
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from statplug._extras import require
     from statplug.config.checkpoint import summarize_file
-    from statplug.config.plotting import plot_summary
+    from statplug.config.plotting import checkpoint_files, plot_over_time, plot_summary
 
-    summary = summarize_file(args.checkpoint, trust=args.trust)
-    out = plot_summary(summary, args.output)
+    require("matplotlib", "`statplug plot`")
+    files = checkpoint_files(args.checkpoints)
+    summaries = [summarize_file(f, trust=args.trust) for f in files]
+    if len(summaries) == 1:
+        out = plot_summary(summaries[0], args.output)
+    else:
+        out = plot_over_time(summaries, args.output)
     print(out)
     return 0
 
@@ -182,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Run statplug recipes and read running stats back from checkpoints.",
     )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("recipes", help="list the bundled recipes")
@@ -197,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML path or bundled name (see `statplug recipes`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     p.add_argument("--trust", action="store_true", help=recipe_trust_help)
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show Lightning's progress bar on stderr (default: when stderr is a terminal)",
+    )
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("audit", help="audit the recipe's model and optimizer (exit 1 on errors)")
@@ -209,11 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="table of every stat, mask, encoding and buffer")
     p.add_argument("checkpoint", help="checkpoint file (.ckpt / .pt)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--config", action="store_true",
+        help="also print the config stored in the checkpoint (recipe or LightningCLI)",
+    )
     p.add_argument("--trust", action="store_true", help=trust_help)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("plot", help="PNG of per-feature mean ± std and min/max of the stats")
-    p.add_argument("checkpoint", help="checkpoint file")
+    p = sub.add_parser(
+        "plot",
+        help="PNG of per-feature mean ± std and min/max of the stats; with several checkpoints "
+        "(or a folder of them), how each stat moved across them",
+    )
+    p.add_argument(
+        "checkpoints", nargs="+", metavar="CKPT",
+        help="checkpoint files, or folders searched for *.ckpt/*.pt/*.pth",
+    )
     p.add_argument("-o", "--output", required=True, metavar="FILE.png", help="PNG to write")
     p.add_argument("--trust", action="store_true", help=trust_help)
     p.set_defaults(func=cmd_plot)
@@ -226,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         return int(args.func(args))
-    except ConfigError as err:
+    except (ConfigError, MissingExtraError) as err:
         return _error(str(err))
     except StatplugError as err:  # found while running (a checkpoint mismatch, an audit error)
         print(f"{PROG}: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)

@@ -11,11 +11,12 @@ position), a bfloat16 one tens of radians.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from statplug._buffers import PinnedDtypeModule, positive_int
+from statplug._buffers import PinnedDtypeModule, derived_device, positive_int
 
 __all__ = ["RotaryEncoding", "SinusoidalEncoding"]
 
@@ -61,6 +62,34 @@ class _PositionalEncoding(PinnedDtypeModule):
     def reset_parameters(self) -> None:
         """Recompute the derived buffers at ``max_len`` (after ``to_empty()`` they hold garbage)."""
         self._build(self.max_len)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # Derived, so rebuilt on every load: after to_empty() the tables hold garbage, and a
+        # model built on the meta device and loaded with assign=True would keep meta tables.
+        length = max(self.max_len, self._cached_len())
+        self._rehome(derived_device(self._table(), local_metadata))
+        self._build(length)
+
+    def _table(self) -> Tensor:
+        raise NotImplementedError
+
+    def _rehome(self, device: torch.device) -> None:
+        """Put the (empty) tables on ``device`` so that :meth:`_build` builds there."""
+        for name, buf in list(self._buffers.items()):
+            if buf is not None:
+                self._buffers[name] = torch.empty(0, *buf.shape[1:], dtype=buf.dtype, device=device)
 
     def _ensure_len(self, length: int) -> None:
         if length > self._cached_len():
@@ -119,6 +148,9 @@ class SinusoidalEncoding(_PositionalEncoding):
 
     def _device(self) -> torch.device:
         return self.pe.device
+
+    def _table(self) -> Tensor:
+        return self.pe
 
     def _cached_len(self) -> int:
         return int(self.pe.shape[0])
@@ -197,6 +229,9 @@ class RotaryEncoding(_PositionalEncoding):
 
     def _device(self) -> torch.device:
         return self.inv_freq.device
+
+    def _table(self) -> Tensor:
+        return self.inv_freq
 
     def _cached_len(self) -> int:
         return int(self.cos_cached.shape[0])

@@ -6,6 +6,7 @@ __all__ = [
     "AuditError",
     "CheckpointMismatchError",
     "IncompatibleCallbackError",
+    "MissingExtraError",
     "StatLayoutError",
     "StatplugError",
 ]
@@ -21,6 +22,10 @@ class StatLayoutError(StatplugError):
 
 class CheckpointMismatchError(StatplugError):
     """A checkpoint does not hold the stats the model declares."""
+
+
+class MissingExtraError(StatplugError, ImportError):
+    """A feature needs a package of an optional extra (``pip install 'statplug[recipes]'``)."""
 
 
 class AuditError(StatplugError):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from statplug._buffers import PinnedDtypeModule, checked_int, positive_int
+from statplug._buffers import PinnedDtypeModule, checked_int, derived_device, positive_int
 
 __all__ = ["CausalMask", "RandomMask"]
 
@@ -72,6 +72,26 @@ class CausalMask(PinnedDtypeModule):
     def reset_parameters(self) -> None:
         """Rebuild the cache at ``max_len`` (after ``to_empty()`` it holds garbage)."""
         self._build(self.max_len)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # Derived, so rebuilt on every load: after to_empty() the cache holds garbage, and a
+        # model built on the meta device and loaded with assign=True would keep a meta mask.
+        cache = self._cache()
+        device = derived_device(cache, local_metadata)
+        self._buffers["mask"] = torch.ones(0, 0, dtype=torch.bool, device=device)
+        self._build(max(self.max_len, int(cache.shape[0])))
 
     def mask(self, seq_len: int) -> Tensor:
         """Return the bool ``[seq_len, seq_len]`` causal mask (True = may attend)."""

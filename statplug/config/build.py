@@ -17,6 +17,7 @@ from statplug.config.errors import ConfigError
 from statplug.config.loader import Recipe, compose
 from statplug.config.targets import check_literal_text, check_targets, escape_for_hydra
 from statplug.config.validate import validate
+from statplug.errors import MissingExtraError
 
 __all__ = ["Run", "build", "build_node", "load_recipe"]
 
@@ -85,6 +86,8 @@ def build_node(node: dict[str, Any], where: str, *, trust: bool = False, **kwarg
         return instantiate(escape_for_hydra(node), _convert_="all", **kwargs)
     except InstantiationException as err:
         cause = err.__cause__ or err
+        if isinstance(cause, MissingExtraError):
+            raise cause from None
         user_error = isinstance(cause, ValueError | TypeError | InstantiationException) or (
             type(cause).__name__ == "MisconfigurationException"
         )

@@ -43,6 +43,7 @@ __all__ = [
     "MAX_DEPTH",
     "CheckpointSummary",
     "Entry",
+    "format_config",
     "load_checkpoint",
     "printable",
     "summarize",
@@ -89,6 +90,8 @@ class CheckpointSummary:
     global_step: int | None = None
     metadata_version: int | None = None
     has_config: bool = False
+    config_source: str | None = None  # "recipe" or "LightningCLI" (StatsMixin's metadata)
+    config: dict[str, Any] | None = field(default=None, repr=False)
     recipe_description: str | None = None
     n_parameters: int = 0
     n_parameter_values: int = 0
@@ -100,6 +103,7 @@ class CheckpointSummary:
             "global_step": self.global_step,
             "statplug_metadata_version": self.metadata_version,
             "has_config": self.has_config,
+            "config_source": self.config_source,
             "parameters": {"tensors": self.n_parameters, "values": self.n_parameter_values},
             "entries": [e.to_json() for e in self.entries],
         }
@@ -532,6 +536,10 @@ def summarize(ckpt: dict[str, Any], path: str = "") -> CheckpointSummary:
         summary.metadata_version = _int_or_none(meta.get("version"))
         cfg = meta.get("config")
         summary.has_config = isinstance(cfg, Mapping)
+        if isinstance(cfg, Mapping):
+            summary.config = dict(cfg)
+            source = meta.get("config_source")
+            summary.config_source = printable(source) if isinstance(source, str) else "recipe"
         if isinstance(cfg, Mapping) and isinstance(cfg.get("description"), str):
             summary.recipe_description = printable(cfg["description"])
         _apply_metadata(summary, meta)
@@ -630,7 +638,11 @@ def format_table(summary: CheckpointSummary) -> str:
         if summary.metadata_version is not None
         else "no statplug metadata (layout read from the state_dict)"
     )
-    cfg = "recipe config stored" if summary.has_config else "no recipe config"
+    cfg = (
+        f"{summary.config_source or 'recipe'} config stored (--config shows it)"
+        if summary.has_config
+        else "no recipe config"
+    )
     head.append(f"{meta}; {cfg}")
     rows = [("name", "kind", "shape", "dtype", "count", "summary")]
     order = {"stat": 0, "mask": 1, "encoding": 2, "buffer": 3}
@@ -661,3 +673,17 @@ def format_table(summary: CheckpointSummary) -> str:
         "listed"
     )
     return "\n".join([*head, "", *lines, "", foot])
+
+
+def format_config(summary: CheckpointSummary) -> str:
+    """The stored config as YAML (``statplug inspect --config``)."""
+    import yaml
+
+    if summary.config is None:
+        return "no config stored in this checkpoint"
+    head = f"# config stored by {summary.config_source or 'recipe'}"
+    try:
+        body = yaml.safe_dump(summary.config, sort_keys=False, default_flow_style=False)
+    except yaml.YAMLError:  # a value YAML cannot represent (a tensor in a crafted file)
+        body = "\n".join(f"{k}: {v!r}" for k, v in summary.config.items())
+    return f"{head}\n{body.rstrip()}"

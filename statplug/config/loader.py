@@ -427,6 +427,11 @@ def _stored_config(path: Path, trust: bool = False) -> DictConfig:
 
     meta = load_checkpoint(path, trust=trust).get("statplug")
     cfg = meta.get("config") if isinstance(meta, dict) else None
+    if isinstance(meta, dict) and meta.get("config_source") == "LightningCLI":
+        raise ConfigError(
+            f"checkpoint `{path}` holds a LightningCLI config, not a recipe; run it again with "
+            "your LightningCLI script (`statplug inspect --config` prints the stored config)"
+        )
     if not isinstance(cfg, dict):
         raise ConfigError(
             f"checkpoint `{path}` holds no recipe config (checkpoint[\"statplug\"][\"config\"]); "

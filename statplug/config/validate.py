@@ -268,10 +268,19 @@ def validate(
             "`trainer.callbacks` is not used: list callbacks under the top-level `callbacks` "
             "mapping (name: {_target_: ...})"
         )
-    _check_kwargs(
-        "trainer", trainer, _trainer_class(), "lightning.pytorch.Trainer", overridden, recipe,
-        require=False,
-    )
+    trainer_cls, label = _trainer_class(), "lightning.pytorch.Trainer"
+    if "_target_" in trainer:
+        # Presets name the class so that `instantiate(cfg.trainer)` builds a Trainer; a subclass
+        # is fine, anything else would not train the recipe.
+        target = resolve_target(trainer["_target_"], "trainer")
+        if not (isinstance(target, type) and issubclass(target, trainer_cls)):  # type: ignore[arg-type]
+            where = _origin("trainer._target_", overridden, recipe)
+            raise ConfigError(
+                f"bad value for `trainer._target_`: expected lightning.pytorch.Trainer or a "
+                f"subclass, got `{trainer['_target_']}`{where}"
+            )
+        trainer_cls, label = target, str(trainer["_target_"])
+    _check_kwargs("trainer", trainer, trainer_cls, label, overridden, recipe, require=False)
     callbacks = plain.get("callbacks") or {}
     if not isinstance(callbacks, dict):
         raise ConfigError(

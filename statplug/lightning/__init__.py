@@ -5,6 +5,7 @@ from statplug.lightning.callbacks import (
     AuditBuffers,
     MagnitudePruning,
     StatsEMAWeightAveraging,
+    StatsMonitor,
     StatsWeightAveraging,
     SyncStats,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "MagnitudePruning",
     "StatsEMAWeightAveraging",
     "StatsMixin",
+    "StatsMonitor",
     "StatsWeightAveraging",
     "SyncStats",
 ]

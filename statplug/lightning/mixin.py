@@ -17,6 +17,7 @@ humans and tools (``statplug inspect``) and for this check.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -77,6 +78,29 @@ def plain_config(cfg: Any, path: str = "statplug_config") -> Any:
     return repr(cfg)
 
 
+def _lightning_cli_config(module: Any) -> dict[str, Any] | None:
+    """The config LightningCLI parsed for this run, as plain YAML types, if it ran one.
+
+    LightningCLI hands its parsed config to its ``SaveConfigCallback`` (unless disabled); the
+    parser dumps it to YAML with its own types (paths, class paths) already made plain.
+    """
+    cli = sys.modules.get("lightning.pytorch.cli")
+    trainer = getattr(module, "_trainer", None)
+    if cli is None or trainer is None:
+        return None
+    for cb in getattr(trainer, "callbacks", []):
+        if isinstance(cb, cli.SaveConfigCallback):
+            import yaml
+
+            try:
+                text = cb.parser.dump(cb.config, skip_none=False, skip_validation=True)
+            except TypeError:  # an older jsonargparse without skip_validation
+                text = cb.parser.dump(cb.config, skip_none=False)
+            loaded = yaml.safe_load(text)
+            return loaded if isinstance(loaded, dict) else None
+    return None
+
+
 def _shape_of(entry: TrackedBuffer) -> list[int]:
     shape = getattr(entry.module, "shape", None)
     if shape is not None:
@@ -100,10 +124,13 @@ class StatsMixin(_Base):
             ``"raise"`` (:class:`~statplug.errors.CheckpointMismatchError` naming each one) or
             ``"init"`` (keep the fresh, empty stat and warn on rank zero). Default: ``"raise"``.
         statplug_config: optional config (a dict or an OmegaConf ``DictConfig``) saved, resolved
-            and as plain containers, under ``checkpoint["statplug"]["config"``]. Default: None.
+            and as plain containers, under ``checkpoint["statplug"]["config"``]. When it is None
+            and the run was started by Lightning's ``LightningCLI``, the config LightningCLI
+            parsed is saved instead (``config_source`` tells which). Default: None.
 
     ``checkpoint["statplug"]`` holds ``{"version": 1, "stats": [...], "masks": [...],
-    "encodings": [...], "config": dict | None}``; each stat entry is ``{"name", "kind", "shape",
+    "encodings": [...], "config": dict | None, "config_source": "recipe" | "LightningCLI" |
+    None}``; each stat entry is ``{"name", "kind", "shape",
     "accumulator_dtype" (e.g. ``"float32"``), "count", "state" (state names), "frozen"}``, each mask
     or encoding entry ``{"name", "kind", "shape", "persistent"}`` (pruning masks, kind
     ``"MagnitudePruning"``, add ``"density"``, the fraction kept).
@@ -163,12 +190,17 @@ class StatsMixin(_Base):
             for e in encodings
         ]
         cfg = getattr(self, "statplug_config", None)
+        source = None if cfg is None else "recipe"
+        if cfg is None:
+            cfg = _lightning_cli_config(self)
+            source = None if cfg is None else "LightningCLI"
         return {
             "version": METADATA_VERSION,
             "stats": stat_entries,
             "masks": mask_entries,
             "encodings": enc_entries,
             "config": None if cfg is None else plain_config(cfg),
+            "config_source": source,
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -14,13 +14,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from statplug._extras import require
+
 __all__ = ["SequenceDataModule", "SklearnDataModule"]
 
 SklearnName = Literal["breast_cancer", "wine", "digits", "iris"]
 
 
 def _loader(name: str) -> Callable[..., Any]:
-    from sklearn import datasets
+    datasets = require("sklearn.datasets", "loading the recipes' scikit-learn data sets")
 
     loaders: dict[str, Callable[..., Any]] = {
         "breast_cancer": datasets.load_breast_cancer,

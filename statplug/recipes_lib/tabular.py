@@ -40,7 +40,7 @@ class TabularMLP(Classifier):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay)
+        super().__init__(n_classes, lr=lr, weight_decay=weight_decay)
         self.save_hyperparameters()
         if depth < 1:
             raise ValueError(f"TabularMLP: `depth` must be >= 1, got {depth!r}")

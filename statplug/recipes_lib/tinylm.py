@@ -70,7 +70,7 @@ class TinyLM(Classifier):
         lr: float = 3e-3,
         weight_decay: float = 0.0,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay)
+        super().__init__(vocab_size, lr=lr, weight_decay=weight_decay)
         self.save_hyperparameters()
         if dim % heads:
             raise ValueError(f"TinyLM: `dim` ({dim}) must be divisible by `heads` ({heads})")

@@ -32,7 +32,7 @@ class DigitsCNN(Classifier):
         lr: float = 2e-3,
         weight_decay: float = 0.0,
     ) -> None:
-        super().__init__(lr=lr, weight_decay=weight_decay)
+        super().__init__(n_classes, lr=lr, weight_decay=weight_decay)
         self.save_hyperparameters()
         c1, c2 = channels or [16, 32]
         # Corner pixels are always 0: clip keeps a rare non-zero one from exploding.

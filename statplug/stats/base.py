@@ -18,6 +18,7 @@ as a negated maximum), then, knowing the phase-1 totals, possibly to a second SU
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -26,15 +27,15 @@ import torch
 from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
-from statplug.errors import StatplugError
+from statplug.errors import CheckpointMismatchError, StatplugError
+from statplug.stats._kernels import exact_moments, rows_per_group, score_moments
 
-__all__ = ["NanPolicy", "Stat", "SyncBatch"]
+__all__ = ["NanPolicy", "Stat", "SyncBatch", "real_number"]
 
 NanPolicy = Literal["raise", "skip", "propagate"]
 _NAN_POLICIES = ("raise", "skip", "propagate")
 _REDUCES = ("sum", "min", "max", "custom")
 _ACCUMULATOR_DTYPES = (torch.float32, torch.float64)
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _as_shape(shape: int | Sequence[int], owner: str) -> tuple[int, ...]:
@@ -51,6 +52,34 @@ def _as_shape(shape: int | Sequence[int], owner: str) -> tuple[int, ...]:
     if any(isinstance(s, bool) for s in shape) or not out or any(s <= 0 for s in out):
         raise ValueError(f"{owner}: `shape` must have positive int sizes, got {shape!r}")
     return out
+
+
+def real_number(
+    owner: str, name: str, value: Any, *, low: float, high: float = math.inf,
+    low_open: bool = False, expected: str,
+) -> float:
+    """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``low_open``), or one
+    ``ValueError`` naming ``owner``'s argument ``name``, what it must be and what arrived.
+    Bools, strings, None and NaN are refused; so is an infinity outside the range."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    number = float(value) if ok else math.nan
+    if not ok or math.isnan(number) or number > high or number < low or (
+        low_open and number == low
+    ):
+        raise ValueError(f"{owner}: `{name}` must be {expected}, got {value!r}")
+    return number
+
+
+def _device_arg(device: Any, owner: str) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{owner}: `device` must be a torch.device or a device string such as 'cpu', "
+            f"got {device!r}"
+        ) from err
 
 
 def _compiling() -> bool:
@@ -103,7 +132,7 @@ class Stat(PinnedDtypeModule):
         self.nan_policy: NanPolicy = nan_policy
         self.n_features = math.prod(self.shape)
         self._n_dims = len(self.shape)
-        self._device = torch.device(device) if device is not None else None
+        self._device = _device_arg(device, name)
         self._reduces: dict[str, str] = {}
         # Frozen-ness is configuration, like `training`: kept on the module (so an update can
         # return without touching the device) and saved in `frozen_flag`, which every load
@@ -166,6 +195,11 @@ class Stat(PinnedDtypeModule):
                 f"{self.stat_name}: expected input whose trailing shape is {self.shape} "
                 f"(got shape {tuple(x.shape)}); leading dims are samples"
             )
+        if x.layout is not torch.strided:
+            raise TypeError(
+                f"{self.stat_name}.update: expected a dense (strided) tensor, got layout "
+                f"{x.layout}; convert it first (e.g. x.to_dense())"
+            )
         if x.is_complex() or x.dtype is torch.bool:
             raise TypeError(
                 f"{self.stat_name}.update: expected real numbers, got a {x.dtype} tensor; "
@@ -182,7 +216,7 @@ class Stat(PinnedDtypeModule):
             x = x.detach()  # never build a graph through the stat
         if not x.is_floating_point():
             x = x.to(self.accumulator_dtype)
-        elif x.dtype in _LOW_PRECISION:
+        elif x.dtype not in _ACCUMULATOR_DTYPES:  # float16, bfloat16, float8: no kernels
             x = x.float()
         if x.dim() != 2 or k != 1:
             x = x.reshape(-1, self.n_features)
@@ -194,6 +228,7 @@ class Stat(PinnedDtypeModule):
         Never builds a graph and never reads a tensor value on the host, except with
         ``nan_policy="raise"``, which looks once per update to decide whether to raise.
         """
+        self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
         rows = self._rows(x)
         if rows is None:
             return
@@ -206,14 +241,54 @@ class Stat(PinnedDtypeModule):
     def _check_finite(self, value: Tensor) -> None:
         """The ``raise`` policy's one host read: ``value`` is NaN when the batch held a NaN or
         Inf. Raises before any state is written."""
+        self._refuse_compile()
+        if math.isnan(float(value)):
+            self._raise_non_finite()
+
+    def _refuse_compile(self) -> None:
         if _compiling():
             raise StatplugError(
                 f"{self.stat_name}: nan_policy='raise' needs a host read per update, which "
                 "torch.compile(fullgraph=True) cannot trace; build the stat with "
                 "nan_policy='skip' or 'propagate' to compile it"
             )
-        if math.isnan(float(value)):
+
+    def _checked_moments(self, x: Tensor, mb: Tensor, vb: Tensor) -> tuple[Tensor, Tensor]:
+        """The ``raise`` policy's check of ``x``'s one-kernel column means ``mb`` and population
+        variances ``vb`` (``batch_moments``): the ones to merge, or an error.
+
+        The policy's one host read (a score of the one-kernel result, see
+        ``statplug.stats._kernels.score_moments``) decides: raise when the batch holds a NaN or
+        Inf; recompute the batch exactly (float64, around a pivot) when the kernel's float32
+        sums may be off by more than its tolerance (data far from 0 against its spread), have
+        overflowed (finite values near the dtype's maximum) or the batch is too large for the
+        accumulator; else, on ordinary data, keep the one-kernel result. Raises before any
+        state is written.
+        """
+        self._refuse_compile()
+        n, f = x.shape
+        score = float(score_moments(mb, vb, rows_per_group(n, f), x.dtype, self.accumulator_dtype))
+        if score >= 0.0:
+            return mb, vb
+        if math.isnan(score) and not bool(torch.isfinite(x).all()):
             self._raise_non_finite()
+        mb, vb = exact_moments(x)
+        prospective = self._prospective_state(mb, vb, n)
+        acc = self.accumulator_dtype
+        for value, now in prospective:
+            # Elements already non-finite (a loaded propagated NaN) are not this batch's doing.
+            if not bool((value.to(acc).isfinite() | ~now.isfinite()).all()):
+                raise ValueError(
+                    f"{self.stat_name}: the batch's values are too large for a {acc} "
+                    "accumulator (the updated state would overflow to Inf); the stat was left "
+                    "unchanged. Build the stat with accumulator_dtype=torch.float64"
+                )
+        return mb, vb
+
+    def _prospective_state(self, mean: Tensor, var: Tensor, n: int) -> list[tuple[Tensor, Tensor]]:
+        """(float64 value after an update with a batch of ``n`` rows of column ``mean`` and
+        ``var``, the current value) for each floating state an update writes (subclasses)."""
+        return []
 
     def _raise_non_finite(self) -> None:
         raise ValueError(
@@ -310,24 +385,99 @@ class Stat(PinnedDtypeModule):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Atomic: a state whose pieces do not fit is refused whole, never half loaded.
+        own = self._persistent_names()
+        if not any(prefix + name in state_dict for name in own):
+            # Not in this checkpoint at all (strict=False loading of another model's weights,
+            # say): left as it is; torch reports the missing keys as usual.
+            torch.nn.Module._load_from_state_dict(
+                self, state_dict, prefix, local_metadata, strict, missing_keys,
+                unexpected_keys, error_msgs,
+            )
+            return
+        # Atomic: every key is checked before any is copied, and a state that does not fit is
+        # refused whole -- even with strict=False, where torch would load the keys that fit.
         self._migrate_state_dict(state_dict, prefix, local_metadata.get("version"))
-        for name in (*self._reduces, "frozen_flag"):
-            value = state_dict.get(prefix + name)
-            mine = self._buffers[name]
-            if isinstance(value, Tensor) and mine is not None and value.shape != mine.shape:
-                error_msgs.append(
-                    f"{self.stat_name}: size mismatch for {prefix + name}: expected shape "
-                    f"{tuple(mine.shape)}, got {tuple(value.shape)}; the stat was not loaded"
-                )
-                return
+        problem = self._state_problem(state_dict, prefix, local_metadata.get("version"))
+        if problem is not None:
+            raise CheckpointMismatchError(
+                f"{self.stat_name}: {problem}; the stat was not loaded (it is unchanged)"
+            )
+        if local_metadata.get("assign_to_params_buffers"):
+            # assign=True would adopt the saved tensors' dtypes: the accumulator dtype wins.
+            for name in own:
+                mine, value = self._buffers[name], state_dict[prefix + name]
+                assert mine is not None
+                if value.dtype != mine.dtype:
+                    state_dict[prefix + name] = value.to(mine.dtype)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _persistent_names(self) -> list[str]:
+        return [n for n in self._buffers if n not in self._non_persistent_buffers_set]
+
+    def _state_problem(
+        self, state_dict: dict[str, Any], prefix: str, version: int | None
+    ) -> str | None:
+        """Why ``state_dict`` cannot be this stat's state (None when it can)."""
+        if isinstance(version, int) and version > self._version:
+            return (
+                f"the state was saved at version {version}, newer than this statplug's "
+                f"{type(self).__name__} (version {self._version}); upgrade statplug"
+            )
+        own = self._persistent_names()
+        foreign = [
+            k for k in state_dict
+            if k.startswith(prefix) and k[len(prefix):] not in own
+            and k[len(prefix):].split(".", 1)[0] not in self._modules
+        ]
+        if foreign:
+            return (
+                f"unexpected key(s) {', '.join(map(repr, foreign))}: not state of a "
+                f"{type(self).__name__} (was it saved by another class under the same name?)"
+            )
+        missing = [prefix + n for n in own if prefix + n not in state_dict]
+        if missing:
+            return (
+                f"missing key(s) {', '.join(map(repr, missing))}: a {type(self).__name__} "
+                "needs all of its state (was it saved by another class under the same name?)"
+            )
+        values: dict[str, Tensor] = {}
+        for name in own:
+            key, value, mine = prefix + name, state_dict[prefix + name], self._buffers[name]
+            assert mine is not None
+            if not isinstance(value, Tensor):
+                return f"{key!r} must be a tensor, got {type(value).__name__}"
+            if value.shape != mine.shape:
+                return (
+                    f"size mismatch for {key!r}: expected shape {tuple(mine.shape)}, got "
+                    f"{tuple(value.shape)}"
+                )
+            if value.is_complex() or (value.dtype is torch.bool) != (mine.dtype is torch.bool):
+                return f"{key!r} must be a {mine.dtype} tensor, got {value.dtype}"
+            if value.layout is not torch.strided:
+                return f"{key!r} must be a dense tensor, got layout {value.layout}"
+            values[name] = value
+        if any(v.device.type == "meta" for v in values.values()):
+            return None  # a meta state holds no values to check (a meta model's own state)
+        return self._value_problem(prefix, {n: v.detach().cpu() for n, v in values.items()})
+
+    def _value_problem(self, prefix: str, values: dict[str, Tensor]) -> str | None:
+        """Why the (CPU) state ``values`` is not a state this stat can hold (None if it is)."""
+        for name in ("count", "n_skipped"):
+            v = values[name].double()
+            if not (bool(v.isfinite()) and float(v) >= 0 and float(v) == math.floor(float(v))):
+                return (
+                    f"{prefix + name!r} must be a non-negative whole number of samples, got "
+                    f"{values[name].item()!r}"
+                )
+        return None
+
     def _after_load(self) -> None:
-        # Loading is not a hot path: reading the frozen flag on the host is fine here.
-        self._frozen = bool(self.frozen_flag)
+        # Loading is not a hot path: reading the frozen flag on the host is fine here. A meta
+        # flag holds no value (a meta model loaded without assign=True): configuration stays.
+        if self.frozen_flag.device.type != "meta":
+            self._frozen = bool(self.frozen_flag)
         self.settle_()
 
     def settle_(self) -> Stat:
@@ -338,11 +488,20 @@ class Stat(PinnedDtypeModule):
         """
         with torch.no_grad():
             for name in self._sum_states():
-                agreed, value = self._buffers[f"_base_{name}"], self._buffers[name]
-                assert agreed is not None and value is not None
-                agreed.copy_(value)
+                self._agree(f"_base_{name}", name)
             self._settle_agreed()
         return self
+
+    def _agree(self, agreed_name: str, name: str) -> None:
+        """Copy buffer ``name`` into the agreed buffer ``agreed_name`` -- as a new tensor when
+        they differ in device, dtype or shape (a load with ``assign=True``, say into a model
+        built on the meta device, replaces the saved buffers but not the hidden ones)."""
+        agreed, value = self._buffers[agreed_name], self._buffers[name]
+        assert agreed is not None and value is not None
+        if (agreed.device, agreed.dtype, agreed.shape) == (value.device, value.dtype, value.shape):
+            agreed.copy_(value)
+        else:
+            self._buffers[agreed_name] = value.detach().clone()
 
     def _settle_agreed(self) -> None:
         """Copy the subclass's own agreed state from its current state (subclasses)."""
@@ -417,7 +576,8 @@ class Stat(PinnedDtypeModule):
         extra = f"shape={self.shape}, accumulator_dtype={self.accumulator_dtype}"
         if self.nan_policy != "raise":
             extra += f", nan_policy={self.nan_policy!r}"
-        return extra
+        # A repr is not a hot path: one host read for the count is fine here.
+        return extra + f", count={int(self.count)}"
 
 
 class SyncBatch:

@@ -98,5 +98,20 @@ class RunningMinMax(Stat):
         self.count.add_(n_ok)
         self.n_skipped.add_(x.shape[0] - n_ok)
 
+    def _value_problem(self, prefix: str, values: dict[str, Tensor]) -> str | None:
+        problem = super()._value_problem(prefix, values)
+        if problem is not None:
+            return problem
+        lo, hi = values["min"].double(), values["max"].double()
+        if int(values["count"]) == 0:
+            if not bool((lo == math.inf).all() and (hi == -math.inf).all()):
+                return (
+                    f"an empty state (count 0) must have {prefix + 'min'!r} +inf and "
+                    f"{prefix + 'max'!r} -inf"
+                )
+        elif bool((lo > hi).any()):  # NaN compares False: a propagated NaN is a valid state
+            return f"{prefix + 'min'!r} must not exceed {prefix + 'max'!r}"
+        return None
+
     def _merge_from(self, other: Any) -> None:
         self._fold(other.min.reshape(-1), other.max.reshape(-1))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from statplug.stats._kernels import GROUP_ROWS, batch_moments
-from statplug.stats.base import NanPolicy, Stat, SyncBatch
+from statplug.stats.base import NanPolicy, Stat, SyncBatch, real_number
 
 __all__ = ["EMAMoments", "RunningMoments"]
 
@@ -122,6 +122,7 @@ class RunningMoments(Stat):
         ``shape``-sized ops. Never builds a graph; never reads a tensor on the host except with
         ``nan_policy="raise"``, which looks once per update.
         """
+        self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
         if (
             type(x) is Tensor
             and x.dim() == 2
@@ -131,37 +132,41 @@ class RunningMoments(Stat):
             and not x.requires_grad
             and not self._frozen
             and self.nan_policy != "skip"
+            and not x.is_meta
+            and x.layout is torch.strided
         ):
             # The common case, checked inline: Python overhead is a large part of its cost. (No
             # no_grad needed: neither x nor the buffers require grad, so nothing is recorded.)
             mb, vb = torch.batch_norm_update_stats(x, None, None, 0.0)
-            if self.nan_policy == "raise":
-                self._check_finite(vb.dot(vb))  # a NaN or Inf in a column makes its variance NaN
+            if self.nan_policy == "raise":  # NaN/Inf raise; large offsets are refined
+                mb, vb = self._checked_moments(x, mb, vb)
             self._merge_batch(mb, vb, x.shape[0])
         else:
             Stat.update(self, x)
 
     def _update(self, x: Tensor, check: bool) -> None:
         mb, vb = batch_moments(x)
-        if check:
-            self._check_finite(vb.dot(vb))
+        if check:  # one host read refuses NaN/Inf and refines large offsets
+            mb, vb = self._checked_moments(x, mb, vb)
         self._merge_batch(mb, vb, x.shape[0])
 
     def _merge_batch(self, mb: Tensor, vb: Tensor, n: int) -> None:
         """Chan's merge of a batch of ``n`` samples with column means ``mb`` and population
-        variances ``vb`` (flat) into ``count``/``mean``/``m2``: seven small in-place ops."""
+        variances ``vb`` (flat) into ``count``/``mean``/``m2``: eight small ops."""
         b = self._buffers
         count, mean, m2 = b["count"], b["mean"], b["m2"]
         if self._n_dims != 1:
             mean, m2 = mean.view(-1), m2.view(-1)  # type: ignore[union-attr]
         count.add_(n)  # type: ignore[union-attr]
-        # q = count / n, correctly rounded (exactly 1 for a first batch); s = 1 - n / count.
+        # q = count / n, correctly rounded: exactly 1 for a first batch, whose mean is then
+        # stored exactly and adds nothing but n * vb to m2.
         q = count.div(n) if self.accumulator_dtype is torch.float32 else count.to(_F64).div_(n)  # type: ignore[union-attr]
-        s = q.sub(1.0).div_(q)
         d = mb - mean  # type: ignore[operator]
-        mean.addcdiv_(d, q)  # type: ignore[union-attr]
-        # m2 += n * vb + n * (1 - n / count) * d**2: from the exact update, not the rounded mean.
-        m2.addcmul_(d, d * s, value=n)  # type: ignore[union-attr]
+        step = d / q
+        mean.add_(step)  # type: ignore[union-attr]
+        # Chan: m2 += n * vb + n * (1 - n / count) * d**2, with d * (1 - n / count) = d - step
+        # taken from the unrounded step, never from the rounded new mean.
+        m2.addcmul_(d, d - step, value=n)  # type: ignore[union-attr]
         m2.add_(vb, alpha=n)  # type: ignore[union-attr]
 
     def _update_skip(self, x: Tensor) -> None:
@@ -196,8 +201,37 @@ class RunningMoments(Stat):
         return [*super()._agreed_names(), "_base_mean", "_base_m2"]
 
     def _settle_agreed(self) -> None:
-        self._base_mean.copy_(self.mean)
-        self._base_m2.copy_(self.m2)
+        self._agree("_base_mean", "mean")
+        self._agree("_base_m2", "m2")
+
+    # ------------------------------------------------------------------ checks
+    def _prospective_state(
+        self, mean: Tensor, var: Tensor, n: int
+    ) -> list[tuple[Tensor, Tensor]]:
+        count = float(self.count)
+        now_mean, now_m2 = self.mean.reshape(-1).to(_F64), self.m2.reshape(-1).to(_F64)
+        d = mean.to(_F64) - now_mean
+        total = count + n
+        new_mean = now_mean + d * (n / total)
+        new_m2 = now_m2 + var.to(_F64) * n + d.square() * (n * count / total)
+        return [(new_mean, self.mean.reshape(-1)), (new_m2, self.m2.reshape(-1))]
+
+    def _value_problem(self, prefix: str, values: dict[str, Tensor]) -> str | None:
+        problem = super()._value_problem(prefix, values)
+        if problem is not None:
+            return problem
+        m2 = values["m2"].double()
+        if bool((m2 < 0).any()):
+            return (
+                f"{prefix + 'm2'!r} (sum of squared deviations) must be >= 0, got "
+                f"{m2.min().item()!r}"
+            )
+        if int(values["count"]) == 0 and bool(values["mean"].any() or m2.any()):
+            return (
+                f"an empty state (count 0) must have zero {prefix + 'mean'!r} and "
+                f"{prefix + 'm2'!r}"
+            )
+        return None
 
     # ------------------------------------------------------------------ sync hooks
     # Every rank's new data is summed around the agreed mean K, which all ranks share (checked
@@ -293,16 +327,14 @@ class EMAMoments(Stat):
         nan_policy: NanPolicy = "raise",
         device: torch.device | str | None = None,
     ) -> None:
-        if (
-            isinstance(momentum, bool)
-            or not isinstance(momentum, (int, float))
-            or not 0.0 < float(momentum) <= 1.0
-        ):
-            raise ValueError(f"EMAMoments: `momentum` must be a number in (0, 1], got {momentum!r}")
+        momentum = real_number(
+            "EMAMoments", "momentum", momentum, low=0.0, high=1.0, low_open=True,
+            expected="a number in (0, 1]",
+        )
         super().__init__(
             shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
         )
-        self.momentum = float(momentum)
+        self.momentum = momentum
         acc = accumulator_dtype
         self.add_state("weight", torch.zeros((), dtype=acc), reduce="custom")
         self.add_state("mean", torch.zeros(self.shape, dtype=acc), reduce="custom")
@@ -328,7 +360,7 @@ class EMAMoments(Stat):
     def _update(self, x: Tensor, check: bool) -> None:
         mb, vb = batch_moments(x)
         if check:
-            self._check_finite(vb.sum())
+            mb, vb = self._checked_moments(x, mb, vb)
         acc = self.accumulator_dtype
         self._step(mb.to(acc), vb.to(acc), x.shape[0])
 
@@ -348,6 +380,39 @@ class EMAMoments(Stat):
         self._step(mb.to(acc), vb.to(acc), n_ok)
         for buf, old in zip((self.weight, self.mean, self.var), before, strict=True):
             buf.copy_(torch.where(any_ok, buf, old))
+
+    def _prospective_state(
+        self, mean: Tensor, var: Tensor, n: int
+    ) -> list[tuple[Tensor, Tensor]]:
+        # The step of `_step` in float64, with each value it writes or forms in the accumulator.
+        now_mean, now_var = self.mean.reshape(-1).to(_F64), self.var.reshape(-1).to(_F64)
+        weight = float(self.weight) * (1.0 - self.momentum) + self.momentum
+        r = self.momentum / weight
+        mb = mean.to(_F64)
+        delta = mb - now_mean
+        new_mean = now_mean + delta * r
+        target = var.to(_F64) + delta * (mb - new_mean)
+        new_var = now_var + (target - now_var) * r
+        return [
+            (mb, now_mean), (delta, now_mean), (new_mean, now_mean),
+            (target, now_var), (new_var, now_var),
+        ]
+
+    def _value_problem(self, prefix: str, values: dict[str, Tensor]) -> str | None:
+        problem = super()._value_problem(prefix, values)
+        if problem is not None:
+            return problem
+        weight, var = values["weight"].double(), values["var"].double()
+        if not bool((weight >= 0) & (weight <= 1)):  # NaN too
+            return f"{prefix + 'weight'!r} must be in [0, 1], got {weight.item()!r}"
+        if bool((var < 0).any()):
+            return f"{prefix + 'var'!r} must be >= 0, got {var.min().item()!r}"
+        if int(values["count"]) == 0 and bool(weight != 0 or values["mean"].any() or var.any()):
+            return (
+                f"an empty state (count 0) must have zero {prefix + 'weight'!r}, "
+                f"{prefix + 'mean'!r} and {prefix + 'var'!r}"
+            )
+        return None
 
     def _merge_from(self, other: Any) -> None:
         # Count-weighted: the EMA summaries of two disjoint streams, weighted by their samples.

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
-from statplug.stats.base import NanPolicy
+from statplug.stats.base import NanPolicy, real_number
 from statplug.stats.moments import RunningMoments
 
 __all__ = ["RunningNorm"]
 
 _LOW = (torch.float16, torch.bfloat16)
+_FINITE_MAX = sys.float_info.max
 _F32 = torch.float32
 
 
@@ -65,12 +67,16 @@ class RunningNorm(PinnedDtypeModule):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if eps < 0:
-            raise ValueError(f"RunningNorm: `eps` must be >= 0, got {eps!r}")
-        if clip is not None and clip <= 0:
-            raise ValueError(f"RunningNorm: `clip` must be positive or None, got {clip!r}")
-        self.eps = float(eps)
-        self.clip = None if clip is None else float(clip)
+        self.eps = real_number(
+            "RunningNorm", "eps", eps, low=0.0, high=_FINITE_MAX, expected="a finite number >= 0"
+        )
+        self.clip = None if clip is None else real_number(
+            "RunningNorm", "clip", clip, low=0.0, high=_FINITE_MAX, low_open=True,
+            expected="a finite positive number or None",
+        )
+        # (mean, m2) of a normaliser built by `fixed`: configuration, like eps, that
+        # reset_parameters() restores (kept off the device: to_empty() would leave garbage).
+        self._fixed: tuple[Tensor, Tensor] | None = None
         self.moments = RunningMoments(
             shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
         )
@@ -100,23 +106,43 @@ class RunningNorm(PinnedDtypeModule):
             >>> norm(torch.tensor([[1.0, 3.0]])).tolist()
             [[2.0, 1.0]]
         """
-        m = torch.as_tensor(mean, dtype=torch.float64)
-        s = torch.as_tensor(std, dtype=torch.float64)
+        m, s = _constants("mean", mean), _constants("std", std)
         if m.shape != s.shape or m.dim() == 0:
             raise ValueError(
                 f"RunningNorm.fixed: `mean` and `std` must have the same non-scalar shape, got "
                 f"{tuple(m.shape)} and {tuple(s.shape)}"
             )
-        if not bool((s > 0).all()):
-            raise ValueError("RunningNorm.fixed: every `std` must be positive")
+        if not bool(m.isfinite().all()):
+            raise ValueError(f"RunningNorm.fixed: every `mean` must be finite, got {m.tolist()}")
+        if not bool((s.isfinite() & (s > 0)).all()):
+            raise ValueError(
+                f"RunningNorm.fixed: every `std` must be positive and finite, got {s.tolist()}"
+            )
         norm = cls(tuple(m.shape), eps=eps, clip=clip, accumulator_dtype=accumulator_dtype)
-        state = norm.moments.state_dict()
-        state["count"] = torch.tensor(2)
-        state["mean"] = m.to(accumulator_dtype)
-        state["m2"] = (2 * s * s).to(accumulator_dtype)  # computed in float64, then stored
-        norm.moments.load_state_dict(state)
-        norm.moments.freeze()
+        acc = norm.moments.accumulator_dtype
+        m2 = 2 * s * s  # computed in float64, then stored
+        stored_var = m2.to(acc) / 2
+        if not bool((m.to(acc).isfinite() & stored_var.isfinite() & (stored_var > 0)).all()):
+            raise ValueError(
+                f"RunningNorm.fixed: `mean` and `std` must be representable in {acc} (got mean "
+                f"{m.tolist()}, std {s.tolist()}); build it with accumulator_dtype=torch.float64"
+            )
+        norm._fixed = (m, m2)
+        norm._load_fixed()
         return norm
+
+    def _load_fixed(self) -> None:
+        """Hold the constants of :meth:`fixed`, frozen (works on the meta device too)."""
+        assert self._fixed is not None
+        mean, m2 = self._fixed
+        m = self.moments
+        with torch.no_grad():
+            m.reset()
+            m.count.fill_(2)
+            m.mean.copy_(mean.to(m.accumulator_dtype))
+            m.m2.copy_(m2.to(m.accumulator_dtype))
+            m.settle_()
+        m.freeze()
 
     # Read-outs and the rules every stat follows delegate to the moments.
     @property
@@ -149,7 +175,12 @@ class RunningNorm(PinnedDtypeModule):
         self.moments.reset()
 
     def reset_parameters(self) -> None:
-        self.moments.reset_parameters()
+        """Empty and unfreeze the statistics -- or, for a normaliser built by :meth:`fixed`,
+        hold its constants again (the meta-device flow: ``to_empty()`` then this)."""
+        if self._fixed is not None:
+            self._load_fixed()
+        else:
+            self.moments.reset_parameters()
 
     @property
     def mean(self) -> Tensor:
@@ -179,6 +210,7 @@ class RunningNorm(PinnedDtypeModule):
     def _affine(self) -> tuple[Tensor, Tensor]:
         """(shift, scale) with identity before two samples, decided on the device."""
         m = self.moments
+        m._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise, never use them
         ready = m.count >= 2
         scale = torch.where(ready, torch.rsqrt(m.var + self.eps), 1.0)
         shift = torch.where(ready, m.mean, 0.0)
@@ -197,6 +229,8 @@ class RunningNorm(PinnedDtypeModule):
         if self.training:
             m.update(x)
             ready = not m._frozen and x.numel() >= 2 * m.n_features
+        else:
+            m._check_pinned_dtypes()  # eval never updates: check before normalising with them
         b = cast(dict[str, Tensor], m._buffers)
         mean, count = b["mean"], b["count"]
         var = b["m2"] / count
@@ -234,3 +268,18 @@ class RunningNorm(PinnedDtypeModule):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, clip={self.clip}"
+
+
+def _constants(name: str, value: Any) -> Tensor:
+    """``value`` as a float64 CPU tensor (whatever the default device), or ``ValueError``."""
+    try:
+        if isinstance(value, Tensor):
+            if value.is_complex() or value.device.type == "meta":
+                raise TypeError(f"a {value.dtype} tensor on {value.device}")
+            return value.detach().to(device="cpu", dtype=torch.float64)
+        return torch.as_tensor(value, dtype=torch.float64, device="cpu")
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"RunningNorm.fixed: `{name}` must be a sequence or tensor of real numbers, got "
+            f"{value!r} ({err})"
+        ) from err

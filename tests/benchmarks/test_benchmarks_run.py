@@ -109,3 +109,21 @@ def test_update_benchmark_plot(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = bench.format_table(results, "header")
     assert table.count("(floor)") == len(bench.SHAPES) * len(bench.DATA_KINDS)
+
+
+@pytest.mark.slow
+def test_fit_overhead_recipe_with_sampling_runs() -> None:
+    """``--recipe digits --every-n-steps 10`` runs and reports its ratio (no timing assertion)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fit_overhead.py"), "--recipe", "digits",
+         "--every-n-steps", "10", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode in (0, 1), proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "ActivationStats records every 10 step(s)" in proc.stdout
+    assert "overhead ratio (median of pair ratios):" in proc.stdout

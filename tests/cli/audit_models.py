@@ -1,4 +1,4 @@
-"""Models for `statplug audit` tests, importable as `audit_models.<Name>` from a recipe."""
+"""Models (and a probe callback) for CLI tests, importable as `audit_models.<Name>`."""
 
 from __future__ import annotations
 
@@ -25,3 +25,12 @@ class BufferInOptimizer(StatsMixin, pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD([*self.parameters(), self.norm.moments.mean], lr=0.1)
+
+
+class ThreadProbe(pl.Callback):
+    """Records torch's intra-op thread count when ``fit`` starts (``run_recipe`` tests)."""
+
+    seen: list[int] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ThreadProbe.seen.append(torch.get_num_threads())

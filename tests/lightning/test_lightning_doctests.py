@@ -13,6 +13,7 @@ MODULES = [
     "statplug.lightning.callbacks.audit_buffers",
     "statplug.lightning.callbacks.activation_stats",
     "statplug.lightning.callbacks.magnitude_pruning",
+    "statplug.lightning.callbacks.stats_monitor",
     "statplug.lightning.callbacks.stats_weight_averaging",
     "statplug.lightning.callbacks.stats_ema_weight_averaging",
 ]

@@ -64,7 +64,8 @@ def test_bf16_true_counts_exactly_where_torchmetrics_saturates(tmp_path: Path) -
     assert stat.mean.dtype == torch.float32
     x, _ = _data(1200)
     ref = x.double().mean()
-    assert abs(float(stat.mean) - float(ref)) < 1e-6
+    # float32 state rounded once per update (300 updates): a few ulps of 3.0, not bf16's 0.78.
+    assert abs(float(stat.mean) - float(ref)) < 1e-5
     assert abs(float(stat.var) - float(x.double().var(unbiased=False))) < 1e-5
     # torchmetrics' MeanMetric keeps its state in the module dtype: in bf16 its running weight
     # stops growing and the mean drifts far from 3.0.

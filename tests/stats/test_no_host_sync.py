@@ -328,9 +328,10 @@ def _live_tensor_bytes() -> int:
     for t in tensors:
         try:
             s = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # e.g. sparse or meta tensors
+            ptr = s.data_ptr()
+        except (RuntimeError, NotImplementedError):  # sparse, meta or fake (compile) tensors
             continue
-        storages[(str(s.device), s.data_ptr())] = s.nbytes()
+        storages[(str(s.device), ptr)] = s.nbytes()
     return sum(storages.values())
 
 

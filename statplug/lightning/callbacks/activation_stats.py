@@ -19,13 +19,18 @@ The axis of each layer is chosen at its first training forward and saved with it
 When: stats are created lazily at a layer's first training forward (their shape is known then),
 updated only in training forward passes (between ``on_train_batch_start`` and
 ``on_train_batch_end``, with the layer in training mode), without building a graph or reading a
-value on the host. They are merged across ranks (:func:`statplug.sync_stats` over the callback's
-stats, one coalesced sync for all layers) at the same points as
+value on the host. With ``every_n_steps=n`` only every ``n``-th optimizer step is recorded (all
+its batches under gradient accumulation): the stats are then exact over the sampled batches.
+They are merged across ranks (:func:`statplug.sync_stats` over the callback's stats, one
+coalesced sync for all layers) at the same points as
 :class:`~statplug.lightning.SyncStats`: epoch end, validation start and end, before a step-based
-``ModelCheckpoint`` saves, and at the end of training. At epoch end the per-layer averages over
-features of the mean and std are logged with ``pl_module.log_dict`` as
-``activations/<layer>/mean`` and ``activations/<layer>/std`` (``log_min_max=True`` adds the min
-and max over features).
+``ModelCheckpoint`` saves, and at the end of training. At epoch end (and every
+``log_every_n_steps`` steps, after a sync) each layer's summary is logged the way
+:class:`~statplug.lightning.StatsMonitor` logs a stat: straight to the Trainer's loggers on rank
+zero (the values are global, so there is no ``sync_dist`` warning), into
+``trainer.callback_metrics``, and as per-feature histograms where the logger supports them. Keys:
+``activations/<layer>/count``, ``mean``, ``std`` (averaged over features), ``n_skipped``,
+``drift`` (see StatsMonitor), and with ``log_min_max=True`` ``min`` and ``max`` over features.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from statplug.distributed import SyncReport, sync_stats
+from statplug.lightning._logging import DriftTracker, LogBatch, emit, readout
 from statplug.lightning._utils import (
     checkpoint_due_after_batch,
     matches,
@@ -98,11 +104,14 @@ class ActivationStats(Callback):
             containers too; a container whose output is the very tensor a recorded child
             returned (a ``Sequential``) is not recorded again. Default: ``("*",)``.
         min_max: also keep a :class:`~statplug.stats.RunningMinMax` per layer. Default: True.
-        log_every_n_steps: also log each layer's local (not yet synced) summary every ``n``
-            optimizer steps; each log reads values on the host. Default: None (epoch ends only).
-        log_min_max: also log each layer's minimum and maximum (``self.log`` costs about a
-            millisecond per key in Lightning, hence off by default; they are always kept and
-            saved). Default: False.
+        every_n_steps: record only every ``n``-th optimizer step (sampling: cuts the per-step
+            cost by ``n``; the stats are exact over the sampled batches). Default: 1 (every step).
+        log_every_n_steps: also sync and log every ``n`` optimizer steps (every rank joins the
+            sync; each log reads values on the host). Default: None (epoch ends only).
+        log_min_max: also log each layer's minimum and maximum over features (they are always
+            kept and saved). Default: False.
+        histograms: log per-feature histograms where a logger supports them (TensorBoard).
+            Default: True.
         channels: ``"auto"`` (see the module docstring) or ``"last"``. Default: ``"auto"``.
         accumulator_dtype: of the stats. Default: ``torch.float32``.
         prefix: of the logged keys. Default: ``"activations"``.
@@ -131,8 +140,10 @@ class ActivationStats(Callback):
         patterns: tuple[str, ...] | list[str] = ("*",),
         *,
         min_max: bool = True,
+        every_n_steps: int = 1,
         log_every_n_steps: int | None = None,
         log_min_max: bool = False,
+        histograms: bool = True,
         channels: Literal["auto", "last"] = "auto",
         accumulator_dtype: torch.dtype = torch.float32,
         prefix: str = "activations",
@@ -145,6 +156,12 @@ class ActivationStats(Callback):
             raise ValueError(
                 f"ActivationStats: `channels` must be 'auto' or 'last', got {channels!r}"
             )
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or (
+            every_n_steps < 1
+        ):
+            raise ValueError(
+                f"ActivationStats: `every_n_steps` must be a positive int, got {every_n_steps!r}"
+            )
         if log_every_n_steps is not None and (
             isinstance(log_every_n_steps, bool) or int(log_every_n_steps) < 1
         ):
@@ -154,8 +171,10 @@ class ActivationStats(Callback):
             )
         self.patterns = tuple(patterns)
         self.min_max = bool(min_max)
+        self.every_n_steps = every_n_steps
         self.log_every_n_steps = log_every_n_steps
         self.log_min_max = bool(log_min_max)
+        self.histograms = bool(histograms)
         self.channels = channels
         self.accumulator_dtype = accumulator_dtype
         self.prefix = prefix
@@ -167,6 +186,7 @@ class ActivationStats(Callback):
         self._last_step_synced = -1
         self._last_step_logged = -1
         self.last_report: SyncReport | None = None
+        self._drift = DriftTracker()
         # Lightning reads state_key around every hook call (profiler names): build it once.
         self._state_key = self._generate_state_key(
             patterns=self.patterns, min_max=self.min_max, channels=self.channels
@@ -176,6 +196,14 @@ class ActivationStats(Callback):
     @override
     def state_key(self) -> str:
         return self._state_key
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(patterns={list(self.patterns)!r}, min_max={self.min_max!r}, "
+            f"every_n_steps={self.every_n_steps!r}, log_every_n_steps={self.log_every_n_steps!r}, "
+            f"log_min_max={self.log_min_max!r}, channels={self.channels!r}, "
+            f"accumulator_dtype={self.accumulator_dtype}, prefix={self.prefix!r})"
+        )
 
     @property
     def layer_stats(self) -> dict[str, tuple[RunningMoments, RunningMinMax | None]]:
@@ -317,7 +345,9 @@ class ActivationStats(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._recording = True
+        # Sampling by optimizer step: every batch of a sampled step (gradient accumulation) is
+        # recorded, and a resumed run samples the same steps.
+        self._recording = trainer.global_step % self.every_n_steps == 0
         self._last = _none
 
     @override
@@ -332,13 +362,19 @@ class ActivationStats(Callback):
         self._recording = False
         self._last = _none
         step = trainer.global_step
+        if step == 0:
+            return
         n = self.log_every_n_steps
-        if n is not None and step > 0 and step % n == 0 and step != self._last_step_logged:
-            self._last_step_logged = step  # once per optimizer step (gradient accumulation)
-            pl_module.log_dict(self._summary(), on_step=True, on_epoch=False, sync_dist=False)
-        if step > 0 and step != self._last_step_synced and checkpoint_due_after_batch(trainer):
+        # Once per optimizer step (gradient accumulation runs several batches per step).
+        log_due = n is not None and step % n == 0 and step != self._last_step_logged
+        checkpoint_due = step != self._last_step_synced and checkpoint_due_after_batch(trainer)
+        if log_due or checkpoint_due:
+            self.sync(trainer, settle_after=checkpoint_due)  # every rank is here
+        if checkpoint_due:
             self._last_step_synced = step
-            self.sync(trainer)
+        if log_due:
+            self._last_step_logged = step
+            self._log(trainer)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -351,20 +387,22 @@ class ActivationStats(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.sync(trainer)
-        if self._layers:
-            pl_module.log_dict(self._summary(), on_step=False, on_epoch=True, sync_dist=False)
+        self._log(trainer)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.sync(trainer)
 
-    def sync(self, trainer: pl.Trainer | None = None) -> SyncReport:
-        """Merge the stats across ranks (every rank must call this together)."""
+    def sync(self, trainer: pl.Trainer | None = None, *, settle_after: bool = True) -> SyncReport:
+        """Merge the stats across ranks (every rank must call this together).
+
+        ``settle_after`` (where a checkpoint may follow): then settle them, as SyncStats does.
+        """
         group = process_group(trainer) if trainer is not None else None
         stats = self.all_stats()
         report = sync_stats(stats, group=group)
-        # Every sync point here is one where a checkpoint may be written: settle (see SyncStats).
-        settle(stats)
+        if settle_after:
+            settle(stats)
         self.last_report = report
         log.debug(
             "ActivationStats: synced %d stats with %d collectives (%d bytes, %.2f ms)",
@@ -375,23 +413,25 @@ class ActivationStats(Callback):
         )
         return report
 
-    def _summary(self) -> dict[str, float]:
-        """Per layer: mean over features of the mean and std, min of min, max of max."""
-        keys: list[str] = []
-        values: list[Tensor] = []
+    def summary(self) -> LogBatch:
+        """Per layer: count, skipped rows, mean over features of the mean and std, the drift of
+        the mean since the previous log, and (``log_min_max``) the min and max over features."""
+        batch = LogBatch()
         for name in sorted(self._layers):
             layer = self._layers[name]
             key = f"{self.prefix}/{name}"
-            keys += [f"{key}/mean", f"{key}/std"]
-            values += [layer.moments.mean.mean(), layer.moments.std.mean()]
+            readout(batch, key, layer.moments, self._drift)
             if layer.minmax is not None and self.log_min_max:
-                keys += [f"{key}/min", f"{key}/max"]
-                values += [layer.minmax.min.min(), layer.minmax.max.max()]
-        if not values:
-            return {}
-        # One host read for all layers. Plain floats: the values are already global (synced),
-        # so Lightning must not reduce them again (and does not warn about sync_dist).
-        return dict(zip(keys, torch.stack(values).double().tolist(), strict=True))
+                # The count is the moments' (both see the same rows): only the range is added.
+                batch.scalars[f"{key}/min"] = layer.minmax.min.min()
+                batch.scalars[f"{key}/max"] = layer.minmax.max.max()
+                batch.vectors[f"{key}/min"] = layer.minmax.min
+                batch.vectors[f"{key}/max"] = layer.minmax.max
+        return batch
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        if self._layers:
+            emit(trainer, self.summary(), histograms=self.histograms)
 
     # ------------------------------------------------------------------ checkpoint state
     @override

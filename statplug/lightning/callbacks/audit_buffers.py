@@ -92,6 +92,9 @@ class AuditBuffers(Callback):
     def state_key(self) -> str:
         return self._state_key
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(on_error={self.on_error!r})"
+
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -135,6 +135,9 @@ class MagnitudePruning(Callback):
                 f"{parameter_names!r}"
             )
         self.amount = amount
+        self._schedule_arg = schedule if schedule is None or callable(schedule) else sorted(
+            int(e) for e in schedule
+        )
         self.schedule: Callable[[int], bool] | None
         if schedule is None or callable(schedule):
             self.schedule = schedule
@@ -165,6 +168,14 @@ class MagnitudePruning(Callback):
     @override
     def state_key(self) -> str:
         return self._state_key
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(amount={self.amount!r}, schedule={self._schedule_arg!r}, "
+            f"parameter_names={list(self.parameter_names)!r}, "
+            f"modules={[t.__name__ for t in self.module_types]!r}, "
+            f"patterns={list(self.patterns)!r}, scope={self.scope!r})"
+        )
 
     def amount_at(self, epoch: int) -> float:
         """The fraction pruned after ``epoch``."""

@@ -10,6 +10,9 @@ changes and why).
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from statplug.lightning.callbacks.stats_weight_averaging import StatsWeightAveraging
@@ -37,10 +40,42 @@ class StatsEMAWeightAveraging(StatsWeightAveraging, EMAWeightAveraging):
 
     Example:
         >>> import lightning.pytorch as pl
-        >>> from lightning.pytorch.callbacks import EMAWeightAveraging
+        >>> from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
         >>> from statplug import StatsEMAWeightAveraging
         >>> ema = StatsEMAWeightAveraging(decay=0.99, update_starting_at_step=10)
         >>> isinstance(ema, EMAWeightAveraging), ema.should_update(step_idx=9)
         (True, False)
         >>> trainer = pl.Trainer(callbacks=[ema], accelerator="cpu", logger=False)
     """
+
+    def __init__(
+        self,
+        device: torch.device | str | int | None = None,
+        use_buffers: bool = True,
+        decay: float = 0.999,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: int | None = None,
+        update_starting_at_epoch: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            device=device,
+            use_buffers=use_buffers,
+            decay=decay,
+            update_every_n_steps=update_every_n_steps,
+            update_starting_at_step=update_starting_at_step,
+            update_starting_at_epoch=update_starting_at_epoch,
+            **kwargs,
+        )
+        self.decay = decay  # EMAWeightAveraging folds it into its avg_fn: kept for the repr
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(device={self._device!r}, use_buffers={self._use_buffers!r}, "
+            f"decay={self.decay!r}, update_every_n_steps={self.update_every_n_steps!r}, "
+            f"update_starting_at_step={self.update_starting_at_step!r}, "
+            f"update_starting_at_epoch={self.update_starting_at_epoch!r})"
+        )

@@ -73,6 +73,13 @@ class StatsWeightAveraging(WeightAveraging):
         >>> trainer = pl.Trainer(callbacks=[averaging], accelerator="cpu", logger=False)
     """
 
+    def __repr__(self) -> str:
+        # WeightAveraging keeps its arguments as `_device`, `_use_buffers` and `_kwargs`.
+        args = [f"device={getattr(self, '_device', None)!r}",
+                f"use_buffers={getattr(self, '_use_buffers', True)!r}"]
+        args += [f"{k}={v!r}" for k, v in getattr(self, "_kwargs", {}).items()]
+        return f"{type(self).__name__}({', '.join(args)})"
+
     # ------------------------------------------------------------------ averaging updates
     @override
     def on_train_batch_end(

@@ -34,6 +34,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
@@ -41,6 +42,7 @@ from statplug.distributed import (
     SyncReport,
     broadcast_stats,
     exclude_from_ddp_broadcast,
+    exclude_from_fsdp_buffer_cast,
     find_stats,
     sync_stats,
 )
@@ -75,6 +77,11 @@ class SyncStats(Callback):
     masks: with one of them in the ``Trainer``, ``fit`` stops in ``setup`` (or ``on_fit_start``)
     with :class:`~statplug.errors.IncompatibleCallbackError` naming the replacement
     (:class:`~statplug.StatsWeightAveraging`, :class:`~statplug.StatsEMAWeightAveraging`).
+
+    Under torch FSDP (Lightning's ``FSDPStrategy``, whose precision plugins set FSDP's
+    ``buffer_dtype`` to the low precision even for ``"bf16-mixed"``) it keeps every stat buffer out
+    of FSDP's buffer cast in ``on_fit_start``, after the wrap and before the checkpoint restore
+    and the first forward (:func:`~statplug.distributed.exclude_from_fsdp_buffer_cast`).
 
     Args:
         every_n_train_steps: also sync after every ``n``-th optimizer step (e.g. when the model
@@ -112,6 +119,9 @@ class SyncStats(Callback):
     @override
     def state_key(self) -> str:
         return self._state_key
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(every_n_train_steps={self.every_n_train_steps!r})"
 
     def add_listener(self, fn: SyncListener) -> None:
         """Call ``fn(trainer, pl_module, event)`` on every rank right after each sync."""
@@ -173,6 +183,9 @@ class SyncStats(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _refuse_stock_averaging(trainer, pl_module)  # stats built in configure_model count too
         wrapped = trainer.strategy.model
+        # The strategy has wrapped the model; a checkpoint is restored only after this hook, and
+        # FSDP casts buffers at its first forward or load: the one moment to keep stats out.
+        self._exclude_from_fsdp_cast(wrapped or pl_module)
         if not isinstance(wrapped, DistributedDataParallel):
             return
         # Stats built in LightningModule.setup or configure_model came after our setup. DDP
@@ -185,6 +198,12 @@ class SyncStats(Callback):
             # model whose only buffers are these stats trips DDP's "no tensors" assert.
             wrapped._assign_modules_buffers()
             log.debug("SyncStats: %d late stat buffers excluded from DDP broadcast", len(late))
+
+    @staticmethod
+    def _exclude_from_fsdp_cast(model: Any) -> None:
+        excluded = exclude_from_fsdp_buffer_cast(model)
+        if excluded:
+            log.debug("SyncStats: %d stat buffers kept out of FSDP's buffer cast", len(excluded))
 
     # ------------------------------------------------------------------ sync points
     @override
@@ -207,6 +226,8 @@ class SyncStats(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:  # trainer.validate(): no on_fit_start ran
+            self._exclude_from_fsdp_cast(trainer.strategy.model or pl_module)
         self.sync(trainer, pl_module, "validation_start")
 
     @override
