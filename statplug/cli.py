@@ -173,13 +173,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- inspect, plot
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from statplug.config.checkpoint import format_config, format_table, summarize_file
+    from statplug.config.checkpoint import format_config, format_table, json_safe, summarize_file
 
     summary = summarize_file(args.checkpoint, trust=args.trust)
     if args.json:
         out = summary.to_json()
         if args.config:
-            out["config"] = summary.config
+            out["config"] = json_safe(summary.config)
         print(json.dumps(out, indent=2, allow_nan=False))
     else:
         print(format_table(summary))

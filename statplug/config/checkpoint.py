@@ -44,6 +44,7 @@ __all__ = [
     "CheckpointSummary",
     "Entry",
     "format_config",
+    "json_safe",
     "load_checkpoint",
     "printable",
     "summarize",
@@ -675,6 +676,22 @@ def format_table(summary: CheckpointSummary) -> str:
     return "\n".join([*head, "", *lines, "", foot])
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON can hold it: a stored config read from any file may carry
+    tensors, non-finite floats or non-text keys (shown as text, like the table's summaries)."""
+    if isinstance(value, Mapping):
+        return {_key_text(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else _round(value)
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    if isinstance(value, Tensor):
+        return f"<tensor {list(value.shape)} {_dtype(value)}>"
+    return f"<{type(value).__name__}>"
+
+
 def format_config(summary: CheckpointSummary) -> str:
     """The stored config as YAML (``statplug inspect --config``)."""
     import yaml
@@ -682,8 +699,6 @@ def format_config(summary: CheckpointSummary) -> str:
     if summary.config is None:
         return "no config stored in this checkpoint"
     head = f"# config stored by {summary.config_source or 'recipe'}"
-    try:
-        body = yaml.safe_dump(summary.config, sort_keys=False, default_flow_style=False)
-    except yaml.YAMLError:  # a value YAML cannot represent (a tensor in a crafted file)
-        body = "\n".join(f"{k}: {v!r}" for k, v in summary.config.items())
+    # json_safe: a crafted file's tensors or odd keys become text; YAML escapes control characters.
+    body = yaml.safe_dump(json_safe(summary.config), sort_keys=False, default_flow_style=False)
     return f"{head}\n{body.rstrip()}"

@@ -206,6 +206,11 @@ def malformed_checkpoint(d: Path, kind: str) -> Path:
     elif kind == "frozen_vector":
         state["norm.frozen_flag"] = torch.ones(4, dtype=torch.bool)
         state["norm.n_skipped"] = torch.tensor([1.5])
+    elif kind == "odd_config":
+        meta["config"] = {
+            "model": {"x": torch.zeros(2)}, "lr": float("nan"), 3: "\x1b[2Jk",
+            "\x1b]0;title\x07": torch.ones(1),
+        }
     elif kind == "non_str_keys":
         return _save(d / f"{kind}.ckpt", {"state_dict": {1: torch.zeros(2), (2, 3): torch.ones(1)}})
     else:
@@ -215,7 +220,8 @@ def malformed_checkpoint(d: Path, kind: str) -> Path:
 
 MALFORMED_KINDS = (
     "count_vector", "empty_mean", "negative_count", "shape_mismatch", "non_finite",
-    "complex_and_extreme", "escape_keys", "metadata_types", "frozen_vector", "non_str_keys",
+    "complex_and_extreme", "escape_keys", "metadata_types", "frozen_vector", "odd_config",
+    "non_str_keys",
 )
 
 

@@ -38,11 +38,18 @@ def _snapshot(root: Path, skip: Path) -> dict[str, tuple[int, int]]:
 
 
 def _argv(command: str, target: Path, out: Path) -> list[str]:
-    if command == "plot":
-        return ["plot", str(target), "-o", str(out / "stats.png")]
-    if command == "inspect-json":
-        return ["inspect", str(target), "--json"]
-    return [command, str(target)]
+    png = ["-o", str(out / "stats.png")]
+    return {
+        "plot": ["plot", str(target), *png],
+        "plot-over-time": ["plot", str(target), str(target), *png],  # two checkpoints
+        "inspect-json": ["inspect", str(target), "--json"],
+        "inspect-config": ["inspect", str(target), "--config"],
+        "inspect-json-config": ["inspect", str(target), "--json", "--config"],
+    }.get(command, [command, str(target)])
+
+
+_READERS = ["inspect", "inspect-json", "inspect-config", "inspect-json-config", "plot",
+            "plot-over-time"]
 
 
 def _run_in(out: Path, argv: list[str], root: Path) -> Result:
@@ -65,7 +72,7 @@ def _assert_one_line(res: Result, says: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("command", ["inspect", "plot", "fit", "audit"])
+@pytest.mark.parametrize("command", [*_READERS, "fit", "audit"])
 @pytest.mark.parametrize("case", sorted(REFUSED_CHECKPOINTS))
 def test_refused_checkpoints(case: str, command: str, tmp_path: Path) -> None:
     hostile = REFUSED_CHECKPOINTS[case](tmp_path)
@@ -83,22 +90,33 @@ def test_text_and_random_bytes_say_not_a_checkpoint(tmp_path: Path) -> None:
         assert "is not a torch checkpoint" in line and "--trust" not in line, line
 
 
-@pytest.mark.parametrize("command", ["inspect", "inspect-json", "plot"])
+@pytest.mark.parametrize("command", _READERS)
 @pytest.mark.parametrize("kind", MALFORMED_KINDS)
 def test_malformed_stats_give_a_table_or_one_line(kind: str, command: str, tmp_path: Path) -> None:
     path = malformed_checkpoint(tmp_path, kind)
     out = tmp_path / "out"
     res = _run_in(out, _argv(command, path, out), tmp_path)
     assert "Traceback" not in res.err
-    if res.code == 2:
-        _assert_one_line(res, path.name)
+    if res.code == 2:  # over time, the line speaks of the checkpoints together
+        _assert_one_line(res, path.name if command != "plot-over-time" else "checkpoints")
         return
     assert res.code == 0, res.err[-3000:]
     assert not _CONTROL.search(res.out.replace("\n", ""))  # no terminal escapes from key names
     if command == "inspect":
         assert res.out.startswith(f"checkpoint: {path}")
-    elif command == "plot":
+    elif command.startswith("plot"):
         assert (out / "stats.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("command", _READERS)
+@pytest.mark.parametrize("kind", STORED_CONFIG_KINDS)
+def test_hostile_stored_configs_are_only_read(kind: str, command: str, tmp_path: Path) -> None:
+    """inspect and plot show a stored config (`--config`), whatever it names: never build it."""
+    hostile = stored_config_checkpoint(tmp_path, kind)
+    out = tmp_path / "out"
+    res = _run_in(out, _argv(command, hostile.path, out), tmp_path)
+    assert res.code == 0, res.err[-3000:]
+    assert not _CONTROL.search(res.out.replace("\n", ""))
 
 
 @pytest.mark.parametrize("kind", MALFORMED_KINDS[:3])
