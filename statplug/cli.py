@@ -194,9 +194,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from statplug.config.checkpoint import summarize_file
     from statplug.config.plotting import checkpoint_files, plot_over_time, plot_summary
 
-    require("matplotlib", "`statplug plot`")
     files = checkpoint_files(args.checkpoints)
     summaries = [summarize_file(f, trust=args.trust) for f in files]
+    # After the files are read: importing matplotlib writes its config folder under HOME, which
+    # a file that is refused anyway should not cause.
+    require("matplotlib", "`statplug plot`")
     if len(summaries) == 1:
         out = plot_summary(summaries[0], args.output)
     else:
