@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import sys
 import warnings
@@ -194,10 +195,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from statplug.config.checkpoint import summarize_file
     from statplug.config.plotting import checkpoint_files, plot_over_time, plot_summary
 
+    if importlib.util.find_spec("matplotlib") is None:
+        require("matplotlib", "`statplug plot`")  # the missing extra, named before any file
     files = checkpoint_files(args.checkpoints)
     summaries = [summarize_file(f, trust=args.trust) for f in files]
-    # After the files are read: importing matplotlib writes its config folder under HOME, which
-    # a file that is refused anyway should not cause.
+    # Imported once the files are read: matplotlib writes its config folder under HOME on
+    # import, which a refused file should not cause.
     require("matplotlib", "`statplug plot`")
     if len(summaries) == 1:
         out = plot_summary(summaries[0], args.output)
