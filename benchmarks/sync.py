@@ -15,7 +15,12 @@ alike; the per-buffer loops (up to seconds per call) run a few reps. The median 
 printed (and the minimum, for statplug and the floor) with the number of collectives each made
 (counted by wrapping ``torch.distributed``'s collectives, which still run).
 
-Run: ``python benchmarks/sync.py [--quick] [--json PATH]``.
+The torchmetrics section times, for K = 1, 16, 64, 256 metrics of mixed kinds (means, sums,
+max/min, multiclass accuracy, cat and AUROC list states, MSE), ``compute()`` of every metric:
+inside one ``statplug.sync_metrics`` block against torchmetrics' own per-metric sync, in the same
+processes, interleaved the same way.
+
+Run: ``python benchmarks/sync.py [--quick] [--only {stats,metrics}] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ def _time(fn: Any, reps: int, before: Any = None) -> list[float]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, quick: bool, out_path: str) -> None:
+def _worker(rank: int, world: int, port: int, quick: bool, only: str, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -97,7 +102,7 @@ def _worker(rank: int, world: int, port: int, quick: bool, out_path: str) -> Non
     fast_reps = 40 if quick else 150
     slow_reps = 2 if quick else 5
     results: dict[str, Any] = {}
-    for k in KS:
+    for k in KS if only != "metrics" else ():
         torch.manual_seed(rank)
         x = torch.randn(32 + rank, SHAPE)
         stats = [RunningMoments(SHAPE) for _ in range(k)]
@@ -170,25 +175,128 @@ def _worker(rank: int, world: int, port: int, quick: bool, out_path: str) -> Non
             for c in cands
         }
         results[str(k)]["payload_bytes"] = payload * 8
+    results = {"stats": results,
+               "metrics": _metric_section(rank, counter, quick) if only != "stats" else {}}
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
     dist.destroy_process_group()
 
 
+def _mixed_metrics(k: int) -> list[Any]:
+    """K torchmetrics metrics, cycling through kinds that use every sync route."""
+    import torchmetrics
+    from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
+
+    kinds = (
+        torchmetrics.MeanMetric,
+        torchmetrics.SumMetric,
+        torchmetrics.MaxMetric,
+        torchmetrics.MinMetric,
+        lambda: MulticlassAccuracy(num_classes=8),
+        torchmetrics.CatMetric,
+        BinaryAUROC,
+        torchmetrics.MeanSquaredError,
+    )
+    return [kinds[i % len(kinds)]() for i in range(k)]
+
+
+def _feed(metrics: list[Any], rank: int) -> None:
+    g = torch.Generator().manual_seed(rank)
+    n = 32 + rank
+    x, t = torch.rand(n, generator=g), torch.randint(0, 8, (n,), generator=g)
+    for m in metrics:
+        name = type(m).__name__
+        if name == "MulticlassAccuracy":
+            m.update(torch.randn(n, 8, generator=g), t)
+        elif name == "BinaryAUROC":
+            m.update(x, t % 2)
+        elif name == "MeanSquaredError":
+            m.update(x, x.flip(0))
+        else:
+            m.update(x)
+
+
+def _metric_section(rank: int, counter: _Counter, quick: bool) -> dict[str, Any]:
+    from statplug import sync_metrics
+
+    fast_reps = 40 if quick else 150
+    slow_reps = 2 if quick else 5
+    results: dict[str, Any] = {}
+    for k in KS:
+        metrics = _mixed_metrics(k)
+        _feed(metrics, rank)
+
+        def run_statplug() -> None:
+            with sync_metrics(metrics):
+                pass
+
+        def run_torchmetrics() -> None:
+            for m in metrics:
+                m.sync()  # what compute() does around the metric's own compute
+                m.unsync()
+
+        def run_statplug_compute() -> None:
+            with sync_metrics(metrics):
+                for m in metrics:
+                    m.compute()
+
+        def run_torchmetrics_compute() -> None:
+            for m in metrics:
+                m._computed = None  # each call must sync and compute again
+                m.compute()
+
+        cands = {"statplug": run_statplug, "torchmetrics": run_torchmetrics,
+                 "statplug_compute": run_statplug_compute,
+                 "torchmetrics_compute": run_torchmetrics_compute}
+        times: dict[str, list[float]] = {c: [] for c in cands}
+        calls: dict[str, int] = {}
+        for c, fn in cands.items():  # warm-up, and count collectives of one call
+            fn()
+            before = counter.calls
+            fn()
+            calls[c] = counter.calls - before
+        rounds = 4 if quick else 6
+        for _ in range(rounds):
+            for c in ("statplug", "statplug_compute"):
+                times[c] += _time(cands[c], fast_reps // rounds)
+        for c in ("torchmetrics", "torchmetrics_compute"):
+            times[c] += _time(cands[c], slow_reps if k >= 64 else 2 * slow_reps)
+        results[str(k)] = {
+            c: {"ms": 1e3 * statistics.median(times[c]), "min_ms": 1e3 * min(times[c]),
+                "collectives": calls[c], "reps": len(times[c])}
+            for c in cands
+        }
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--only", choices=("stats", "metrics"), help="run one section only")
     args = parser.parse_args(argv)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "sync.json")
-        mp.start_processes(_worker, args=(2, port, args.quick, out), nprocs=2, start_method="spawn")
+        mp.start_processes(
+            _worker, args=(2, port, args.quick, args.only, out), nprocs=2, start_method="spawn"
+        )
         with open(out) as f:
             results = json.load(f)
+    if results["stats"]:
+        _print_stats(results["stats"])
+    if results["metrics"]:
+        _print_metrics(results["metrics"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def _print_stats(results: dict[str, Any]) -> None:
     print("sync of K RunningMoments(64) stats, 2 gloo ranks on CPU (median ms per sync; "
           "min in brackets for statplug and the floor)")
     header = (f"{'K':>4} {'statplug':>16} {'flat (floor)':>16} {'vs flat':>8} "
@@ -206,10 +314,22 @@ def main(argv: list[str] | None = None) -> int:
     print("vs flat: median / median.")
     print("after update: statplug right after one more batch per stat (the sync also folds that "
           "batch's deferred update work).")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0
+
+
+def _print_metrics(results: dict[str, Any]) -> None:
+    print()
+    print("sync of K torchmetrics metrics of mixed kinds, 2 gloo ranks on CPU (median ms for all "
+          "K): statplug's sync_metrics block against torchmetrics' own sync()+unsync() of each; "
+          "then compute() of every metric, inside the block against torchmetrics' compute()")
+    print(f"{'K':>4} {'statplug':>9} {'torchmetrics':>13} {'tm/statplug':>12} "
+          f"{'+compute: statplug':>19} {'torchmetrics':>13} {'tm/statplug':>12}  "
+          "collectives s/tm")
+    for k, r in results.items():
+        sp, tm = r["statplug"]["ms"], r["torchmetrics"]["ms"]
+        spc, tmc = r["statplug_compute"]["ms"], r["torchmetrics_compute"]["ms"]
+        colls = f"{r['statplug']['collectives']}/{r['torchmetrics']['collectives']}"
+        print(f"{k:>4} {sp:9.2f} {tm:13.2f} {tm / sp:12.1f} {spc:19.2f} {tmc:13.2f} "
+              f"{tmc / spc:12.1f}  {colls}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ from typing import TYPE_CHECKING, Any
 from statplug.audit import AuditReport, Finding, audit
 from statplug.averaging import copy_stats_
 from statplug.distributed import (
+    MetricsSyncReport,
     SyncReport,
     exclude_from_ddp_broadcast,
     exclude_from_fsdp_buffer_cast,
+    sync_metrics,
     sync_stats,
 )
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
@@ -74,6 +76,7 @@ __all__ = [
     "Finding",
     "IncompatibleCallbackError",
     "MagnitudePruning",
+    "MetricsSyncReport",
     "RandomMask",
     "RecipeRun",
     "RotaryEncoding",
@@ -95,5 +98,6 @@ __all__ = [
     "exclude_from_ddp_broadcast",
     "exclude_from_fsdp_buffer_cast",
     "run_recipe",
+    "sync_metrics",
     "sync_stats",
 ]

@@ -164,10 +164,11 @@ class PinnedDtypeModule(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        self._after_load()
+        self._after_load(local_metadata)
 
-    def _after_load(self) -> None:
-        """Refresh derived or hidden state after buffers were loaded in place."""
+    def _after_load(self, local_metadata: dict[str, Any]) -> None:
+        """Refresh derived or hidden state after buffers were loaded (``local_metadata``: the
+        load's metadata, e.g. whether it assigned tensors, for :func:`derived_device`)."""
 
 
 def derived_device(buffer: Tensor, local_metadata: dict[str, Any]) -> torch.device:

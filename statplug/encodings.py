@@ -63,19 +63,7 @@ class _PositionalEncoding(PinnedDtypeModule):
         """Recompute the derived buffers at ``max_len`` (after ``to_empty()`` they hold garbage)."""
         self._build(self.max_len)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    def _after_load(self, local_metadata: dict[str, Any]) -> None:
         # Derived, so rebuilt on every load: after to_empty() the tables hold garbage, and a
         # model built on the meta device and loaded with assign=True would keep meta tables.
         length = max(self.max_len, self._cached_len())

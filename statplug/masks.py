@@ -73,19 +73,7 @@ class CausalMask(PinnedDtypeModule):
         """Rebuild the cache at ``max_len`` (after ``to_empty()`` it holds garbage)."""
         self._build(self.max_len)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    def _after_load(self, local_metadata: dict[str, Any]) -> None:
         # Derived, so rebuilt on every load: after to_empty() the cache holds garbage, and a
         # model built on the meta device and loaded with assign=True would keep a meta mask.
         cache = self._cache()
@@ -191,7 +179,7 @@ class RandomMask(PinnedDtypeModule):
         """Zero the dropped elements of ``x`` (no ``1 / (1 - p)`` rescaling)."""
         return x.masked_fill(~self.mask, 0)
 
-    def _after_load(self) -> None:
+    def _after_load(self, local_metadata: dict[str, Any]) -> None:
         # Keep the Python copy of the seed in step with the loaded buffer so that resample-free
         # reset_parameters() reproduces the loaded mask. A meta buffer holds no value to read.
         if self.seed.device.type != "meta":

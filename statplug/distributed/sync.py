@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import repeat
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ from statplug._buffers import name_modules, qualified_name
 from statplug.errors import StatLayoutError, StatplugError
 from statplug.stats.base import Stat, SyncBatch
 
-__all__ = ["SyncReport", "broadcast_stats", "find_stats", "sync_stats"]
+__all__ = ["SyncReport", "SyncRider", "broadcast_stats", "find_stats", "sync_stats"]
 
 
 @dataclass(frozen=True)
@@ -104,24 +105,32 @@ class _LayoutCheck:
     runs while it travels; :meth:`wait` raises on every rank when layouts or agreed states
     differ."""
 
-    def __init__(self, plan: _Plan, group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self, plan: _Plan, group: dist.ProcessGroup | None, extra: Tensor | None = None
+    ) -> None:
         self.plan, self.group = plan, group
         pairs = zip(plan.groups, plan.batches, strict=True)
         sums = [cls._sync_checksum(b) for (cls, _), b in pairs]
         check = sums[0] if len(sums) == 1 else torch.stack(sums).sum() if sums else plan.zero
         v = torch.cat([plan.fingerprint_t, check.reshape(1)])
-        self.t = torch.cat([v, -v])
+        # A rider's fixed-size float64 part (see SyncRider) travels in the same MAX.
+        self.t = torch.cat([v, -v] if extra is None else [v, -v, extra.to(v.device)])
         self.work = dist.all_reduce(self.t, op=dist.ReduceOp.MAX, group=group, async_op=True)
 
     def wait(self, check_agreed: bool = True) -> None:
         """Raise :class:`StatLayoutError` on every rank if the layouts differ, or (with
         ``check_agreed``) if the ranks' agreed states differ."""
         self.work.wait()
-        hi, lo, check, neg_hi, neg_lo, neg_check = self.t.tolist()
+        hi, lo, check, neg_hi, neg_lo, neg_check = self.t[:6].tolist()
         if hi != -neg_hi or lo != -neg_lo:  # max != min: some rank holds another layout
             _raise_layout_error(self.plan.layout, self.group)
         if check_agreed and check != -neg_check:
             _raise_agreed_error(self.plan.stats, self.group)
+
+    @property
+    def extra(self) -> Tensor:
+        """The reduced rider part (valid after :meth:`wait`)."""
+        return self.t[6:]
 
 
 def _agreed_summary(stat: Stat) -> tuple[int, float]:
@@ -247,6 +256,35 @@ class _Packed:
         return [[next(pieces).view(t.shape) for t in parts] for parts in self.segments], work
 
 
+class SyncRider(Protocol):
+    """Data of another kind that travels in :func:`sync_stats`' collectives instead of its own.
+
+    The extension point :func:`statplug.distributed.sync_metrics` uses to sync torchmetrics
+    metrics in the stats' round trips. Every rank passes a rider of the same kind, or none.
+    """
+
+    def layout_extra(self) -> Tensor:
+        """A float64 vector of a size every rank knows beforehand, MAX-reduced with the
+        stats' layout check."""
+        ...
+
+    def check_layout(self, reduced: Tensor) -> None:
+        """Given the reduced :meth:`layout_extra`, raise on every rank if the ranks disagree."""
+        ...
+
+    def phase1(self) -> tuple[Tensor | None, Tensor | None]:
+        """float64 payloads for the first SUM and for the MAX (None: nothing)."""
+        ...
+
+    def phase2(self, runs: bool) -> Tensor | None:
+        """A float64 payload for the second SUM; ``runs``: whether it runs for the stats."""
+        ...
+
+    def finish(self, sums: Tensor | None, maxes: Tensor | None, sums2: Tensor | None) -> int:
+        """Take the reduced payloads; return the number of collectives it made itself."""
+        ...
+
+
 def sync_stats(
     module_or_stats: nn.Module | Iterable[Stat], group: dist.ProcessGroup | None = None
 ) -> SyncReport:
@@ -274,7 +312,13 @@ def sync_stats(
         0
     """
     start = time.perf_counter()
-    stats = find_stats(module_or_stats)
+    return _sync(find_stats(module_or_stats), group, None, start)
+
+
+def _sync(
+    stats: list[Stat], group: dist.ProcessGroup | None, rider: SyncRider | None, start: float
+) -> SyncReport:
+    """:func:`sync_stats`' engine; a ``rider`` travels in the same collectives."""
     plan = _plan_if_distributed(stats, group)
     if plan is None:
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
@@ -286,29 +330,43 @@ def sync_stats(
         groups = plan.groups
         for b in batches:
             b.begin()
-        check = _LayoutCheck(plan, group)
+        extra = None if rider is None else rider.layout_extra()
+        check = _LayoutCheck(plan, group, extra)
+        n_bytes += 0 if extra is None else extra.numel() * 8
         # Phase-1 segments are local work: made and packed while the fingerprints travel.
         phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(groups, batches, strict=True)]
+        if rider is not None:
+            r_sum, r_max = rider.phase1()
+            phase1.append(([] if r_sum is None else [r_sum], [] if r_max is None else [r_max]))
         packed = _Packed([p[0] for p in phase1], device), _Packed([p[1] for p in phase1], device)
         check.wait()  # before any collective whose size depends on the layout
+        if rider is not None:
+            rider.check_layout(check.extra)
         sums1, w1 = packed[0].all_reduce(dist.ReduceOp.SUM, group)
         maxes, w2 = packed[1].all_reduce(dist.ReduceOp.MAX, group)
         for w in (w1, w2):
             if w is not None:
                 w.wait()
                 n_coll += 1
+        ride1 = (sums1.pop(), maxes.pop()) if rider is not None else ([], [])
         phase2 = [
             cls._sync_phase2(b, s1) for (cls, _), b, s1 in zip(groups, batches, sums1, strict=True)
         ]
+        if rider is not None:
+            ride2 = rider.phase2(any(phase2))
+            phase2.append([] if ride2 is None else [ride2])
         packed2 = _Packed(phase2, device)
         sums2, w3 = packed2.all_reduce(dist.ReduceOp.SUM, group)
         if w3 is not None:
             w3.wait()
             n_coll += 1
+        ride2_sums = sums2.pop() if rider is not None else []
         b1, b2, b3 = packed[0].n_bytes, packed[1].n_bytes, packed2.n_bytes
         for (cls, _), b, s1, mx, s2 in zip(groups, batches, sums1, maxes, sums2, strict=True):
             cls._sync_apply(b, s1, mx, s2)
             b.flush()
+        if rider is not None:
+            n_coll += rider.finish(*(r[0] if r else None for r in (*ride1, ride2_sums)))
     return SyncReport(len(stats), n_coll, n_bytes + b1 + b2 + b3, time.perf_counter() - start)
 
 
@@ -358,5 +416,5 @@ def broadcast_stats(
                 n_bytes += value.numel() * value.element_size()
             batch.flush()
         for stat in stats:
-            stat._after_load()  # the received state is the agreed base, as after a load
+            stat._after_load({})  # the received state is the agreed base, as after a load
     return SyncReport(len(stats), n_coll, n_bytes, time.perf_counter() - start)

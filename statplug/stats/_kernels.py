@@ -14,6 +14,8 @@ Rows left over by the split form one more group; wide batches are split at least
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -112,6 +114,16 @@ def rows_per_group(n_rows: int, n_features: int) -> int:
     return max(1, n_rows // n_groups(n_rows, n_features))
 
 
+@functools.lru_cache(maxsize=256)
+def _score_constants(
+    rows: int, input_dtype: torch.dtype, acc_dtype: torch.dtype, var_dtype: torch.dtype
+) -> tuple[float, float]:
+    """(k, big) of :func:`score_moments` (``torch.finfo`` costs a microsecond a call)."""
+    eps = torch.finfo(input_dtype).eps
+    big = min(torch.finfo(acc_dtype).max, torch.finfo(var_dtype).max) * HEADROOM
+    return rows * eps * eps / REFINE_TOLERANCE, big
+
+
 def score_moments(
     mean: Tensor, var: Tensor, rows: int, input_dtype: torch.dtype, acc_dtype: torch.dtype
 ) -> Tensor:
@@ -124,9 +136,7 @@ def score_moments(
     ``var`` so that exactly constant columns (variance 0: every value equals the mean, nothing to
     refine) score 0; the minimum over columns. Three small ops and a reduction.
     """
-    eps = torch.finfo(input_dtype).eps
-    k = rows * eps * eps / REFINE_TOLERANCE
-    big = min(torch.finfo(acc_dtype).max, torch.finfo(var.dtype).max) * HEADROOM
+    k, big = _score_constants(rows, input_dtype, acc_dtype, var.dtype)
     t = torch.addcmul(var, var, var, value=-1.0 / big)
     t.addcmul_(mean, mean, value=-k)
     return t.mul_(var).amin()

@@ -473,7 +473,7 @@ class Stat(PinnedDtypeModule):
                 )
         return None
 
-    def _after_load(self) -> None:
+    def _after_load(self, local_metadata: dict[str, Any] | None = None) -> None:
         # Loading is not a hot path: reading the frozen flag on the host is fine here. A meta
         # flag holds no value (a meta model loaded without assign=True): configuration stays.
         if self.frozen_flag.device.type != "meta":

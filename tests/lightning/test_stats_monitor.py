@@ -195,7 +195,9 @@ def test_arguments_are_checked() -> None:
 
 
 def test_callbacks_and_stats_have_reprs_with_their_arguments() -> None:
-    assert repr(SyncStats(every_n_train_steps=4)) == "SyncStats(every_n_train_steps=4)"
+    assert repr(SyncStats(every_n_train_steps=4)) == (
+        "SyncStats(every_n_train_steps=4, metrics=False)"
+    )
     assert repr(AuditBuffers("warn")) == "AuditBuffers(on_error='warn')"
     assert repr(StatsMonitor("epoch")) == (
         "StatsMonitor(logging_interval='epoch', every_n_steps=None, histograms=True, "

@@ -17,6 +17,15 @@ When it syncs (every rank reaches each point, so every rank joins each collectiv
   ``ModelCheckpoint`` is about to save at that step;
 * the end of training, so a manual ``trainer.save_checkpoint`` after ``fit`` holds global stats.
 
+With ``metrics=True`` it also syncs the torchmetrics metrics logged as ``Metric`` objects
+(``self.log(name, metric)``) where Lightning would compute them -- the end of each training epoch,
+and the end of the last batch of each validation and test run (Lightning computes their epoch
+values right after it, before the ``on_*_epoch_end`` hooks) -- together with the stats, in at
+most 4 collectives in all (see :func:`~statplug.distributed.sync_metrics`). It computes them
+while they hold their global state, so Lightning logs the cached global values and never runs
+torchmetrics' per-metric sync; then every metric is back to its local state, as after
+torchmetrics' own compute.
+
 Syncing is idempotent (only data added since the previous sync travels), so the extra sync points
 never double count, and costs at most 4 collectives whatever the number of stats.
 
@@ -39,11 +48,13 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from statplug.distributed import (
+    MetricsSyncReport,
     SyncReport,
     broadcast_stats,
     exclude_from_ddp_broadcast,
     exclude_from_fsdp_buffer_cast,
     find_stats,
+    sync_metrics,
     sync_stats,
 )
 from statplug.distributed.ddp import stat_buffer_names
@@ -87,6 +98,11 @@ class SyncStats(Callback):
         every_n_train_steps: also sync after every ``n``-th optimizer step (e.g. when the model
             reads its normaliser's stats in ``training_step`` and should see the global ones).
             Default: None (only at epoch ends, validation and checkpoints).
+        metrics: also sync the torchmetrics metrics logged with ``self.log(name, metric)`` in
+            the step methods, with the stats, at the epoch ends where Lightning computes them.
+            Metrics first logged in the module's own ``on_*_epoch_end`` hooks (and, with several
+            validation dataloaders, those of all but the last) are computed by Lightning with
+            torchmetrics' own sync, as without this flag. Default: False.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -96,7 +112,7 @@ class SyncStats(Callback):
         'SyncStats'
     """
 
-    def __init__(self, every_n_train_steps: int | None = None) -> None:
+    def __init__(self, every_n_train_steps: int | None = None, metrics: bool = False) -> None:
         if every_n_train_steps is not None and (
             isinstance(every_n_train_steps, bool)
             or not isinstance(every_n_train_steps, int)
@@ -106,10 +122,14 @@ class SyncStats(Callback):
                 f"SyncStats: `every_n_train_steps` must be a positive int or None, got "
                 f"{every_n_train_steps!r}"
             )
+        if not isinstance(metrics, bool):
+            raise ValueError(f"SyncStats: `metrics` must be a bool, got {metrics!r}")
         self.every_n_train_steps = every_n_train_steps
+        self.metrics = metrics
         self.excluded: list[str] = []
         self.n_syncs = 0
         self.last_report: SyncReport | None = None
+        self.last_metrics_report: MetricsSyncReport | None = None
         self._last_step_synced = -1
         self._listeners: list[SyncListener] = []
         # Lightning reads state_key around every hook call (profiler names): build it once.
@@ -121,7 +141,10 @@ class SyncStats(Callback):
         return self._state_key
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(every_n_train_steps={self.every_n_train_steps!r})"
+        return (
+            f"{type(self).__name__}(every_n_train_steps={self.every_n_train_steps!r}, "
+            f"metrics={self.metrics!r})"
+        )
 
     def add_listener(self, fn: SyncListener) -> None:
         """Call ``fn(trainer, pl_module, event)`` on every rank right after each sync."""
@@ -135,14 +158,19 @@ class SyncStats(Callback):
         event: str,
         *,
         checkpoint_point: bool = True,
+        metrics: bool = False,
     ) -> SyncReport:
         """Sync ``pl_module``'s stats now (every rank must call this together).
 
         At points where a checkpoint may be written (``checkpoint_point``) the stats are then
         settled: brought to the exact state a reload of their saved values gives, so a resumed run
-        continues bit for bit like an uninterrupted one.
+        continues bit for bit like an uninterrupted one. With ``metrics``, the logged metrics
+        Lightning is about to compute are synced in the same collectives and computed.
         """
-        report = sync_stats(pl_module, group=process_group(trainer))
+        if metrics:
+            report = self._sync_with_metrics(trainer, pl_module)
+        else:
+            report = sync_stats(pl_module, group=process_group(trainer))
         if checkpoint_point:
             settle(find_stats(pl_module))
         self.n_syncs += 1
@@ -158,6 +186,20 @@ class SyncStats(Callback):
         for fn in self._listeners:
             fn(trainer, pl_module, event)
         return report
+
+    def _sync_with_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SyncReport:
+        pending = _metrics_to_compute(trainer)
+        with sync_metrics(
+            {key: result.value for key, result in pending.items()},
+            group=process_group(trainer),
+            stats=pl_module,
+        ) as report:
+            for result in pending.values():
+                # Lightning's wrapper caches the value, so its own epoch-end compute (and
+                # torchmetrics' sync inside it) does not run again.
+                result.compute()
+        self.last_metrics_report = report
+        return SyncReport(report.n_stats, report.n_collectives, report.n_bytes, report.seconds)
 
     # ------------------------------------------------------------------ DDP opt-out
     @override
@@ -234,9 +276,39 @@ class SyncStats(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.sync(trainer, pl_module, "validation_end")
 
+    # Lightning computes the epoch values logged in validation/test steps right after the last
+    # batch, before any on_*_epoch_end hook: the last batch's end is the last hook before that.
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.metrics and _last_eval_batch(trainer):
+            self.sync(
+                trainer, pl_module, "validation_epoch_end", checkpoint_point=False, metrics=True
+            )
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.metrics and _last_eval_batch(trainer):
+            self.sync(trainer, pl_module, "test_epoch_end", checkpoint_point=False, metrics=True)
+
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer, pl_module, "train_epoch_end")
+        self.sync(trainer, pl_module, "train_epoch_end", metrics=self.metrics)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -247,3 +319,30 @@ def _refuse_stock_averaging(trainer: pl.Trainer, pl_module: pl.LightningModule) 
     message = stock_averaging_error(trainer, pl_module)
     if message is not None:
         raise IncompatibleCallbackError(f"SyncStats: {message}")
+
+
+def _metrics_to_compute(trainer: pl.Trainer) -> dict[str, Any]:
+    """The values logged as torchmetrics ``Metric`` objects that Lightning's logger connector
+    will compute at this epoch end (its ``_ResultMetric`` wrappers, by result key).
+
+    Read from Lightning's result collection of the running loop (``trainer._results``): what
+    ``_ResultCollection.metrics(on_step=False)`` computes is every valid entry logged on epoch
+    level whose value is a ``Metric`` and has no cached value yet.
+    """
+    results = getattr(trainer, "_results", None)
+    if results is None:
+        return {}
+    return {
+        key: result
+        for key, result in results.items()
+        if not result.is_tensor
+        and result.meta.on_epoch
+        and not result.has_reset
+        and result._computed is None
+    }
+
+
+def _last_eval_batch(trainer: pl.Trainer) -> bool:
+    """Is the running validation/test batch the last? (Set by the evaluation loop before the
+    step, from its data fetcher; the epoch's values are computed right after this batch.)"""
+    return bool(trainer._evaluation_loop.batch_progress.is_last_batch)

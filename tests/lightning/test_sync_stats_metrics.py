@@ -1,0 +1,56 @@
+"""``SyncStats(metrics=True)`` in a 2-process DDP fit on CPU (``scripts/metrics_fit.py``).
+
+The fit logs torchmetrics metrics as ``Metric`` objects (train: MeanMetric, MaxMetric; validation:
+MeanSquaredError, BinaryAUROC with list states, a MetricCollection of max/min/sum) on ranks with
+different data and validation sets of different sizes. The same fit with plain ``SyncStats()``
+(Lightning and torchmetrics sync each metric) is the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from lit_models import run_script
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    out = tmp_path_factory.mktemp("metrics_fit")
+    run_script("metrics_fit.py", str(out), "metrics", "plain", timeout=300)
+    return {
+        tag: [torch.load(out / f"{tag}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        for tag in ("metrics", "plain")
+    }
+
+
+def test_logged_epoch_values_equal_lightnings_own_sync(fits):
+    plain = fits["plain"][0]["logged"]
+    keys = {k for entry in plain for k in entry}
+    assert {"val_mse", "val_auroc", "val_max", "val_min", "val_sum", "train_mean",
+            "train_max"} <= keys
+    assert len(plain) == 4  # two epochs: validation and training values each
+    for rank in (0, 1):
+        # Bit for bit: the same global values on every rank, as Lightning's own sync gives.
+        assert fits["metrics"][rank]["logged"] == plain
+        assert fits["plain"][rank]["logged"] == plain
+
+
+def test_each_epoch_end_costs_at_most_four_collectives_with_the_stats(fits):
+    for rank in (0, 1):
+        windows = fits["metrics"][rank]["windows"]
+        assert [w for w, _ in windows] == ["sanity", "validation", "train", "validation", "train"]
+        assert all(n <= 4 for _, n in windows), windows
+        # Lightning's own per-metric sync: a barrier and gathers per state of every metric.
+        assert all(n > 4 for _, n in fits["plain"][rank]["windows"])
+
+
+def test_stats_unchanged_by_the_extra_syncs(fits):
+    for rank in (0, 1):
+        ours, ref = fits["metrics"][rank]["stats"], fits["plain"][rank]["stats"]
+        assert ours.keys() == ref.keys() and ours
+        for k in ref:
+            assert torch.equal(ours[k], ref[k]), k
