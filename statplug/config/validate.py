@@ -21,7 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from omegaconf import DictConfig
 
 from statplug.config.errors import ConfigError, closest
-from statplug.config.targets import check_targets
+from statplug.config.targets import check_literal_text, check_targets
 
 __all__ = ["TOP_LEVEL_KEYS", "resolve_target", "validate"]
 
@@ -35,6 +35,8 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "trainer": "keyword arguments of lightning.pytorch.Trainer",
     "callbacks": "a mapping name -> callback node with `_target_` (null disables one)",
 }
+# The top-level nodes that are built (passed to Hydra).
+_BUILT_KEYS = ("model", "data", "trainer", "callbacks")
 _HYDRA_KEYS = {"_target_", "_args_", "_recursive_", "_convert_", "_partial_"}
 
 
@@ -234,6 +236,8 @@ def validate(
 
     plain = to_plain(cfg)
     if not trust:
+        for key in _BUILT_KEYS:  # what build_node refuses, refused before anything is imported
+            check_literal_text(plain.get(key), where=key)
         check_targets(plain, origin=f" (config from {recipe})" if recipe is not None else "")
     for key, value in plain.items():
         suffix = _origin(key, overridden, recipe)

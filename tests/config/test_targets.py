@@ -94,7 +94,9 @@ def test_a_resolved_string_is_not_resolved_again_when_built(tmp_path: Path) -> N
         "model:\n  _target_: statplug.recipes_lib.TabularMLP\n  n_features: 3\n"
         "data:\n  _target_: statplug.recipes_lib.SklearnDataModule\n"
     )
-    run = load_recipe(recipe)
+    with pytest.raises(ConfigError, match=r"`callbacks\.activations\.patterns\.0`.*--trust"):
+        load_recipe(recipe)  # refused before anything is built
+    run = load_recipe(recipe, trust=True)
     literal = f"${{oc.create:{payload}}}"
     node = run.config["callbacks"]["activations"]
     assert node["patterns"] == [literal]
