@@ -55,16 +55,26 @@ def _as_shape(shape: int | Sequence[int], owner: str) -> tuple[int, ...]:
 
 
 def real_number(
-    owner: str, name: str, value: Any, *, low: float, high: float = math.inf,
-    low_open: bool = False, expected: str,
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    expected: str,
 ) -> float:
     """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``low_open``), or one
     ``ValueError`` naming ``owner``'s argument ``name``, what it must be and what arrived.
     Bools, strings, None and NaN are refused; so is an infinity outside the range."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     number = float(value) if ok else math.nan
-    if not ok or math.isnan(number) or number > high or number < low or (
-        low_open and number == low
+    if (
+        not ok
+        or math.isnan(number)
+        or number > high
+        or number < low
+        or (low_open and number == low)
     ):
         raise ValueError(f"{owner}: `{name}` must be {expected}, got {value!r}")
     return number
@@ -390,8 +400,14 @@ class Stat(PinnedDtypeModule):
             # Not in this checkpoint at all (strict=False loading of another model's weights,
             # say): left as it is; torch reports the missing keys as usual.
             torch.nn.Module._load_from_state_dict(
-                self, state_dict, prefix, local_metadata, strict, missing_keys,
-                unexpected_keys, error_msgs,
+                self,
+                state_dict,
+                prefix,
+                local_metadata,
+                strict,
+                missing_keys,
+                unexpected_keys,
+                error_msgs,
             )
             return
         # Atomic: every key is checked before any is copied, and a state that does not fit is
@@ -427,9 +443,11 @@ class Stat(PinnedDtypeModule):
             )
         own = self._persistent_names()
         foreign = [
-            k for k in state_dict
-            if k.startswith(prefix) and k[len(prefix):] not in own
-            and k[len(prefix):].split(".", 1)[0] not in self._modules
+            k
+            for k in state_dict
+            if k.startswith(prefix)
+            and k[len(prefix) :] not in own
+            and k[len(prefix) :].split(".", 1)[0] not in self._modules
         ]
         if foreign:
             return (
@@ -580,6 +598,9 @@ class Stat(PinnedDtypeModule):
         return extra + f", count={int(self.count)}"
 
 
+_MODULE_BUFFERS = operator.attrgetter("_buffers")
+
+
 class SyncBatch:
     """The stats of one class and accumulator dtype taking part in a sync.
 
@@ -606,15 +627,25 @@ class SyncBatch:
         self._hash_weights: dict[int, Tensor] = {}
         self._cache: dict[str, Tensor] = {}
         self._pending: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self._lists: dict[str, list[Tensor]] = {}
+        self._staging: dict[str, tuple[Tensor, list[Tensor]]] = {}
 
     def begin(self) -> None:
-        """Start a sync: forget values read by the previous one."""
+        """Start a sync: forget values read by the previous one, and list every stat's state
+        and agreed buffers afresh (in one pass: buffers may have been rebound since)."""
         self._cache = {}
         self._pending = ([], [])
+        proto = self.stats[0]
+        names = (*proto._reduces, *proto._agreed_names())
+        rows = map(operator.itemgetter(*names), map(_MODULE_BUFFERS, self.stats))
+        self._lists = dict(zip(names, map(list, zip(*rows, strict=True)), strict=True))
 
     def _buffers(self, name: str) -> list[Tensor]:
-        get = operator.itemgetter(name)
-        return [get(s._buffers) for s in self.stats]
+        bufs = self._lists.get(name)
+        if bufs is None:
+            get = operator.itemgetter(name)
+            bufs = self._lists[name] = [get(s._buffers) for s in self.stats]
+        return bufs
 
     def _read_all(self) -> None:
         """Stack every state and agreed buffer in one call per (dtype, rank of the tensor)."""
@@ -667,10 +698,23 @@ class SyncBatch:
         :meth:`flush`."""
         bufs = self._buffers(name)
         value = value.to(bufs[0].dtype)  # one conversion; the copies are then same-dtype
-        if bufs[0].dim() == 0:
-            parts = list(value.unbind())
-        elif self.uniform:
-            parts = list(value.reshape(len(bufs), *self._shape).unbind(0))
+        if bufs[0].dim() == 0 or self.uniform:
+            # Copied into a staging tensor whose per-stat views are made once, not per sync.
+            staging = self._staging.get(name)
+            if (
+                staging is None
+                or staging[0].dtype != value.dtype
+                or staging[0].device != value.device
+            ):
+                # Never an inference tensor: a first sync may run in a Lightning validation
+                # hook (inference mode), and later syncs outside it must write it.
+                with torch.inference_mode(False):
+                    tensor = torch.empty(
+                        (len(bufs), *bufs[0].shape), dtype=value.dtype, device=value.device
+                    )
+                    staging = self._staging[name] = (tensor, list(tensor.unbind(0)))
+            staging[0].copy_(value.view(staging[0].shape))
+            parts = staging[1]
         else:
             parts = [p.view(b.shape) for p, b in zip(value.split(self.sizes), bufs, strict=True)]
         self._pending[0].extend(bufs)

@@ -55,6 +55,9 @@ class RunningNorm(PinnedDtypeModule):
     """
 
     _version = 1
+    # Host-side constants, never state: `fixed`'s (mean, m2) kept to survive reset_parameters(),
+    # and the identity's 0 and 1 - eps per dtype and device.
+    _statplug_unregistered_ok = ("_fixed", "_constants")
 
     def __init__(
         self,
@@ -80,6 +83,8 @@ class RunningNorm(PinnedDtypeModule):
         self.moments = RunningMoments(
             shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
         )
+        # Constants of the identity before two samples, per (dtype, device): never state.
+        self._constants: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
         # Named after the normaliser in messages until a model walk gives it its qualified name.
         self.moments._statplug_name = "RunningNorm.moments"
 
@@ -216,6 +221,21 @@ class RunningNorm(PinnedDtypeModule):
         shift = torch.where(ready, m.mean, 0.0)
         return shift, scale
 
+    def _identity_constants(self, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """0 and ``1 - eps`` for the identity's mean and variance: 0-dim tensors made once per
+        dtype and device (``torch.where`` takes them faster than Python numbers), plain numbers
+        under ``torch.compile``, where they are folded into the graph."""
+        if torch.compiler.is_compiling():
+            return 0.0, 1.0 - self.eps
+        key = (like.dtype, like.device)
+        pair = self._constants.get(key)
+        if pair is None:
+            pair = self._constants[key] = (
+                torch.zeros((), dtype=like.dtype, device=like.device),
+                torch.full((), 1.0 - self.eps, dtype=like.dtype, device=like.device),
+            )
+        return pair
+
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x``; in ``train()`` mode update the statistics with it first.
 
@@ -237,8 +257,9 @@ class RunningNorm(PinnedDtypeModule):
         if not ready:
             ok = count >= 2
             # Identity until then: mean 0 and var + eps == 1 exactly make the kernel return x.
-            mean = torch.where(ok, mean, 0.0)
-            var = torch.where(ok, var, 1.0 - self.eps)
+            zero, one = self._identity_constants(var)
+            mean = torch.where(ok, mean, zero)
+            var = torch.where(ok, var, one)
         acc = m.accumulator_dtype
         same = x.dtype is acc or (acc is _F32 and x.dtype in _LOW)
         if x.dim() == 2 and m._n_dims == 1 and same:
