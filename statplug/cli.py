@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import sys
 import warnings
@@ -117,7 +118,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from statplug.config.build import load_recipe
     from statplug.config.run import fit_run
 
-    run = load_recipe(args.recipe, args.overrides)
+    run = load_recipe(args.recipe, args.overrides, trust=args.trust)
     progress = _show_progress(args, run.config)
     # Everything Lightning prints during the run (the progress bar too) goes to stderr: stdout
     # carries the result only, and its last line is the checkpoint path (`... | tail -n 1`).
@@ -160,9 +161,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from statplug.audit import audit
     from statplug.config.build import build_node, load_recipe
 
-    run = load_recipe(args.recipe, args.overrides, require=("model",))
+    run = load_recipe(args.recipe, args.overrides, require=("model",), trust=args.trust)
     with contextlib.redirect_stdout(sys.stderr):
-        model = build_node(run.config["model"], "model")
+        model = build_node(run.config["model"], "model", trust=run.trusted)
         model.statplug_config = run.config
         optimizers = _optimizers(model.configure_optimizers())
     report = audit(model, optimizers or None)
@@ -173,13 +174,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- inspect, plot
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from statplug.config.checkpoint import format_config, format_table, summarize_file
+    from statplug.config.checkpoint import format_config, format_table, json_safe, summarize_file
 
     summary = summarize_file(args.checkpoint, trust=args.trust)
     if args.json:
         out = summary.to_json()
         if args.config:
-            out["config"] = summary.config
+            out["config"] = json_safe(summary.config)
         print(json.dumps(out, indent=2, allow_nan=False))
     else:
         print(format_table(summary))
@@ -194,9 +195,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from statplug.config.checkpoint import summarize_file
     from statplug.config.plotting import checkpoint_files, plot_over_time, plot_summary
 
-    require("matplotlib", "`statplug plot`")
+    if importlib.util.find_spec("matplotlib") is None:
+        require("matplotlib", "`statplug plot`")  # the missing extra, named before any file
     files = checkpoint_files(args.checkpoints)
     summaries = [summarize_file(f, trust=args.trust) for f in files]
+    # Imported once the files are read: matplotlib writes its config folder under HOME on
+    # import, which a refused file should not cause.
+    require("matplotlib", "`statplug plot`")
     if len(summaries) == 1:
         out = plot_summary(summaries[0], args.output)
     else:
@@ -218,9 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipes)
 
     overrides_help = "overrides: `a.b=value` (YAML value) or `group=name` (e.g. trainer=ddp-cpu-2)"
+    recipe_trust_help = (
+        "build any `_target_` the config names, and load a checkpoint given as RECIPE with "
+        "weights_only=False (only for files you trust); without it a config builds only "
+        "statplug's classes and a short allowlist"
+    )
     p = sub.add_parser("fit", help="train a recipe; the last line printed is the checkpoint path")
     p.add_argument("recipe", help="recipe YAML path or bundled name (see `statplug recipes`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    p.add_argument("--trust", action="store_true", help=recipe_trust_help)
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -232,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="audit the recipe's model and optimizer (exit 1 on errors)")
     p.add_argument("recipe", help="recipe YAML path or bundled name")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    p.add_argument("--trust", action="store_true", help=recipe_trust_help)
     p.set_defaults(func=cmd_audit)
 
     trust_help = "load with weights_only=False (only for files you trust)"

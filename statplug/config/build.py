@@ -15,6 +15,7 @@ from typing import Any
 
 from statplug.config.errors import ConfigError
 from statplug.config.loader import Recipe, compose
+from statplug.config.targets import check_literal_text, check_targets, escape_for_hydra
 from statplug.config.validate import validate
 from statplug.errors import MissingExtraError
 
@@ -27,6 +28,7 @@ class Run:
 
     recipe: Recipe
     config: dict[str, Any]  # resolved, plain Python: what is stored in the checkpoint
+    trusted: bool = False  # --trust: build any `_target_`, not only statplug's and the allowlist
 
     @property
     def name(self) -> str:
@@ -42,29 +44,46 @@ def load_recipe(
     overrides: Sequence[str] = (),
     *,
     require: tuple[str, ...] = ("model", "data"),
+    trust: bool = False,
 ) -> Run:
     """Compose ``recipe`` with ``overrides`` and validate it (nothing is built yet).
 
     ``require`` names the top-level nodes that must be present (``statplug audit`` needs only
-    the model).
+    the model). ``trust`` (``--trust``) loads a checkpoint given as the recipe with
+    ``weights_only=False`` and lets the config build any ``_target_``; without it only statplug's
+    classes and a short allowlist (:mod:`statplug.config.targets`).
 
     Raises:
-        ConfigError: missing file, bad YAML, unknown key (with the closest valid key), bad value.
+        ConfigError: missing file, bad YAML, unknown key (with the closest valid key), bad value,
+            a ``_target_`` refused without ``trust``.
     """
-    composed = compose(recipe, overrides)
+    composed = compose(recipe, overrides, trust=trust)
     plain = validate(
-        composed.config, overridden=composed.overridden, recipe=composed.path, require=require
+        composed.config,
+        overridden=composed.overridden,
+        recipe=composed.path,
+        require=require,
+        trust=trust,
     )
-    return Run(composed, plain)
+    return Run(composed, plain, trusted=trust)
 
 
-def build_node(node: dict[str, Any], where: str, **kwargs: Any) -> Any:
-    """Instantiate one ``_target_`` node; constructor errors become one-line ConfigErrors."""
+def build_node(node: dict[str, Any], where: str, *, trust: bool = False, **kwargs: Any) -> Any:
+    """Instantiate one ``_target_`` node; constructor errors become one-line ConfigErrors.
+
+    Without ``trust`` every ``_target_`` in ``node`` must be allowed (checked again here, so a
+    caller that skipped :func:`load_recipe` builds nothing else either) and no text may contain
+    ``${``: Hydra resolves interpolations again, and a resolved string may read
+    ``${oc.create:...}``. With ``trust`` such text is escaped, so it arrives as written.
+    """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    if not trust:
+        check_targets(node, where=where)
+        check_literal_text(node, where=where)
     try:
-        return instantiate(node, _convert_="all", **kwargs)
+        return instantiate(escape_for_hydra(node), _convert_="all", **kwargs)
     except InstantiationException as err:
         cause = err.__cause__ or err
         if isinstance(cause, MissingExtraError):
@@ -110,17 +129,20 @@ def build(run: Run, *, trainer_overrides: dict[str, Any] | None = None) -> Built
         torch.set_num_threads(int(threads))
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
-    model = build_node(cfg["model"], "model")
+    model = build_node(cfg["model"], "model", trust=run.trusted)
     model.statplug_config = cfg
-    data = build_node(cfg["data"], "data")
+    data = build_node(cfg["data"], "data", trust=run.trusted)
     callbacks = [
-        build_node(node, f"callbacks.{name}")
+        build_node(node, f"callbacks.{name}", trust=run.trusted)
         for name, node in (cfg.get("callbacks") or {}).items()
         if node is not None
     ]
     trainer_kwargs = dict(cfg.get("trainer") or {})
     trainer_kwargs.update(trainer_overrides or {})
     trainer = build_node(
-        {"_target_": "lightning.pytorch.Trainer", **trainer_kwargs}, "trainer", callbacks=callbacks
+        {"_target_": "lightning.pytorch.Trainer", **trainer_kwargs},
+        "trainer",
+        trust=run.trusted,
+        callbacks=callbacks,
     )
     return Built(model=model, data=data, trainer=trainer, callbacks=callbacks)

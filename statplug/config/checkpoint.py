@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,10 +40,13 @@ from torch import Tensor
 from statplug.config.errors import ConfigError
 
 __all__ = [
+    "MAX_DEPTH",
     "CheckpointSummary",
     "Entry",
     "format_config",
+    "json_safe",
     "load_checkpoint",
+    "printable",
     "summarize",
     "summarize_file",
 ]
@@ -105,31 +110,203 @@ class CheckpointSummary:
         }
 
 
+# torch.save writes a zip archive (since torch 1.6); older files start with this pickled number.
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+# A checkpoint's containers nest a few levels (checkpoint -> callbacks -> state -> layers -> stat);
+# deeper nesting, or more container visits than the file has bytes, means shared or cyclic
+# references built to make readers loop or blow up (a pickle's "billion laughs").
+MAX_DEPTH = 64
+# Tied weights make two tensors share one storage; more tensor bytes than this many times the file
+# size means views multiplied to make readers do unbounded work.
+_MAX_TENSOR_BYTES_PER_FILE_BYTE = 4
+
+
+def _describe_head(head: bytes) -> str:
+    """What a file that is not a torch checkpoint looks like, from its first bytes."""
+    if not head:
+        return "the file is empty"
+    for cut in range(4):  # the head may end inside a multi-byte character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if "\x00" not in text:
+            return "it is a text file"
+        break
+    return f"it starts with the bytes {head[:8].hex(' ')}"
+
+
+def _check_container(p: Path, shown: str) -> None:
+    """Refuse what is not a torch checkpoint, and archives built to expand, before torch reads."""
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        head = f.read(512)
+    if head.startswith(_LEGACY_MAGIC):
+        return  # torch < 1.6 format: torch checks each storage's size against the file
+    if not head.startswith(_ZIP_MAGIC):
+        raise ConfigError(
+            f"`{shown}` is not a torch checkpoint: {_describe_head(head)} (torch.save and "
+            "Lightning write a zip archive)"
+        )
+    try:
+        with zipfile.ZipFile(p) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise ConfigError(
+            f"`{shown}` is not a torch checkpoint: a damaged zip archive ({_first(err)})"
+        ) from None
+    if not any(i.filename.rpartition("/")[2] == "data.pkl" for i in infos):
+        raise ConfigError(
+            f"`{shown}` is not a torch checkpoint: a zip archive without torch's data.pkl record"
+        )
+    if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+        raise ConfigError(
+            f"`{shown}` is not a torch checkpoint: it holds compressed records, which torch.save "
+            "never writes (refusing to expand them)"
+        )
+    claimed = sum(i.file_size for i in infos)
+    if claimed > size:
+        raise ConfigError(
+            f"`{shown}` is not a torch checkpoint: its records claim {claimed:,} bytes, more than "
+            f"the file's {size:,} (records that overlap, built to expand)"
+        )
+
+
+def _first(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _load_error(shown: str, err: BaseException) -> ConfigError:
+    """The one-line reason torch could not load a file that looked like a checkpoint."""
+    text = str(err)
+    refused = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", text) or (
+        re.search(r"unrecognized function (\S+)|new object for .* but got (\S+)", text)
+    )
+    if isinstance(err, pickle.UnpicklingError) and refused:
+        name = next(g for g in refused.groups() if g)
+        return ConfigError(
+            f"`{shown}` holds pickled Python objects (`{name}`) that weights_only loading refuses; "
+            "if you trust the file, pass --trust to load it with weights_only=False"
+        )
+    if isinstance(err, MemoryError):
+        return ConfigError(f"`{shown}` is too large to load into memory")
+    reason = _first(err)
+    if isinstance(err, pickle.UnpicklingError):
+        # torch prefixes the unpickler's reason with advice on weights_only; keep the reason.
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        inner = [ln for ln in lines if "WeightsUnpickler error" in ln or "Unsupported" in ln]
+        reason = inner[-1].split("error:", 1)[-1].strip() if inner else lines[-1] if lines else ""
+    return ConfigError(f"`{shown}` is a damaged torch checkpoint: {reason or type(err).__name__}")
+
+
+def _key_text(key: Any) -> str:
+    """A container key as a name: printable, never a tensor's full repr."""
+    if isinstance(key, str | int | float | bool) or key is None:
+        return printable(str(key))
+    return f"<{type(key).__name__}>"
+
+
+def _short(where: str, limit: int = 120) -> str:
+    return where if len(where) <= limit else where[: limit - 3] + "..."
+
+
+def _check_tree(ckpt: Any, shown: str, file_size: int) -> None:
+    """Bound the loaded structure: depth, container visits, tensor layouts and total tensor bytes.
+
+    A weights_only pickle may still share one container many times over (exponential size when
+    walked), nest containers in cycles, or give many tensors views of one storage (or zero strides)
+    so that a small file claims terabytes. Readers below walk the structure freely after this.
+    """
+    budget = 2 * file_size + 10_000  # a pickle spends at least one byte per container entry
+    tensor_budget = _MAX_TENSOR_BYTES_PER_FILE_BYTE * file_size + (1 << 20)
+    tensor_bytes = 0
+    stack: list[tuple[Any, int, str]] = [(ckpt, 0, "")]
+    while stack:
+        node, depth, where = stack.pop()
+        budget -= 1
+        if budget < 0 or depth > MAX_DEPTH:
+            what = "nests containers too deeply" if depth > MAX_DEPTH else "repeats containers"
+            raise ConfigError(
+                f"`{shown}` {what} (at `{_short(where) or '<top>'}`): shared or cyclic references "
+                "built to make readers loop; not a checkpoint statplug reads"
+            )
+        if isinstance(node, Tensor):
+            tensor_bytes += _checked_tensor_bytes(node, where, shown)
+            if tensor_bytes > tensor_budget:
+                raise ConfigError(
+                    f"`{shown}`: its tensors claim more than {tensor_budget:,} bytes from a "
+                    f"{file_size:,}-byte file (views of one storage repeated, built to expand)"
+                )
+        elif isinstance(node, Mapping):
+            stack.extend(
+                (v, depth + 1, f"{where}.{_key_text(k)}" if where else _key_text(k))
+                for k, v in node.items()
+            )
+        elif isinstance(node, list | tuple | set | frozenset):
+            stack.extend(
+                (v, depth + 1, f"{where}.{i}" if where else str(i)) for i, v in enumerate(node)
+            )
+
+
+def _checked_tensor_bytes(t: Tensor, where: str, shown: str) -> int:
+    """The bytes ``t`` spans; refuses tensors that claim more elements than their storage."""
+    if t.layout != torch.strided or t.is_quantized or t.device.type != "cpu":
+        raise ConfigError(
+            f"`{shown}`: `{_short(where)}` is a {t.layout}/{t.device.type} tensor; statplug reads "
+            "dense CPU tensors only"
+        )
+    claimed = t.numel() * t.element_size()
+    held = t.untyped_storage().nbytes()
+    if claimed > held:
+        raise ConfigError(
+            f"`{shown}`: tensor `{_short(where)}` claims {t.numel():,} elements of shape "
+            f"{list(t.shape)} but its storage holds {held:,} bytes (a crafted or expanded view)"
+        )
+    return claimed
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so names read from a file cannot drive the
+    terminal (escape sequences) or break a one-line message."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     """``torch.load`` a checkpoint on the CPU, ``weights_only`` unless ``trust``.
 
+    Before torch reads the file it must look like one torch.save writes (a zip archive of stored,
+    non-overlapping records, or torch's legacy format); after, its structure must be bounded (see
+    ``MAX_DEPTH``) and its tensors must not claim more bytes than their storage holds.
+
     Raises:
-        ConfigError: missing file, not a torch checkpoint, or pickled objects (with the fix).
+        ConfigError: missing file, not a torch checkpoint (text, random bytes, another archive),
+            a damaged or crafted checkpoint, or pickled objects (with the ``--trust`` fix).
     """
     p = Path(path)
+    shown = printable(str(path))
     if not p.is_file():
-        raise ConfigError(f"checkpoint file not found: `{path}`")
+        if p.exists():
+            raise ConfigError(f"`{shown}` is not a file (expected a checkpoint file)")
+        raise ConfigError(f"checkpoint file not found: `{shown}`")
     try:
+        _check_container(p, shown)
         ckpt = torch.load(p, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling failed"
-        raise ConfigError(
-            f"`{path}` holds objects that weights_only loading refuses ({first}); if you trust "
-            "the file, pass --trust to load it with weights_only=False"
-        ) from None
+    except ConfigError:
+        raise
+    except OSError as err:
+        raise ConfigError(f"cannot read `{shown}`: {err.strerror or _first(err)}") from None
     except Exception as err:  # arbitrary bytes make the unpickler fail in many ways
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"`{path}` is not a readable torch checkpoint: {first}") from None
+        raise _load_error(shown, err) from None
     if not isinstance(ckpt, dict):
         raise ConfigError(
-            f"`{path}` is not a checkpoint dict (got {type(ckpt).__name__}); expected a "
+            f"`{shown}` is not a checkpoint dict (got {type(ckpt).__name__}); expected a "
             "Lightning checkpoint or a state_dict"
         )
+    _check_tree(ckpt, shown, p.stat().st_size)
     return ckpt
 
 
@@ -139,7 +316,8 @@ def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
         yield prefix, obj
     elif isinstance(obj, Mapping):
         for k, v in obj.items():
-            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+            key = _key_text(k)
+            yield from _flatten(v, f"{prefix}.{key}" if prefix else key)
     elif isinstance(obj, list | tuple):
         # Named items (ActivationStats' ``layers``: ``[{"name": "features.conv1", ...}]``) are
         # keyed by their name instead of the list's key and index.
@@ -147,6 +325,7 @@ def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
         for i, v in enumerate(obj):
             name = v.get("name") if isinstance(v, Mapping) else None
             if isinstance(name, str) and name:
+                name = printable(name)
                 yield from _flatten(v, f"{parent}.{name}" if parent else name)
             else:
                 yield from _flatten(v, f"{prefix}.{i}" if prefix else str(i))
@@ -167,6 +346,42 @@ def _round(v: float) -> float | str:
     if math.isinf(v):
         return "inf" if v > 0 else "-inf"
     return float(f"{v:.6g}")
+
+
+def _is_int(t: Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _is_real(t: Tensor) -> bool:
+    return t.is_floating_point()
+
+
+def _one_int(t: Tensor | None, *, minimum: int | None = None) -> bool:
+    if t is None or not _is_int(t) or t.numel() != 1:
+        return False
+    return minimum is None or int(t) >= minimum
+
+
+def _valid_stat(kind: str, leaves: dict[str, Tensor]) -> bool:
+    """Whether ``leaves`` hold a well-formed stat of ``kind`` (see statplug's state layouts).
+
+    A layout that has the right key names but not the right shapes or dtypes is someone else's
+    module (or a damaged file): its tensors are then listed as plain buffers, never summarised as
+    a stat they are not.
+    """
+    values = {"RunningMoments": ("mean", "m2"), "EMAMoments": ("mean", "var"),
+              "RunningMinMax": ("min", "max")}[kind]
+    ref = leaves[values[0]]
+    if not _one_int(leaves["count"], minimum=0) or ref.numel() == 0:
+        return False
+    if not all(_is_real(leaves[k]) and leaves[k].shape == ref.shape for k in values):
+        return False
+    if kind == "EMAMoments" and not (_is_real(leaves["weight"]) and leaves["weight"].numel() == 1):
+        return False
+    if "n_skipped" in leaves and not _one_int(leaves["n_skipped"], minimum=0):
+        return False
+    flag = leaves.get("frozen_flag")
+    return flag is None or (flag.numel() == 1 and not flag.is_complex())
 
 
 def _stat_entry(kind: str, name: str, source: str, leaves: dict[str, Tensor]) -> Entry:
@@ -228,16 +443,18 @@ def _mask_entry(name: str, kind: str, source: str, mask: Tensor) -> Entry:
 
 def _buffer_entry(name: str, source: str, t: Tensor) -> Entry:
     summary: dict[str, Any] = {}
-    if t.numel() == 1:
-        summary = {"value": t.item() if not t.is_floating_point() else _round(_f(t))}
-    elif t.numel() and (t.is_floating_point() or t.dtype != torch.bool):
+    if t.is_complex() or t.numel() == 0:
+        pass  # nothing a one-line summary says well
+    elif t.numel() == 1:
+        summary = {"value": _round(_f(t)) if t.is_floating_point() else t.item()}
+    elif t.dtype != torch.bool:
         d = t.double()
         summary = {
             "mean": _round(_f(d.mean())),
             "min": _round(_f(d.min())),
             "max": _round(_f(d.max())),
         }
-    elif t.numel():
+    else:
         summary = {"true": _round(float(t.float().mean()))}
     return Entry(name, "buffer", "buffer", source, list(t.shape), _dtype(t), summary=summary)
 
@@ -259,7 +476,7 @@ def _walk(
     for prefix, leaves in by_prefix.items():
         names = set(leaves)
         for kind, layout in _STAT_LAYOUTS:
-            if layout <= names and not leaves["count"].is_floating_point():
+            if layout <= names and _valid_stat(kind, leaves):
                 entries.append(_stat_entry(kind, name_prefix + (prefix or kind), source, leaves))
                 claimed.update(full(prefix, leaf) for leaf in layout | (_STAT_EXTRA & names))
                 break
@@ -301,7 +518,7 @@ def summarize(ckpt: dict[str, Any], path: str = "") -> CheckpointSummary:
     callbacks = ckpt.get("callbacks")
     if isinstance(callbacks, Mapping):
         for state_key, cb_state in callbacks.items():
-            label = _callback_label(str(state_key))
+            label = _callback_label(_key_text(state_key))
             cb_tensors = dict(_flatten(cb_state))
             cb_entries, _ = _walk(cb_tensors, f"callback {label}", f"{label}:")
             # A callback's other tensors are its bookkeeping (ModelCheckpoint's best score), not
@@ -311,52 +528,68 @@ def summarize(ckpt: dict[str, Any], path: str = "") -> CheckpointSummary:
     summary = CheckpointSummary(
         path=path,
         entries=entries,
-        epoch=ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
-        global_step=ckpt.get("global_step") if isinstance(ckpt.get("global_step"), int) else None,
+        epoch=_int_or_none(ckpt.get("epoch")),
+        global_step=_int_or_none(ckpt.get("global_step")),
         n_parameters=len(params),
         n_parameter_values=sum(t.numel() for t in params.values()),
     )
     if isinstance(meta, Mapping):
-        summary.metadata_version = meta.get("version")
+        summary.metadata_version = _int_or_none(meta.get("version"))
         cfg = meta.get("config")
         summary.has_config = isinstance(cfg, Mapping)
         if isinstance(cfg, Mapping):
             summary.config = dict(cfg)
             source = meta.get("config_source")
-            summary.config_source = source if isinstance(source, str) else "recipe"
+            summary.config_source = printable(source) if isinstance(source, str) else "recipe"
         if isinstance(cfg, Mapping) and isinstance(cfg.get("description"), str):
-            summary.recipe_description = cfg["description"]
+            summary.recipe_description = printable(cfg["description"])
         _apply_metadata(summary, meta)
     return summary
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _meta_items(meta: Mapping[str, Any], group: str) -> list[Mapping[str, Any]]:
+    """The well-formed entries of ``meta[group]``; the metadata is optional, so a malformed part
+    is skipped (the state_dict alone already gave the table)."""
+    items = meta.get(group)
+    return [i for i in items if isinstance(i, Mapping)] if isinstance(items, list) else []
+
+
+def _meta_shape(value: Any) -> list[int]:
+    if isinstance(value, list) and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value
+    ):
+        return list(value)
+    return []
 
 
 def _apply_metadata(summary: CheckpointSummary, meta: Mapping[str, Any]) -> None:
     """Add what only the metadata knows: accumulator dtypes, derived masks and encodings."""
     model_entries = {e.name: e for e in summary.entries if e.source == "model"}
-    for item in meta.get("stats") or []:
-        if not isinstance(item, Mapping):
-            continue
-        entry = model_entries.get(str(item.get("name")))
-        if entry is not None and item.get("kind"):
-            entry.kind = str(item["kind"])
+    for item in _meta_items(meta, "stats"):
+        entry = model_entries.get(_key_text(item.get("name")))
+        if entry is not None and isinstance(item.get("kind"), str) and item["kind"]:
+            entry.kind = printable(item["kind"])
     for group in ("masks", "encodings"):
-        for item in meta.get(group) or []:
-            if not isinstance(item, Mapping):
-                continue
-            name = str(item.get("name", "?"))
+        for item in _meta_items(meta, group):
+            name = _key_text(item.get("name", "?"))
+            kind = printable(item["kind"]) if isinstance(item.get("kind"), str) else "?"
             existing = model_entries.get(name)
             if existing is not None:
-                existing.kind = str(item.get("kind", existing.kind))
+                existing.kind = kind if kind != "?" else existing.kind
                 continue
             if item.get("persistent"):
                 continue  # saved state is listed from the state_dict under its own keys
             summary.entries.append(
                 Entry(
                     name=name,
-                    kind=str(item.get("kind", "?")),
+                    kind=kind,
                     group="mask" if group == "masks" else "encoding",
                     source="model",
-                    shape=[int(s) for s in item.get("shape") or []],
+                    shape=_meta_shape(item.get("shape")),
                     dtype="-",
                     summary={"saved": False, "note": "derived, rebuilt on load"},
                 )
@@ -364,8 +597,22 @@ def _apply_metadata(summary: CheckpointSummary, meta: Mapping[str, Any]) -> None
 
 
 def summarize_file(path: str | Path, *, trust: bool = False) -> CheckpointSummary:
-    """Load ``path`` and :func:`summarize` it."""
-    return summarize(load_checkpoint(path, trust=trust), str(path))
+    """Load ``path`` and :func:`summarize` it.
+
+    Raises:
+        ConfigError: see :func:`load_checkpoint`; also a file whose tensors cannot be read.
+    """
+    ckpt = load_checkpoint(path, trust=trust)
+    shown = printable(str(path))
+    try:
+        return summarize(ckpt, shown)
+    except (RuntimeError, ValueError, TypeError, IndexError, OverflowError) as err:
+        # Last resort for a crafted file the checks above did not foresee: the command promises
+        # a table or one line, never a traceback.
+        raise ConfigError(
+            f"`{shown}`: cannot read its tensors ({type(err).__name__}: {_first(err)}); the "
+            "checkpoint is damaged or was not written by torch.save"
+        ) from None
 
 
 def _fmt_summary(summary: dict[str, Any]) -> str:
@@ -429,6 +676,22 @@ def format_table(summary: CheckpointSummary) -> str:
     return "\n".join([*head, "", *lines, "", foot])
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON can hold it: a stored config read from any file may carry
+    tensors, non-finite floats or non-text keys (shown as text, like the table's summaries)."""
+    if isinstance(value, Mapping):
+        return {_key_text(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else _round(value)
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    if isinstance(value, Tensor):
+        return f"<tensor {list(value.shape)} {_dtype(value)}>"
+    return f"<{type(value).__name__}>"
+
+
 def format_config(summary: CheckpointSummary) -> str:
     """The stored config as YAML (``statplug inspect --config``)."""
     import yaml
@@ -436,8 +699,6 @@ def format_config(summary: CheckpointSummary) -> str:
     if summary.config is None:
         return "no config stored in this checkpoint"
     head = f"# config stored by {summary.config_source or 'recipe'}"
-    try:
-        body = yaml.safe_dump(summary.config, sort_keys=False, default_flow_style=False)
-    except yaml.YAMLError:  # a value YAML cannot represent (a tensor in a crafted file)
-        body = "\n".join(f"{k}: {v!r}" for k, v in summary.config.items())
+    # json_safe: a crafted file's tensors or odd keys become text; YAML escapes control characters.
+    body = yaml.safe_dump(json_safe(summary.config), sort_keys=False, default_flow_style=False)
     return f"{head}\n{body.rstrip()}"

@@ -49,8 +49,41 @@ __all__ = [
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
+# Limits on config text, so a small hostile file cannot make the loader run long or grow large.
+MAX_YAML_BYTES = 1 << 20  # the bundled recipes are under 1 KiB
+MAX_YAML_DEPTH = 32  # PyYAML composes nodes recursively: deeper input ends in RecursionError
+# Group and fragment names select the file configs/GROUP/NAME.yaml: names, never paths.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.2 floats: ``1e-3`` is a number (PyYAML's YAML 1.1 rules read it as text)."""
+    """A safe loader for configs.
+
+    YAML 1.2 floats: ``1e-3`` is a number (PyYAML's YAML 1.1 rules read it as text). Aliases
+    (``*name``) are refused: the recipes need none, and each alias is another reference to the
+    same node, which OmegaConf copies out, so nested aliases grow a 200-byte file exponentially
+    ("billion laughs") and a recursive one (``a: &a [*a]``) never ends. Nesting is bounded too.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (`*name`) are not supported in configs; write the value out",
+                event.start_mark,
+            )
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                self.peek_event().start_mark,
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _YamlLoader.add_implicit_resolver(
@@ -127,14 +160,31 @@ def find_recipe(recipe: str | Path) -> Path:
     )
 
 
+def _read_text(path: Path) -> str:
+    """A config file's text: a regular file, at most ``MAX_YAML_BYTES``, UTF-8."""
+    try:
+        if not path.is_file():
+            missing = not path.exists()
+            raise ConfigError(f"file not found: `{path}`" if missing else f"`{path}` is not a file")
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(
+                f"`{path}` is {size:,} bytes; a config file is at most {MAX_YAML_BYTES:,} bytes"
+            )
+        raw = path.read_bytes()[: MAX_YAML_BYTES + 1]  # it may have grown since the stat
+    except OSError as err:
+        raise ConfigError(f"cannot read `{path}`: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"bad YAML in {path}: not UTF-8 text (byte {err.start} is {raw[err.start]:#04x})"
+        ) from None
+
+
 def load_yaml(path: Path) -> DictConfig:
     """Read one YAML mapping with OmegaConf; bad YAML names the file and the line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"file not found: `{path}`") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read `{path}`: {err.strerror}") from None
+    text = _read_text(path)
     try:
         data = parse_yaml(text)
     except yaml.YAMLError as err:
@@ -154,11 +204,18 @@ def load_yaml(path: Path) -> DictConfig:
         )
     try:
         return OmegaConf.create(data)
-    except OmegaConfBaseException as err:
+    except _OMEGACONF_ERRORS as err:
         raise ConfigError(f"bad config in {path}: {_first_line(err)}") from None
 
 
+# OmegaConf's interpolation grammar is parsed recursively: a deeply nested one (a few KB of
+# brackets) ends in RecursionError instead of one of its own errors.
+_OMEGACONF_ERRORS = (OmegaConfBaseException, RecursionError)
+
+
 def _first_line(err: BaseException) -> str:
+    if isinstance(err, RecursionError):
+        return "an interpolation nests too deeply"
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
@@ -190,7 +247,18 @@ def _groups(dirs: list[Path]) -> set[str]:
     return {p.name for d in dirs for p in d.iterdir() if p.is_dir()}
 
 
+def check_name(what: str, name: str, where: str) -> None:
+    """Group and fragment names are names (letters, digits, ``-``, ``_``), never paths."""
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"bad {what} `{name}` in {where}: a {what} is a name of letters, digits, `-` and `_` "
+            "(configs/GROUP/NAME.yaml), not a path"
+        )
+
+
 def _fragment_path(group: str, name: str, dirs: list[Path]) -> Path:
+    check_name("config group", group, "the defaults or overrides")
+    check_name(f"{group} config name", name, "the defaults or overrides")
     for d in dirs:
         for ext in (".yaml", ".yml"):
             p = d / group / f"{name}{ext}"
@@ -237,6 +305,8 @@ def _parse_defaults(node: Any, path: Path) -> dict[str, str]:
                 f"bad `defaults` in {path}: `{group}` must name a file of configs/{group}/, got "
                 f"{name!r}"
             )
+        check_name("config group", str(group), f"the `defaults` of {path}")
+        check_name(f"{group} config name", name, f"the `defaults` of {path}")
         out[str(group)] = name
     return out
 
@@ -264,27 +334,33 @@ def parse_overrides(
         except yaml.YAMLError:
             value = raw  # not YAML: keep the text
         if key in groups and "." not in key and isinstance(value, str):
+            check_name(f"{key} config name", value, f"the override `{item}`")
             selections[key] = value
         else:
             assignments.append((key, value))
     return selections, assignments
 
 
-def compose(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+def compose(recipe: str | Path, overrides: Sequence[str] = (), *, trust: bool = False) -> Recipe:
     """Read ``recipe`` (a path or a bundled name), merge its fragments and apply ``overrides``.
 
     ``recipe`` may also be a checkpoint written by ``statplug fit``: its stored config is re-run
-    (a ``group=name`` override then goes over the stored group).
+    (a ``group=name`` override then goes over the stored group); it is read with
+    ``weights_only=True`` unless ``trust``.
+
+    A callback that no earlier layer (fragments, then the recipe, then earlier overrides) defines
+    must come with its ``_target_``: anything else under its name (``callbacks.audt=null``) is a
+    misspelled key.
 
     The result is not yet validated against the targets' signatures; see
     :func:`statplug.config.validate.validate`.
 
     Raises:
-        ConfigError: missing file, bad YAML, unknown fragment, malformed override.
+        ConfigError: missing file, bad YAML, unknown fragment, malformed override, unknown key.
     """
     path = find_recipe(recipe)
     stored = path.suffix in CHECKPOINT_SUFFIXES
-    raw = _stored_config(path) if stored else load_yaml(path)
+    raw = _stored_config(path, trust) if stored else load_yaml(path)
     dirs = _group_dirs(path)
     groups = _groups(dirs)
     fragments = _parse_defaults(raw.pop("defaults", None), path)
@@ -299,10 +375,17 @@ def compose(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             frag = load_yaml(_fragment_path(group, name, dirs))
             cfg = OmegaConf.merge(cfg, {group: frag})
         if not stored:
+            layer = raw.get("callbacks")
+            if isinstance(layer, DictConfig):
+                for cb_name in layer:
+                    _check_callback_name(cfg, [str(cb_name)], layer[cb_name], f" (in {path})")
             cfg = OmegaConf.merge(cfg, raw)
         for key, value in assignments:
+            parts = key.split(".")
+            if parts[0] == "callbacks" and len(parts) > 1:
+                _check_callback_name(cfg, parts[1:], value, " (command-line override)")
             OmegaConf.update(cfg, key, value, merge=True, force_add=True)
-    except OmegaConfBaseException as err:
+    except _OMEGACONF_ERRORS as err:
         raise ConfigError(f"cannot compose recipe {path}: {_first_line(err)}") from None
     assert isinstance(cfg, DictConfig)
     return Recipe(
@@ -314,11 +397,35 @@ def compose(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     )
 
 
-def _stored_config(path: Path) -> DictConfig:
-    """The resolved recipe config stored by ``statplug fit`` in ``checkpoint["statplug"]``."""
-    from statplug.config.checkpoint import load_checkpoint
+def _check_callback_name(cfg: DictConfig, parts: list[str], value: Any, origin: str) -> None:
+    """Refuse ``callbacks.NAME...`` when no earlier layer defines NAME and this is no new node."""
+    defined = cfg.get("callbacks")
+    known = [str(k) for k in defined] if isinstance(defined, DictConfig) else []
+    name = parts[0]
+    if name in known:
+        return
+    is_node = isinstance(value, dict | DictConfig) and "_target_" in value
+    if len(parts) == 1 and is_node:
+        return  # a new callback
+    guess = closest(name, known)
+    hint = f"; did you mean `callbacks.{guess}`?" if guess else ""
+    listing = ", ".join(known) or "none"
+    raise ConfigError(
+        f"unknown key `callbacks.{'.'.join(parts)}`{hint} (callbacks defined so far: {listing}; "
+        f"a new one needs a `_target_`){origin}"
+    )
 
-    meta = load_checkpoint(path).get("statplug")
+
+def _stored_config(path: Path, trust: bool = False) -> DictConfig:
+    """The resolved recipe config stored by ``statplug fit`` in ``checkpoint["statplug"]``.
+
+    It was stored resolved, so its strings are literal text: an interpolation in one
+    (``${oc.env:...}``) is escaped, never resolved.
+    """
+    from statplug.config.checkpoint import load_checkpoint
+    from statplug.config.targets import escape_interpolations
+
+    meta = load_checkpoint(path, trust=trust).get("statplug")
     cfg = meta.get("config") if isinstance(meta, dict) else None
     if isinstance(meta, dict) and meta.get("config_source") == "LightningCLI":
         raise ConfigError(
@@ -331,14 +438,44 @@ def _stored_config(path: Path) -> DictConfig:
             "only checkpoints written by `statplug fit` (or a model with `statplug_config`) can "
             "be re-run"
         )
-    return OmegaConf.create(cfg)
+    bad = _first_non_plain(cfg, "config")
+    if bad is not None:
+        raise ConfigError(
+            f"checkpoint `{path}`: its stored config holds {bad}; a stored config holds only "
+            "mappings with text keys, lists, text, numbers, booleans and null"
+        )
+    try:
+        return OmegaConf.create(escape_interpolations(cfg))
+    except _OMEGACONF_ERRORS as err:
+        raise ConfigError(f"checkpoint `{path}`: bad stored config: {_first_line(err)}") from None
+
+
+def _first_non_plain(node: Any, where: str) -> str | None:
+    """The first value (``"a tuple at `config.model`"``) that plain YAML could not have written."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if not isinstance(k, str):
+                return f"a {type(k).__name__} key at `{where}`"
+            bad = _first_non_plain(v, f"{where}.{k}")
+            if bad is not None:
+                return bad
+        return None
+    if isinstance(node, list):
+        for i, v in enumerate(node):
+            bad = _first_non_plain(v, f"{where}.{i}")
+            if bad is not None:
+                return bad
+        return None
+    if node is None or isinstance(node, str | int | float | bool):
+        return None
+    return f"a {type(node).__name__} at `{where}`"
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """A resolved copy of ``cfg`` in plain Python (loads with ``torch.load(weights_only=True)``)."""
     try:
         out = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as err:
+    except _OMEGACONF_ERRORS as err:
         raise ConfigError(f"cannot resolve the config: {_first_line(err)}") from None
     assert isinstance(out, dict)
     return {str(k): v for k, v in out.items()}

@@ -79,6 +79,7 @@ def run_recipe(
     overrides: Sequence[str] = (),
     *,
     progress: bool | None = None,
+    trust: bool = False,
 ) -> RecipeRun:
     """Run a recipe as ``statplug fit`` does, from Python; return the fitted objects.
 
@@ -93,12 +94,17 @@ def run_recipe(
             ``"trainer=ddp-cpu-2"``). Default: none.
         progress: show (True) or hide (False) Lightning's progress bar. Default: None (as the
             recipe says; shown when it does not say).
+        trust: build any ``_target_`` the config names (your own model or callback classes),
+            and load a checkpoint given as the recipe with ``weights_only=False``; without it
+            only statplug's classes and a short allowlist (``statplug fit --trust``).
+            Default: False.
 
     Returns:
         :class:`RecipeRun` with the fitted ``model``, the ``trainer``, the ``checkpoint_path``,
         the ``datamodule`` and the resolved ``config``.
 
     Raises:
-        ConfigError: the recipe or an override is wrong (unknown key, bad value, bad YAML).
+        ConfigError: the recipe or an override is wrong (unknown key, bad value, bad YAML), or
+            it names a ``_target_`` outside statplug and ``trust`` is False.
     """
-    return fit_run(load_recipe(name_or_path, overrides), progress=progress)
+    return fit_run(load_recipe(name_or_path, overrides, trust=trust), progress=progress)

@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from omegaconf import DictConfig
 
 from statplug.config.errors import ConfigError, closest
+from statplug.config.targets import check_literal_text, check_targets
 
 __all__ = ["TOP_LEVEL_KEYS", "resolve_target", "validate"]
 
@@ -34,6 +35,8 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "trainer": "keyword arguments of lightning.pytorch.Trainer",
     "callbacks": "a mapping name -> callback node with `_target_` (null disables one)",
 }
+# The top-level nodes that are built (passed to Hydra).
+_BUILT_KEYS = ("model", "data", "trainer", "callbacks")
 _HYDRA_KEYS = {"_target_", "_args_", "_recursive_", "_convert_", "_partial_"}
 
 
@@ -218,8 +221,12 @@ def validate(
     overridden: set[str] | None = None,
     recipe: Path | None = None,
     require: tuple[str, ...] = ("model", "data"),
+    trust: bool = False,
 ) -> dict[str, Any]:
     """Check ``cfg``; return its resolved plain-dict copy.
+
+    Unless ``trust``, every ``_target_`` must be one statplug allows (see
+    :mod:`statplug.config.targets`); this is checked before any target is imported.
 
     Raises:
         ConfigError: the first problem, on one line, naming the key and the closest valid key.
@@ -228,6 +235,10 @@ def validate(
     from statplug.config.loader import to_plain
 
     plain = to_plain(cfg)
+    if not trust:
+        for key in _BUILT_KEYS:  # what build_node refuses, refused before anything is imported
+            check_literal_text(plain.get(key), where=key)
+        check_targets(plain, origin=f" (config from {recipe})" if recipe is not None else "")
     for key, value in plain.items():
         suffix = _origin(key, overridden, recipe)
         if key not in TOP_LEVEL_KEYS:

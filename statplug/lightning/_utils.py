@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -24,6 +27,7 @@ __all__ = [
     "process_group",
     "pruning_masks",
     "settle",
+    "warn_if_resumed_mid_epoch",
 ]
 
 # Set by MagnitudePruning on each pruned module: {parameter name: mask buffer name}.
@@ -59,6 +63,68 @@ def checkpoint_due_after_batch(trainer: pl.Trainer) -> bool:
         if n >= 1 and step % n == 0:
             return True
     return False
+
+
+# Trainers already warned about a mid-epoch resume: the mixin and SyncStats both check, once.
+_RESUME_WARNED: weakref.WeakKeyDictionary[pl.Trainer, object] = weakref.WeakKeyDictionary()
+
+
+def _leaves(loaders: Any) -> list[Any]:
+    """The dataloaders in what ``trainer.train_dataloader`` returns (one, or a collection)."""
+    if isinstance(loaders, Mapping):
+        return [leaf for v in loaders.values() for leaf in _leaves(v)]
+    if isinstance(loaders, list | tuple):
+        return [leaf for v in loaders for leaf in _leaves(v)]
+    return [] if loaders is None else [loaders]
+
+
+def _batch_size(loader: Any) -> int | None:
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return size if isinstance(size, int) else None
+
+
+def warn_if_resumed_mid_epoch(trainer: pl.Trainer, pl_module: nn.Module, owner: str) -> None:
+    """Warn once when a fit resumed mid-epoch with a dataloader that cannot resume.
+
+    Call in ``on_train_start``. Lightning then starts the epoch's data again from its first
+    batch and ends the epoch after the batches it had left: of the ``done`` batches run before
+    the checkpoint, ``min(done, total - done)`` are run (and counted by every stat) again, and as
+    many of the epoch's last batches are not run at all.
+    """
+    if trainer in _RESUME_WARNED or trainer.ckpt_path is None:
+        return
+    _RESUME_WARNED[trainer] = trainer.ckpt_path
+    # The epoch's batches fetched before the save; Lightning counts the restarted epoch from here.
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    total = trainer.num_training_batches
+    if not (isinstance(total, int) and 0 < done < total):
+        return  # saved at an epoch end (or an iterable without length): nothing runs twice
+    loaders = _leaves(trainer.train_dataloader)
+    if all(hasattr(dl, "state_dict") and hasattr(dl, "load_state_dict") for dl in loaders):
+        return  # Lightning restores the loaders' position
+    from statplug.lightning.callbacks.activation_stats import ActivationStats
+
+    has_stats = any(isinstance(m, Stat) for m in pl_module.modules()) or any(
+        isinstance(cb, ActivationStats) for cb in trainer.callbacks  # type: ignore[attr-defined]
+    )
+    if not has_stats:
+        return
+    twice = min(done, total - done)
+    sizes = [s for s in map(_batch_size, loaders) if s is not None]
+    known = bool(sizes) and len(sizes) == len(loaders)
+    samples = (f"{twice * sum(sizes):,} samples" if known else "their samples") + (
+        f" on each of {trainer.world_size} processes" if trainer.world_size > 1 else ""
+    )
+    rank_zero_warn(
+        f"{owner}: resuming from a checkpoint saved after batch {done} of {total} in epoch "
+        f"{trainer.current_epoch}, with a dataloader that cannot resume mid-epoch: Lightning "
+        f"starts the epoch's data again from its first batch, so the stats will count "
+        f"{twice} batches ({samples}) a second time, and not see the epoch's last {twice}. "
+        "Resume from a checkpoint saved at an epoch end, or give the dataloader `state_dict` / "
+        "`load_state_dict` (e.g. torchdata's StatefulDataLoader), to avoid this."
+    )
 
 
 def settle(stats: Iterable[Stat]) -> None:

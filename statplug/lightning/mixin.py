@@ -27,7 +27,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from statplug.averaging import FIXED_ATTR
 from statplug.errors import CheckpointMismatchError
-from statplug.lightning._utils import PRUNING_ATTR, TrackedBuffer, tracked
+from statplug.lightning._utils import (
+    PRUNING_ATTR,
+    TrackedBuffer,
+    tracked,
+    warn_if_resumed_mid_epoch,
+)
 from statplug.stats.base import Stat
 
 __all__ = ["CHECKPOINT_KEY", "METADATA_VERSION", "StatsMixin", "plain_config"]
@@ -108,8 +113,10 @@ def _shape_of(entry: TrackedBuffer) -> list[int]:
 class StatsMixin(_Base):
     """Checkpoint metadata and layout checks for every stat, mask and encoding of a module.
 
-    Put it before ``LightningModule`` in the bases. If the model overrides ``on_save_checkpoint``
-    or ``on_load_checkpoint``, it must call ``super()``.
+    Put it before ``LightningModule`` in the bases. If the model overrides ``on_save_checkpoint``,
+    ``on_load_checkpoint`` or ``on_train_start``, it must call ``super()``. A fit resumed from a
+    mid-epoch checkpoint with a dataloader that cannot resume warns once, naming how many samples
+    the stats will count twice (Lightning runs that epoch's first batches again).
 
     Attributes:
         missing_stats: what loading does when the model has a stat (or a saved mask) that the
@@ -202,6 +209,15 @@ class StatsMixin(_Base):
         if parent is not None:
             parent(checkpoint)
         checkpoint[CHECKPOINT_KEY] = self.statplug_metadata()
+
+    # ------------------------------------------------------------------ resume
+    def on_train_start(self) -> None:
+        """Warn once if the fit resumed mid-epoch with a dataloader that cannot resume: Lightning
+        then runs some of the epoch's batches again, and the stats would count them twice."""
+        parent = getattr(super(), "on_train_start", None)
+        if parent is not None:
+            parent()
+        warn_if_resumed_mid_epoch(self.trainer, self, "StatsMixin")
 
     # ------------------------------------------------------------------ load
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

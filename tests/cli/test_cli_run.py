@@ -60,6 +60,8 @@ def test_trainer_presets_instantiate_to_a_trainer() -> None:
 
 def test_a_trainer_target_that_is_not_a_trainer_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"`trainer._target_`: expected lightning.pytorch"):
+        load_recipe("tabular", ["trainer._target_=collections.OrderedDict"], trust=True)
+    with pytest.raises(ConfigError, match=r"`trainer._target_`: refusing .*--trust"):
         load_recipe("tabular", ["trainer._target_=collections.OrderedDict"])
 
 
@@ -109,7 +111,7 @@ def test_run_recipe_returns_the_fitted_run_and_honours_seed_and_threads(tmp_path
     runs = [
         statplug.run_recipe(
             "tabular", [*QUIET, f"trainer.default_root_dir={tmp_path / str(i)}", "num_threads=1",
-                        f"seed={seed}", *probe], progress=False,
+                        f"seed={seed}", *probe], progress=False, trust=True,
         )
         for i, seed in enumerate((3, 3, 4))
     ]

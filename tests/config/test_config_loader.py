@@ -92,6 +92,48 @@ def test_callback_can_be_disabled_with_null() -> None:
     assert run.config["callbacks"]["sync"] is not None
 
 
+def test_unknown_callback_names_are_errors_whatever_their_value(tmp_path: Path) -> None:
+    misspelled = ("callbacks.audt=null", "callbacks.syn=3", "callbacks.syn.every_n_train_steps=2")
+    for override in misspelled:
+        with pytest.raises(ConfigError, match=r"unknown key `callbacks\.\w+.*did you mean"):
+            load_recipe("tabular", [override])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        (REPO / "recipes" / "tabular.yaml").read_text() + "callbacks:\n  audt: null\n"
+    )
+    with pytest.raises(ConfigError, match=r"`callbacks\.audt`; did you mean `callbacks\.audit`"):
+        load_recipe(recipe)
+
+
+def test_a_new_callback_comes_with_its_target() -> None:
+    run = load_recipe(
+        "tabular",
+        [
+            "callbacks.extra={_target_: statplug.lightning.callbacks.SyncStats}",
+            "callbacks.extra.every_n_train_steps=2",
+        ],
+    )
+    assert run.config["callbacks"]["extra"]["every_n_train_steps"] == 2
+    run = load_recipe("tabular", ["callbacks=none", "callbacks.sync={_target_: "
+                                  "statplug.lightning.callbacks.SyncStats}"])
+    assert list(run.config["callbacks"]) == ["sync"]
+
+
+@pytest.mark.parametrize("override", ["trainer=../configs/trainer/cpu", "trainer=cpu.yaml",
+                                      "callbacks=/etc/x", "trainer=cpu/../cpu"])
+def test_group_names_are_names_not_paths(override: str) -> None:
+    with pytest.raises(ConfigError, match="not a path"):
+        load_recipe("tabular", [override])
+
+
+def test_yaml_aliases_and_deep_nesting_are_refused() -> None:
+    with pytest.raises(Exception, match="aliases"):
+        parse_yaml("a: &x [1]\nb: *x\n")
+    with pytest.raises(Exception, match="nested more than"):
+        parse_yaml("a: " + "[" * 100 + "]" * 100)
+    assert parse_yaml("a: &x [1]\n") == {"a": [1]}  # an anchor alone is harmless
+
+
 def test_interpolation_is_resolved_in_the_plain_copy() -> None:
     run = load_recipe("tinylm", ["data.vocab_size=20"])
     assert run.config["model"]["vocab_size"] == 20

@@ -19,8 +19,10 @@ from statplug import (
     ActivationStats,
     AuditBuffers,
     AuditError,
+    CheckpointMismatchError,
     MagnitudePruning,
     RunningMoments,
+    StatsMixin,
     SyncStats,
 )
 
@@ -321,7 +323,7 @@ def test_activation_stats_bf16_outputs_and_step_logging(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------- pruning
 
 
-class TwoLayer(pl.LightningModule):
+class TwoLayer(StatsMixin, pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Linear(4, 16)
@@ -361,6 +363,45 @@ def test_pruning_masks_are_buffers_applied_in_forward(tmp_path: Path) -> None:
         model.a.weight.add_(1.0)
     model(torch.randn(2, 4))
     assert bool((model.a.weight[~model.a.weight_mask] == 0).all())
+
+
+class PlainTwoLayer(pl.LightningModule):
+    """TwoLayer without StatsMixin: its checkpoints' masks could not be loaded back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 16)
+        self.b = nn.Linear(16, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_pruning_a_model_without_the_mixin_stops_at_fit_start(tmp_path: Path) -> None:
+    """Without the mixin `load_from_checkpoint` refuses the masks as unexpected keys: the fit
+    stops before it writes a checkpoint that cannot be loaded back, and says what to add."""
+    model = PlainTwoLayer()
+    before = model.a.weight.detach().clone()
+    trainer = _trainer(tmp_path, [MagnitudePruning(0.5)], enable_checkpointing=True)
+    fix = r"PlainTwoLayer.*class PlainTwoLayer\(StatsMixin"
+    with pytest.raises(CheckpointMismatchError, match=fix):
+        trainer.fit(model, loader(*make_data(32)))
+    assert torch.equal(model.a.weight, before)  # no step ran
+    assert not list(tmp_path.rglob("*.ckpt"))
+    # The same model with the mixin trains, and its checkpoint loads back without a Trainer.
+    model = TwoLayer()
+    trainer = _trainer(tmp_path, [MagnitudePruning(0.5)])
+    trainer.fit(model, loader(*make_data(32)))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = TwoLayer.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert torch.equal(loaded.a.weight_mask, model.a.weight_mask)
 
 
 def test_pruning_global_scope_and_schedule(tmp_path: Path) -> None:

@@ -19,6 +19,10 @@ Design choices (see DESIGN.md §2 and §5):
 * Starting to prune from a checkpoint written without pruning: its state dict lacks the masks. A
   ``StatsMixin`` model loads it with ``missing_stats = "init"`` (masks start all True); otherwise
   load the weights first (``Model.load_from_checkpoint``) and ``fit`` without ``ckpt_path``.
+* ``Model.load_from_checkpoint`` builds a fresh model, without masks, and loads strictly: only
+  ``StatsMixin``'s load hook registers the masks the file holds. A fit on a ``LightningModule``
+  without the mixin therefore stops in ``setup``, before any checkpoint that could not be loaded
+  back is written, with one line naming the fix (``CheckpointMismatchError``).
 * Masks are computed from the weights alone (stable sort of ``|w|``, ties broken by position),
   which DDP keeps identical on every rank, so the masks are identical too without communication.
 """
@@ -39,7 +43,9 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from statplug.averaging import FIXED_ATTR
+from statplug.errors import CheckpointMismatchError
 from statplug.lightning._utils import PRUNING_ATTR, matches
+from statplug.lightning.mixin import StatsMixin
 
 __all__ = ["MagnitudePruning"]
 
@@ -58,6 +64,24 @@ def _check_amount(value: Any, epoch: int | None = None) -> float:
             f"got {value!r}{where}"
         )
     return float(value)
+
+
+def _require_mixin(pl_module: pl.LightningModule) -> None:
+    """Fail at fit start when the run's checkpoints could not be loaded back.
+
+    ``Model.load_from_checkpoint`` builds a fresh model, which has no mask buffers (this callback
+    registers them in ``setup``), and loads strictly: only :class:`StatsMixin`'s load hook
+    registers the masks a checkpoint holds. Nothing outside the class can add that hook.
+    """
+    if isinstance(pl_module, StatsMixin):
+        return
+    name = type(pl_module).__name__
+    raise CheckpointMismatchError(
+        f"MagnitudePruning: {name} does not mix in StatsMixin, so its checkpoints would hold mask "
+        f"buffers (`*.weight_mask`) that `{name}.load_from_checkpoint` refuses as unexpected "
+        f"keys. Add the mixin first in its bases: `class {name}(StatsMixin, "
+        "pl.LightningModule)`"
+    )
 
 
 class MagnitudePruning(Callback):
@@ -183,6 +207,8 @@ class MagnitudePruning(Callback):
         # Registered here, before a checkpoint is restored: a buffer registered in on_fit_start
         # or later would make strict loading fail with "Unexpected key(s)". The hooks stay after
         # the run (the model keeps applying its masks); a new setup replaces them.
+        if trainer is not None and stage == "fit" and isinstance(pl_module, pl.LightningModule):
+            _require_mixin(pl_module)
         self._remove_hooks()
         targets = self.pruned(pl_module)
         if not targets:

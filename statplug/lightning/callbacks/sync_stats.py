@@ -59,7 +59,12 @@ from statplug.distributed import (
 )
 from statplug.distributed.ddp import stat_buffer_names
 from statplug.errors import IncompatibleCallbackError
-from statplug.lightning._utils import checkpoint_due_after_batch, process_group, settle
+from statplug.lightning._utils import (
+    checkpoint_due_after_batch,
+    process_group,
+    settle,
+    warn_if_resumed_mid_epoch,
+)
 from statplug.lightning.callbacks.stats_weight_averaging import stock_averaging_error
 
 __all__ = ["SyncStats"]
@@ -214,6 +219,7 @@ class SyncStats(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed run starts at the checkpoint's step, which was already synced before the save.
         self._last_step_synced = trainer.global_step
+        warn_if_resumed_mid_epoch(trainer, pl_module, "SyncStats")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,0 +1,220 @@
+"""Which ``_target_`` a config may build: statplug's own classes and a short allowlist.
+
+Files are data, not code. A recipe, a ``configs/`` fragment or a config stored in a checkpoint
+names the classes to build with ``_target_``, and ``hydra.utils.instantiate`` imports and calls
+whatever it names (``builtins.open``, ``shutil.copyfile``, ``torch.save`` ...). Unless the user
+passes ``--trust``, every ``_target_`` anywhere in a config (nested nodes, ``_args_`` lists,
+``_partial_`` nodes) must be
+
+* a public class defined in statplug, named by a path of public statplug modules (resolved here
+  step by step, never through an attribute of a non-statplug object, so neither
+  ``statplug.config.checkpoint.torch.load`` nor ``statplugx.evil`` passes), or
+* one of :data:`ALLOWED_TARGETS`, compared as exact strings (the torch and Lightning classes the
+  bundled recipes need).
+
+Nothing outside statplug is imported to decide, so a refused name never runs module code.
+
+Hydra resolves OmegaConf interpolations again when it instantiates (twice: ``OmegaConf.resolve``
+on its copy, then again as it reads each value), so a string that reads
+``${oc.create:{_target_: ...}}`` after the config was resolved would become a node to build.
+Without ``--trust`` no such string reaches Hydra (:func:`check_literal_text`); with it,
+:func:`escape_for_hydra` keeps the text as it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import sys
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+from statplug.config.errors import ConfigError
+
+__all__ = [
+    "ALLOWED_TARGETS",
+    "check_literal_text",
+    "check_targets",
+    "escape_for_hydra",
+    "escape_interpolations",
+    "is_allowed_target",
+    "iter_all_targets",
+]
+
+ALLOWED_TARGETS: frozenset[str] = frozenset(
+    {
+        "lightning.pytorch.Trainer",
+        "lightning.pytorch.loggers.CSVLogger",
+        "lightning.pytorch.loggers.csv_logs.CSVLogger",
+    }
+)
+# Other spellings of an allowed class, left out of messages.
+_ALIASES = frozenset({"lightning.pytorch.loggers.csv_logs.CSVLogger"})
+_PACKAGE = "statplug"
+
+
+_MISSING = object()  # a statplug.* name that names nothing: validation suggests the fix
+_OUTSIDE = object()  # a name that leaves statplug's public modules on the way
+_NOT_LOADED = object()  # undecided without importing a statplug module not imported yet
+
+
+def _statplug_object(target: str, *, load: bool = True) -> Any:
+    """The object ``target`` names inside statplug, ``_MISSING`` or ``_OUTSIDE``.
+
+    Resolved like Hydra's ``_locate`` (attribute, else submodule), but every step before the last
+    must be a statplug module and no step may be private (``_x``), which also rules out dunder
+    attributes such as ``__globals__`` or ``__builtins__``. With ``load=False`` nothing is
+    imported (module ``__getattr__`` hooks are bypassed too) and ``_NOT_LOADED`` says the answer
+    needs an import.
+    """
+    parts = target.split(".")
+    if parts[0] != _PACKAGE or not all(p.isidentifier() and not p.startswith("_") for p in parts):
+        return _OUTSIDE
+    obj: Any = importlib.import_module(_PACKAGE)
+    for i, part in enumerate(parts[1:], start=1):
+        if not isinstance(obj, ModuleType) or not (
+            obj.__name__ == _PACKAGE or obj.__name__.startswith(_PACKAGE + ".")
+        ):
+            return _OUTSIDE
+        name = ".".join(parts[: i + 1])
+        child = getattr(obj, part, _MISSING) if load else vars(obj).get(part, _MISSING)
+        if child is _MISSING:
+            if not load:
+                return sys.modules.get(name, _NOT_LOADED)  # type: ignore[call-overload]
+            try:
+                child = importlib.import_module(name)
+            except ImportError:
+                return _MISSING
+        obj = child
+    return obj
+
+
+def _is_statplug_class(obj: Any) -> bool:
+    module = getattr(obj, "__module__", None) or ""
+    return inspect.isclass(obj) and (module == _PACKAGE or module.startswith(_PACKAGE + "."))
+
+
+def is_allowed_target(target: Any) -> bool:
+    """Whether a config may build ``target`` without ``--trust``."""
+    if not isinstance(target, str):
+        return False
+    return target in ALLOWED_TARGETS or _is_statplug_class(_statplug_object(target))
+
+
+def _refused(target: Any, *, load: bool) -> bool:
+    """Whether ``target`` is refused; with ``load=False``, only what is decided without imports.
+
+    A ``statplug.*`` name that names nothing is not refused here: validation reports the typo
+    with the closest valid name.
+    """
+    if not isinstance(target, str):
+        return True
+    if target in ALLOWED_TARGETS:
+        return False
+    if target.split(".")[0] != _PACKAGE:
+        return True
+    obj = _statplug_object(target, load=load)
+    if obj is _MISSING or obj is _NOT_LOADED:
+        return False
+    if not load and obj is not _OUTSIDE and isinstance(obj, ModuleType):
+        return False  # a module reached without imports: the full pass resolves what follows
+    return not _is_statplug_class(obj)
+
+
+def iter_all_targets(node: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """``(key, target)`` for every ``_target_`` anywhere in a plain config, depth first."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield where, node["_target_"]
+        for key, value in node.items():
+            yield from iter_all_targets(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            yield from iter_all_targets(value, f"{where}.{i}" if where else str(i))
+
+
+def check_targets(node: Any, *, where: str = "", origin: str = "") -> None:
+    """Refuse the first ``_target_`` in ``node`` that is not allowed without ``--trust``.
+
+    What can be decided without importing anything is decided first (names outside statplug,
+    paths through modules already imported), so a hostile config is refused before the modules
+    its other targets name (Lightning's, for the callbacks) are imported to check those.
+
+    Args:
+        node: a plain (resolved) config or one node of it.
+        where: the key of ``node`` in the whole config, for messages.
+        origin: where the config came from, appended to the message (`` (in run.ckpt)``).
+
+    Raises:
+        ConfigError: one line naming the key, the target and ``--trust``.
+    """
+    targets = list(iter_all_targets(node, where))
+    refused = next((kt for kt in targets if _refused(kt[1], load=False)), None) or next(
+        (kt for kt in targets if _refused(kt[1], load=True)), None
+    )
+    if refused is None:
+        return
+    key, target = refused
+    shown = target if isinstance(target, str) else repr(target)
+    allowed = ", ".join(sorted(t for t in ALLOWED_TARGETS if t not in _ALIASES))
+    raise ConfigError(
+        f"`{key + '.' if key else ''}_target_`: refusing to build `{shown}`: without --trust "
+        f"a config builds only statplug's own classes and {allowed}; pass --trust if you "
+        f"trust this config and the code it names{origin}"
+    )
+
+
+_INTERPOLATION = re.compile(r"(\\*)\$\{")
+
+
+def escape_interpolations(node: Any) -> Any:
+    """A copy of a resolved plain config whose strings OmegaConf will read as literal text.
+
+    ``${`` becomes ``\\${`` (and backslashes just before it are doubled), OmegaConf's escape.
+    """
+    if isinstance(node, str):
+        if "${" not in node:
+            return node
+        return _INTERPOLATION.sub(lambda m: m.group(1) * 2 + "\\${", node)
+    if isinstance(node, dict):
+        return {k: escape_interpolations(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return type(node)(escape_interpolations(v) for v in node)
+    return node
+
+
+def _first_interpolation_text(node: Any, where: str) -> str | None:
+    if isinstance(node, str):
+        return where if "${" in node else None
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(
+        node, list | tuple) else ()
+    for key, value in items:
+        found = _first_interpolation_text(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def check_literal_text(node: Any, *, where: str = "") -> None:
+    """Refuse text containing ``${`` in a node about to be built without ``--trust``.
+
+    Such text only comes from an escaped interpolation (or a stored config) and Hydra would read
+    it as an interpolation again; ``${oc.create:...}`` builds any ``_target_``.
+
+    Raises:
+        ConfigError: one line naming the key and ``--trust``.
+    """
+    key = _first_interpolation_text(node, where)
+    if key is not None:
+        raise ConfigError(
+            f"`{key}`: refusing to pass text containing `${{` to a constructor: Hydra would "
+            "resolve it again as an interpolation (which can build any `_target_`); pass --trust "
+            "if you trust this config"
+        )
+
+
+def escape_for_hydra(node: Any) -> Any:
+    """A resolved plain config escaped for ``hydra.utils.instantiate``'s two resolutions."""
+    return escape_interpolations(escape_interpolations(node))
