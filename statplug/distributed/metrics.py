@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from statplug.distributed.sync import _fingerprint, _raise_layout_error, _sync
 from statplug.distributed.sync import find_stats as _find_stats
-from statplug.errors import StatLayoutError, StatplugError
+from statplug.errors import StatplugError
 from statplug.stats.base import Stat
 
 if TYPE_CHECKING:
@@ -554,24 +554,9 @@ class _Exchange:
 
 
 def _raise_metric_layout_error(layout: list[str], group: Any) -> None:
-    # Error path only: gather every rank's layout to name the first differing metric.
-    world = dist.get_world_size(group)
-    layouts: list[list[str] | None] = [None] * world
-    dist.all_gather_object(layouts, layout, group=group)
-    lists = [lst or [] for lst in layouts]
-
-    def at(lst: list[str], i: int) -> str | None:
-        return lst[i] if i < len(lst) else None
-
-    n_max = max(len(lst) for lst in lists)
-    first = next((i for i in range(n_max + 1) if len({at(lst, i) for lst in lists}) > 1), 0)
-    per_rank = "; ".join(
-        f"rank {r}: {at(lst, first) or '<no metric>'}" for r, lst in enumerate(lists)
-    )
-    raise StatLayoutError(
-        f"sync_metrics: ranks hold different metric layouts; first difference at metric "
-        f"#{first}: {per_rank}. Every rank must build, log and sync the same metrics in the same "
-        f"order (same model and config); counts per rank: {[len(lst) for lst in lists]}"
+    _raise_layout_error(
+        layout, group, what="metric", caller="sync_metrics",
+        fix="build, log and sync the same metrics in the same order",
     )
 
 

@@ -160,8 +160,12 @@ def _raise_agreed_error(stats: list[Stat], group: dist.ProcessGroup | None) -> N
     )
 
 
-def _raise_layout_error(layout: list[str], group: dist.ProcessGroup | None) -> None:
-    # Error path only: gather every rank's layout to name the first differing stat.
+def _raise_layout_error(
+    layout: list[str], group: dist.ProcessGroup | None, *, what: str = "stat",
+    caller: str = "sync_stats", fix: str = "build the same stats in the same order",
+) -> None:
+    """Raise :class:`StatLayoutError` naming the first ``what`` (stat, metric) whose layout
+    differs between ranks. Error path only: every rank's layout is gathered to find it."""
     world = dist.get_world_size(group)
     layouts: list[list[str] | None] = [None] * world
     dist.all_gather_object(layouts, layout, group=group)
@@ -173,12 +177,12 @@ def _raise_layout_error(layout: list[str], group: dist.ProcessGroup | None) -> N
     n_max = max(len(lst) for lst in lists)
     first = next((i for i in range(n_max + 1) if len({at(lst, i) for lst in lists}) > 1), 0)
     per_rank = "; ".join(
-        f"rank {r}: {at(lst, first) or '<no stat>'}" for r, lst in enumerate(lists)
+        f"rank {r}: {at(lst, first) or f'<no {what}>'}" for r, lst in enumerate(lists)
     )
     raise StatLayoutError(
-        f"sync_stats: ranks hold different stat layouts; first difference at stat #{first}: "
-        f"{per_rank}. Every rank must build the same stats in the same order (same model and "
-        f"config); counts per rank: {[len(lst) for lst in lists]}"
+        f"{caller}: ranks hold different {what} layouts; first difference at {what} #{first}: "
+        f"{per_rank}. Every rank must {fix} (same model and config); counts per rank: "
+        f"{[len(lst) for lst in lists]}"
     )
 
 
