@@ -77,7 +77,7 @@ class PinnedDtypeModule(nn.Module):
             pinned = self.__dict__["_pinned_dtypes"] = {}
         pinned[name] = tensor.dtype
         # A wrapper that casts buffers casts every floating buffer it manages to one dtype, so one
-        # buffer per distinct dtype tells: float64 working state cast to float32 is caught too.
+        # buffer per distinct dtype tells: a float64 accumulator cast to float32 is caught too.
         firsts: dict[torch.dtype, str] = {}
         for n, d in pinned.items():
             firsts.setdefault(d, n)

@@ -118,9 +118,9 @@ class RunningMoments(Stat):
     def update(self, x: Tensor) -> None:
         """Add the samples in ``x`` (shape ``[..., *shape]``) to the statistic.
 
-        One pass over ``x`` (torch's fused batch-norm statistics kernel) and seven
-        ``shape``-sized ops. Never builds a graph; never reads a tensor on the host except with
-        ``nan_policy="raise"``, which looks once per update.
+        One pass over ``x`` (torch's fused batch-norm statistics kernel) and eight small ops
+        that merge it into the saved state. Never builds a graph; never reads a tensor on the
+        host except with ``nan_policy="raise"``, which looks once per update.
         """
         self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
         if (
