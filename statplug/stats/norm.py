@@ -254,6 +254,7 @@ class RunningNorm(PinnedDtypeModule):
         b = cast(dict[str, Tensor], m._buffers)
         mean, count = b["mean"], b["count"]
         var = b["m2"] / count
+        ok: Tensor | None = None
         if not ready:
             ok = count >= 2
             # Identity until then: mean 0 and var + eps == 1 exactly make the kernel return x.
@@ -274,10 +275,10 @@ class RunningNorm(PinnedDtypeModule):
                 rows, None, None, mean.reshape(-1), var.reshape(-1), False, 0.0, self.eps, False
             ).view(x.shape)
         if self.clip is not None:
-            if ready:
+            if ok is None:
                 y = y.clamp_(-self.clip, self.clip)
             else:  # no clipping either while the normaliser is still the identity
-                bound = torch.where(count >= 2, self.clip, math.inf).to(y.dtype)
+                bound = torch.where(ok, self.clip, math.inf).to(y.dtype)
                 y = torch.clamp(y, -bound, bound)
         return y.to(x.dtype) if x.is_floating_point() and y.dtype is not x.dtype else y
 
