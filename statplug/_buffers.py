@@ -195,8 +195,10 @@ def name_modules(root: nn.Module) -> list[PinnedDtypeModule]:
     found = []
     for name, mod in root.named_modules():
         if isinstance(mod, PinnedDtypeModule):
-            if name:
-                mod._statplug_name = name
+            # A plain string attribute: written to __dict__ only when it changes (every sync
+            # walks the model; nn.Module.__setattr__ costs ~1 us a module).
+            if name and mod.__dict__.get("_statplug_name") != name:
+                mod.__dict__["_statplug_name"] = name
             found.append(mod)
     return found
 

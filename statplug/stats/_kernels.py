@@ -15,6 +15,7 @@ Rows left over by the split form one more group; wide batches are split at least
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -24,8 +25,8 @@ __all__ = [
     "batch_moments",
     "exact_moments",
     "grouped_moments",
+    "moments_ok",
     "rows_per_group",
-    "score_moments",
 ]
 
 # Rows per group: at most this many rows are summed per feature in float32. Measured with mean 1e4
@@ -95,7 +96,7 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-# The raise policy's refinement (see ``score_moments``). A group of ``r`` float32 rows sums its
+# The raise policy's refinement (see ``moments_ok``). A group of ``r`` float32 rows sums its
 # columns with an error of about 0.35 * sqrt(r) ulps of the mean on typical data (measured:
 # 11-17 ulps at 1024-2048 rows), up to r / 10 ulps when the data span only a few ulps (ratios of
 # mean to std of 1e5 and more). The variance is taken around that mean, so it comes out too large
@@ -119,28 +120,37 @@ def rows_per_group(n_rows: int, n_features: int) -> int:
 def _score_constants(
     rows: int, input_dtype: torch.dtype, acc_dtype: torch.dtype, var_dtype: torch.dtype
 ) -> tuple[float, float]:
-    """(k, big) of :func:`score_moments` (``torch.finfo`` costs a microsecond a call)."""
+    """(k, big) of :func:`moments_ok` (``torch.finfo`` costs a microsecond a call)."""
     eps = torch.finfo(input_dtype).eps
     big = min(torch.finfo(acc_dtype).max, torch.finfo(var_dtype).max) * HEADROOM
     return rows * eps * eps / REFINE_TOLERANCE, big
 
 
-def score_moments(
+def moments_ok(
     mean: Tensor, var: Tensor, rows: int, input_dtype: torch.dtype, acc_dtype: torch.dtype
-) -> Tensor:
-    """One scalar that tells whether :func:`batch_moments`' ``mean``/``var`` can be kept.
+) -> bool | None:
+    """True when :func:`batch_moments`' ``mean``/``var`` can be kept, False when they must be
+    recomputed exactly, None when some column is not finite (the batch held a NaN or Inf, or
+    its sums overflowed). ``t`` is negative when the column's result may be off by more than
+    :data:`REFINE_TOLERANCE` relative (``k`` is that budget for ``rows`` rows of
+    ``input_dtype``).
 
-    NaN when some column statistic is not finite (the batch held a NaN or Inf, or its sums
-    overflowed); negative when a column's result may be off by more than
-    :data:`REFINE_TOLERANCE` relative, or its variance leaves less than :data:`HEADROOM` of the
-    accumulator; otherwise >= 0. Per column ``t = var * (1 - var / big) - k * mean**2``, times
-    ``var`` so that exactly constant columns (variance 0: every value equals the mean, nothing to
-    refine) score 0; the minimum over columns. Three small ops and a reduction.
+    Kept when every column's score ``t = var - k * mean**2`` lies in ``[0, big]`` (``big``: the
+    :data:`HEADROOM` of the accumulator): one op, one ``aminmax`` and one host read on ordinary
+    data. The rare batches outside are decided per column: exactly constant columns (variance
+    0) have nothing to refine. The upper bound holds ``var <= big`` except for columns whose
+    ``k * mean**2`` itself exceeds ``big`` (means beyond ~1e17 in float32), where the margin
+    left is ~2**-28 of the accumulator instead of 2**-40.
     """
     k, big = _score_constants(rows, input_dtype, acc_dtype, var.dtype)
-    t = torch.addcmul(var, var, var, value=-1.0 / big)
-    t.addcmul_(mean, mean, value=-k)
-    return t.mul_(var).amin()
+    t = torch.addcmul(var, mean, mean, value=-k)
+    lo, hi = torch.aminmax(t)
+    low, high = float(lo), float(hi)
+    if low >= 0.0 and high <= big:
+        return True
+    if math.isnan(low) or math.isnan(high):
+        return None
+    return bool((((t >= 0) | (var == 0)) & (var <= big)).all())
 
 
 def exact_moments(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,7 +158,7 @@ def exact_moments(x: Tensor) -> tuple[Tensor, Tensor]:
 
     The first row is subtracted in float64 (exact for float32 data), so the kernel sums
     deviations, not values: no loss to a large mean, no overflow of values near the float32
-    maximum. Three passes; the ``raise`` policy's path for batches :func:`score_moments` rejects.
+    maximum. Three passes; the ``raise`` policy's path for batches :func:`moments_ok` rejects.
     """
     x64 = x.to(torch.float64, copy=True)  # never the caller's tensor: it is shifted in place
     pivot = x64[0].clone()

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
 from statplug.errors import CheckpointMismatchError, StatplugError
-from statplug.stats._kernels import exact_moments, rows_per_group, score_moments
+from statplug.stats._kernels import GROUP_ROWS, exact_moments, moments_ok, rows_per_group
 
 __all__ = ["NanPolicy", "Stat", "SyncBatch", "real_number"]
 
@@ -94,6 +94,13 @@ def _device_arg(device: Any, owner: str) -> torch.device | None:
 
 def _compiling() -> bool:
     return bool(torch.compiler.is_compiling())
+
+
+def _host_count(count: Tensor) -> bool:
+    """Whether ``count`` can be read on the host for free: a plain CPU tensor outside
+    ``torch.compile`` (a memory read, no device to wait for). Elsewhere the update's weights
+    stay on the device."""
+    return type(count) is Tensor and count.is_cpu and not torch.compiler.is_compiling()
 
 
 class Stat(PinnedDtypeModule):
@@ -268,7 +275,7 @@ class Stat(PinnedDtypeModule):
         variances ``vb`` (``batch_moments``): the ones to merge, or an error.
 
         The policy's one host read (a score of the one-kernel result, see
-        ``statplug.stats._kernels.score_moments``) decides: raise when the batch holds a NaN or
+        ``statplug.stats._kernels.moments_ok``) decides: raise when the batch holds a NaN or
         Inf; recompute the batch exactly (float64, around a pivot) when the kernel's float32
         sums may be off by more than its tolerance (data far from 0 against its spread), have
         overflowed (finite values near the dtype's maximum) or the batch is too large for the
@@ -277,10 +284,11 @@ class Stat(PinnedDtypeModule):
         """
         self._refuse_compile()
         n, f = x.shape
-        score = float(score_moments(mb, vb, rows_per_group(n, f), x.dtype, self.accumulator_dtype))
-        if score >= 0.0:
+        rows = n if n <= GROUP_ROWS else rows_per_group(n, f)
+        ok = moments_ok(mb, vb, rows, x.dtype, self.accumulator_dtype)
+        if ok:
             return mb, vb
-        if math.isnan(score) and not bool(torch.isfinite(x).all()):
+        if ok is None and not bool(torch.isfinite(x).all()):
             self._raise_non_finite()
         mb, vb = exact_moments(x)
         prospective = self._prospective_state(mb, vb, n)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from statplug.stats._kernels import GROUP_ROWS, batch_moments
-from statplug.stats.base import NanPolicy, Stat, SyncBatch, real_number
+from statplug.stats.base import NanPolicy, Stat, SyncBatch, _host_count, real_number
 
 __all__ = ["EMAMoments", "RunningMoments"]
 
@@ -152,11 +152,23 @@ class RunningMoments(Stat):
 
     def _merge_batch(self, mb: Tensor, vb: Tensor, n: int) -> None:
         """Chan's merge of a batch of ``n`` samples with column means ``mb`` and population
-        variances ``vb`` (flat) into ``count``/``mean``/``m2``: eight small ops."""
+        variances ``vb`` (flat) into ``count``/``mean``/``m2``, in place."""
         b = self._buffers
         count, mean, m2 = b["count"], b["mean"], b["m2"]
         if self._n_dims != 1:
             mean, m2 = mean.view(-1), m2.view(-1)  # type: ignore[union-attr]
+        if _host_count(count):  # type: ignore[arg-type]
+            # On the CPU the count is read from memory (no device to wait for), so the weights
+            # are Python numbers and the merge is five ops.
+            c = int(count)  # type: ignore[arg-type]
+            total = c + n
+            d = torch.sub(mb, mean)  # type: ignore[arg-type]
+            mean.add_(d, alpha=n / total)  # type: ignore[union-attr]
+            m2.addcmul_(d, d, value=n * c / total)  # type: ignore[union-attr]
+            m2.add_(vb, alpha=n)  # type: ignore[union-attr]
+            count.fill_(total)  # type: ignore[union-attr]
+            return
+        # On accelerators and under torch.compile the weights stay on the device: eight ops.
         count.add_(n)  # type: ignore[union-attr]
         # q = count / n, correctly rounded: exactly 1 for a first batch, whose mean is then
         # stored exactly and adds nothing but n * vb to m2.
@@ -164,8 +176,7 @@ class RunningMoments(Stat):
         d = mb - mean  # type: ignore[operator]
         step = d / q
         mean.add_(step)  # type: ignore[union-attr]
-        # Chan: m2 += n * vb + n * (1 - n / count) * d**2, with d * (1 - n / count) = d - step
-        # taken from the unrounded step, never from the rounded new mean.
+        # Chan: m2 += n * vb + n * (1 - n / count) * d**2, with d * (1 - n / count) = d - step.
         m2.addcmul_(d, d - step, value=n)  # type: ignore[union-attr]
         m2.add_(vb, alpha=n)  # type: ignore[union-attr]
 

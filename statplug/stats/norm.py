@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
-from statplug.stats.base import NanPolicy, real_number
+from statplug.stats.base import NanPolicy, _host_count, real_number
 from statplug.stats.moments import RunningMoments
 
 __all__ = ["RunningNorm"]
@@ -243,24 +243,33 @@ class RunningNorm(PinnedDtypeModule):
         and population variance), as ``nn.BatchNorm`` does. Returns the input's dtype for
         floating inputs; integer inputs come back in the accumulator dtype.
         """
-        m = self.moments
-        # Known on the host: right after an update with 2+ samples the normaliser is ready.
-        ready = False
+        m = cast(RunningMoments, self._modules["moments"])  # skips nn.Module.__getattr__
         if self.training:
             m.update(x)
-            ready = not m._frozen and x.numel() >= 2 * m.n_features
         else:
             m._check_pinned_dtypes()  # eval never updates: check before normalising with them
         b = cast(dict[str, Tensor], m._buffers)
-        mean, count = b["mean"], b["count"]
-        var = b["m2"] / count
+        mean, m2, count = b["mean"], b["m2"], b["count"]
         ok: Tensor | None = None
-        if not ready:
+        # Ready (2+ samples): read on the CPU (a memory read), else known on the host right
+        # after an update with 2+ rows, else decided on the device below.
+        if _host_count(count):
+            ready = int(count) >= 2
+        else:
+            ready = self.training and not m._frozen and x.numel() >= 2 * m.n_features
+        if ready:
+            var = m2 / count
+            if x.requires_grad and torch.is_grad_enabled():
+                # Autograd saves the kernel's mean: never the buffer the next update writes in
+                # place (a second call before backward would fail it).
+                mean = mean.clone()
+        else:
+            # Identity until two samples: mean 0 and var + eps == 1 exactly make the kernel
+            # return x. Decided on the device (no host read on accelerators or when compiled).
             ok = count >= 2
-            # Identity until then: mean 0 and var + eps == 1 exactly make the kernel return x.
-            zero, one = self._identity_constants(var)
+            zero, one = self._identity_constants(mean)
             mean = torch.where(ok, mean, zero)
-            var = torch.where(ok, var, one)
+            var = torch.where(ok, m2 / count, one)
         acc = m.accumulator_dtype
         same = x.dtype is acc or (acc is _F32 and x.dtype in _LOW)
         if x.dim() == 2 and m._n_dims == 1 and same:

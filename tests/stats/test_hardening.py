@@ -347,3 +347,29 @@ def test_a_load_after_to_empty_regenerates_derived_buffers() -> None:
     assert torch.equal(net.sin.pe, src.sin.pe)
     assert torch.equal(net.rope.cos_cached, src.rope.cos_cached)
     assert torch.equal(net.rope.inv_freq, src.rope.inv_freq)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["cpu-count-read", "device-path"])
+def test_norm_called_twice_before_backward(host: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A normaliser used twice in one graph (weight sharing) backpropagates through both calls,
+    each with the statistics it normalised by -- the second update must not invalidate what
+    autograd saved from the first."""
+    import statplug.stats.norm as norm_module
+
+    if not host:
+        monkeypatch.setattr(norm_module, "_host_count", lambda count: False)
+    torch.manual_seed(0)
+    norm = RunningNorm(4)
+    x1 = (torch.randn(8, 4) * 3 + 1).requires_grad_()
+    x2 = (torch.randn(8, 4) * 2 - 1).requires_grad_()
+    w1, w2 = torch.randn(8, 4), torch.randn(8, 4)
+    ref = RunningNorm(4)
+    stats = []
+    for x in (x1, x2):
+        ref.update(x.detach())
+        stats.append((ref.mean.clone(), ref.var.clone()))
+    ((norm(x1) * w1).sum() + (norm(x2) * w2).sum()).backward()
+    for x, w, (_, var) in zip((x1, x2), (w1, w2), stats, strict=True):
+        expected = w / torch.sqrt(var + norm.eps)  # d/dx of (x - mean) / sqrt(var + eps)
+        assert x.grad is not None
+        torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-7)

@@ -13,6 +13,10 @@ visible, so these tests make them fail loudly instead, in two layers:
 
 ``nan_policy="raise"`` is allowed one host read per update (it must look to raise), so it is only
 used here to check that the guard does fire.
+
+On the CPU the update and the normaliser read ``count`` on the host on purpose (a memory read,
+no device to wait for: it makes the merge's weights Python numbers). The guard switches that
+path off, so these tests drive the path accelerators take, on CPU tensors.
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ class _NoSyncMode(TorchDispatchMode):
 def no_host_sync() -> Iterator[None]:
     """Every host read of a tensor inside the block raises :class:`HostSyncError`."""
     with pytest.MonkeyPatch.context() as mp:
+        for module in ("statplug.stats.moments", "statplug.stats.norm"):
+            mp.setattr(f"{module}._host_count", lambda count: False)  # the accelerator path
         for name in _PATCHED_METHODS:
             mp.setattr(torch.Tensor, name, _raiser(name))
         with _NoSyncMode():
