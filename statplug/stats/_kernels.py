@@ -82,12 +82,18 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Column mean and population variance of ``x`` (``[N, F]``, float32 or float64).
 
     One kernel call for up to :data:`GROUP_ROWS` rows (results in ``x``'s dtype); larger batches
-    reduce by groups and combine the groups exactly in float64 (a few ``F``-sized ops).
+    reduce by groups and combine them: equal groups in three ops (results in ``x``'s dtype),
+    a batch with left-over rows exactly in float64 (a dozen ``F``-sized ops).
     """
     parts = grouped_moments(x)
-    if len(parts) == 1 and parts[0][0].shape[0] == 1:
-        mean, var, _ = parts[0]
-        return mean[0], var[0]
+    if len(parts) == 1:
+        means, variances, _ = parts[0]
+        if means.shape[0] == 1:
+            return means[0], variances[0]
+        # Equal groups: the mean of the group means, and the mean within-group variance plus
+        # the variance of the group means (torch's reduction, which accumulates in double).
+        between, mean = torch.var_mean(means, 0, correction=0)
+        return mean, variances.mean(0).add_(between)
     n = x.shape[0]
     f64 = torch.float64
     means = [(m.to(f64), v.to(f64), r) for m, v, r in parts]

@@ -127,7 +127,7 @@ class RunningMoments(Stat):
             type(x) is Tensor
             and x.dim() == 2
             and x.shape[1] == self._row_features
-            and 0 < x.shape[0] <= GROUP_ROWS
+            and x.shape[0] > 0
             and x.dtype is torch.float32
             and not x.requires_grad
             and not self._frozen
@@ -137,7 +137,10 @@ class RunningMoments(Stat):
         ):
             # The common case, checked inline: Python overhead is a large part of its cost. (No
             # no_grad needed: neither x nor the buffers require grad, so nothing is recorded.)
-            mb, vb = torch.batch_norm_update_stats(x, None, None, 0.0)
+            if x.shape[0] <= GROUP_ROWS:
+                mb, vb = torch.batch_norm_update_stats(x, None, None, 0.0)
+            else:
+                mb, vb = batch_moments(x)
             if self.nan_policy == "raise":  # NaN/Inf raise; large offsets are refined
                 mb, vb = self._checked_moments(x, mb, vb)
             self._merge_batch(mb, vb, x.shape[0])
