@@ -87,13 +87,13 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     parts = grouped_moments(x)
     if len(parts) == 1:
-        means, variances, _ = parts[0]
-        if means.shape[0] == 1:
-            return means[0], variances[0]
+        group_means, group_vars, _ = parts[0]
+        if group_means.shape[0] == 1:
+            return group_means[0], group_vars[0]
         # Equal groups: the mean of the group means, and the mean within-group variance plus
         # the variance of the group means (torch's reduction, which accumulates in double).
-        between, mean = torch.var_mean(means, 0, correction=0)
-        return mean, variances.mean(0).add_(between)
+        between, mean = torch.var_mean(group_means, 0, correction=0)
+        return mean, group_vars.mean(0).add_(between)
     n = x.shape[0]
     f64 = torch.float64
     means = [(m.to(f64), v.to(f64), r) for m, v, r in parts]
