@@ -21,7 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from omegaconf import DictConfig
 
 from statplug.config.errors import ConfigError, closest
-from statplug.config.targets import check_literal_text, check_targets
+from statplug.config.targets import check_literal_text, check_targets, upgrade_targets
 
 __all__ = ["TOP_LEVEL_KEYS", "resolve_target", "validate"]
 
@@ -234,7 +234,7 @@ def validate(
     overridden = overridden or set()
     from statplug.config.loader import to_plain
 
-    plain = to_plain(cfg)
+    plain = upgrade_targets(to_plain(cfg))
     if not trust:
         for key in _BUILT_KEYS:  # what build_node refuses, refused before anything is imported
             check_literal_text(plain.get(key), where=key)

@@ -37,9 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from statplug.config.errors import ConfigError
+from statplug.errors import ConfigError
 
 __all__ = [
+    "CHECKPOINT_SUFFIXES",
     "MAX_DEPTH",
     "CheckpointSummary",
     "Entry",
@@ -51,6 +52,9 @@ __all__ = [
     "summarize_file",
 ]
 
+# File suffixes taken for checkpoints (``statplug plot FOLDER``; ``statplug fit run.ckpt`` re-runs
+# the config stored in one).
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 _KNOWN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _STAT_LAYOUTS: tuple[tuple[str, frozenset[str]], ...] = (
     ("EMAMoments", frozenset({"count", "weight", "mean", "var"})),
