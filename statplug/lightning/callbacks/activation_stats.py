@@ -58,6 +58,7 @@ from torch.nn.modules.pooling import (
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from statplug._buffers import dtype_name
 from statplug.distributed import SyncReport, sync_stats
 from statplug.lightning._logging import DriftTracker, LogBatch, emit, readout
 from statplug.lightning._utils import (
@@ -280,9 +281,7 @@ class ActivationStats(Callback):
         x = x.reshape(-1, n_features)  # one copy at most, shared by both stats
         layer.moments.update(x)
         if layer.minmax is not None:
-            # Shape, dtype and nan policy ("propagate") are settled here: skip Stat.update's
-            # generic checks (a third of the cost of a small update).
-            layer.minmax._update(x, False)
+            layer.minmax.update(x)
 
     def _feature_dim(self, module: nn.Module, output: Tensor) -> int:
         if self.channels == "last" or output.dim() < 3:
@@ -307,7 +306,7 @@ class ActivationStats(Callback):
             nan_policy="propagate",
             device=device,
         )
-        moments._statplug_name = f"{name} (activations)"
+        moments.stat_name = f"{name} (activations)"
         minmax = None
         if self.min_max:
             minmax = RunningMinMax(
@@ -316,7 +315,7 @@ class ActivationStats(Callback):
                 nan_policy="propagate",
                 device=device,
             )
-            minmax._statplug_name = f"{name} (activation min/max)"
+            minmax.stat_name = f"{name} (activation min/max)"
         return _LayerStats(feature_dim, moments, minmax)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -449,7 +448,7 @@ class ActivationStats(Callback):
             )
         return {
             "version": _STATE_VERSION,
-            "accumulator_dtype": str(self.accumulator_dtype).removeprefix("torch."),
+            "accumulator_dtype": dtype_name(self.accumulator_dtype),
             "layers": layers,
         }
 

@@ -47,13 +47,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from statplug._buffers import named_statplug_modules
 from statplug.distributed import (
     MetricsSyncReport,
     SyncReport,
     broadcast_stats,
     exclude_from_ddp_broadcast,
     exclude_from_fsdp_buffer_cast,
-    find_stats,
     sync_metrics,
     sync_stats,
 )
@@ -66,6 +66,7 @@ from statplug.lightning._utils import (
     warn_if_resumed_mid_epoch,
 )
 from statplug.lightning.callbacks.stats_weight_averaging import stock_averaging_error
+from statplug.stats.base import Stat
 
 __all__ = ["SyncStats"]
 
@@ -172,7 +173,7 @@ class SyncStats(Callback):
         else:
             report = sync_stats(pl_module, group=process_group(trainer))
         if checkpoint_point:
-            settle(find_stats(pl_module))
+            settle(stat for _, stat in named_statplug_modules(pl_module, Stat))
         self.n_syncs += 1
         self.last_report = report
         log.debug(
