@@ -22,9 +22,10 @@ updated only in training forward passes (between ``on_train_batch_start`` and
 value on the host. With ``every_n_steps=n`` only every ``n``-th optimizer step is recorded (all
 its batches under gradient accumulation): the stats are then exact over the sampled batches.
 They are merged across ranks (:func:`statplug.sync_stats` over the callback's stats, one
-coalesced sync for all layers) at the same points as
-:class:`~statplug.lightning.SyncStats`: epoch end, validation start and end, before a step-based
-``ModelCheckpoint`` saves, and at the end of training. At epoch end (and every
+coalesced sync for all layers) on the schedule of :class:`~statplug.lightning.SyncStats`
+(:mod:`statplug.lightning.callbacks._sync_schedule`): epoch end, validation start and end, before
+a step-based ``ModelCheckpoint`` saves, at the end of training, and every ``log_every_n_steps``
+steps. At epoch end (and every
 ``log_every_n_steps`` steps, after a sync) each layer's summary is logged the way
 :class:`~statplug.lightning.StatsMonitor` logs a stat: straight to the Trainer's loggers on rank
 zero (the values are global, so there is no ``sync_dist`` warning), into
@@ -43,7 +44,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -61,12 +61,8 @@ from typing_extensions import override
 from statplug._buffers import dtype_name
 from statplug.distributed import SyncReport, sync_stats
 from statplug.lightning._logging import DriftTracker, LogBatch, emit, readout
-from statplug.lightning._utils import (
-    checkpoint_due_after_batch,
-    matches,
-    process_group,
-    settle,
-)
+from statplug.lightning._utils import matches, process_group, settle
+from statplug.lightning.callbacks._sync_schedule import SyncPoint, SyncSchedule
 from statplug.stats import RunningMinMax, RunningMoments, Stat
 
 __all__ = ["ActivationStats"]
@@ -96,7 +92,7 @@ class _LayerStats:
         return [self.moments] if self.minmax is None else [self.moments, self.minmax]
 
 
-class ActivationStats(Callback):
+class ActivationStats(SyncSchedule):
     r"""Running moments and min/max of layer outputs, synced, logged and checkpointed.
 
     Args:
@@ -170,6 +166,7 @@ class ActivationStats(Callback):
                 "ActivationStats: `log_every_n_steps` must be a positive int or None, got "
                 f"{log_every_n_steps!r}"
             )
+        super().__init__(log_every_n_steps)
         self.patterns = tuple(patterns)
         self.min_max = bool(min_max)
         self.every_n_steps = every_n_steps
@@ -184,8 +181,6 @@ class ActivationStats(Callback):
         self._recording = False
         self._skipped: set[str] = set()
         self._last: Callable[[], Tensor | None] = _none
-        self._last_step_synced = -1
-        self._last_step_logged = -1
         self.last_report: SyncReport | None = None
         self._drift = DriftTracker()
         # Lightning reads state_key around every hook call (profiler names): build it once.
@@ -336,11 +331,6 @@ class ActivationStats(Callback):
                 s.to(pl_module.device)
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A resumed run starts at the checkpoint's step, which was already synced before the save.
-        self._last_step_synced = trainer.global_step
-
-    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -360,37 +350,14 @@ class ActivationStats(Callback):
     ) -> None:
         self._recording = False
         self._last = _none
-        step = trainer.global_step
-        if step == 0:
-            return
-        n = self.log_every_n_steps
-        # Once per optimizer step (gradient accumulation runs several batches per step).
-        log_due = n is not None and step % n == 0 and step != self._last_step_logged
-        checkpoint_due = step != self._last_step_synced and checkpoint_due_after_batch(trainer)
-        if log_due or checkpoint_due:
-            self.sync(trainer, settle_after=checkpoint_due)  # every rank is here
-        if checkpoint_due:
-            self._last_step_synced = step
-        if log_due:
-            self._last_step_logged = step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _sync_at(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: SyncPoint
+    ) -> None:
+        self.sync(trainer, settle_after=point.checkpoint)
+        if point.periodic or point.event == "train_epoch_end":
             self._log(trainer)
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer)
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer)
-        self._log(trainer)
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer)
 
     def sync(self, trainer: pl.Trainer | None = None, *, settle_after: bool = True) -> SyncReport:
         """Merge the stats across ranks (every rank must call this together).
