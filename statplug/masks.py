@@ -58,9 +58,8 @@ class CausalMask(PinnedDtypeModule):
     def __init__(self, max_len: int) -> None:
         super().__init__()
         self.max_len = positive_int("max_len", max_len)
-        # The public method is also called ``mask``, and ``register_buffer`` refuses a name that a
-        # class attribute already holds, so the buffer goes into ``_buffers`` directly. It is then
-        # moved, listed by ``named_buffers()`` and skipped by ``state_dict()`` like any other.
+        # `register_buffer` refuses the name of the method `mask`: registered directly, the
+        # buffer is still moved, listed by named_buffers() and left out of state_dict().
         self._buffers["mask"] = torch.empty(0, 0, dtype=torch.bool)
         self._non_persistent_buffers_set.add("mask")
         self.reset_parameters()

@@ -108,9 +108,8 @@ class CheckpointSummary:
 # torch.save writes a zip archive (since torch 1.6); older files start with this pickled number.
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
-# A checkpoint's containers nest a few levels (checkpoint -> callbacks -> state -> layers -> stat);
-# deeper nesting, or more container visits than the file has bytes, means shared or cyclic
-# references built to make readers loop or blow up (a pickle's "billion laughs").
+# A checkpoint's containers nest a few levels (checkpoint -> callbacks -> state -> layers -> stat):
+# deeper, or more visits than bytes, means references built to make readers loop or blow up.
 MAX_DEPTH = 64
 # Tied weights make two tensors share one storage; more tensor bytes than this many times the file
 # size means views multiplied to make readers do unbounded work.

@@ -440,8 +440,8 @@ class Stat(PinnedDtypeModule):
                 default = torch.zeros_like(self._buffers[key])  # type: ignore[arg-type]
                 state_dict.setdefault(prefix + key, default)
         # Version 1: the first layout, and the current one (newer versions are refused below).
-        # Atomic: every key is checked before any is copied, and a state that does not fit is
-        # refused whole -- even with strict=False, where torch would load the keys that fit.
+        # Atomic: every key is checked before any is copied; a misfit is refused whole, even
+        # with strict=False.
         problem = self._state_problem(state_dict, prefix, version)
         if problem is not None:
             raise CheckpointMismatchError(

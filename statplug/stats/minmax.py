@@ -13,11 +13,8 @@ from statplug.stats.base import NanPolicy, Stat
 
 __all__ = ["RunningMinMax"]
 
-# Column-wise min and max of a [rows, features] batch on CPU: from 32 features on, amin + amax are
-# ~10x faster than torch.aminmax(x, dim=0) (128x256: 7 us vs 67 us; 65536x64: 1.3 ms vs 13 ms).
-# Narrower batches reduce slowly either way (4096x16: 336 us, aminmax 147 us), so they are viewed
-# as [rows / g, g * features] (interleaved row groups, no copy) and the g partial results reduced
-# again: 4096x16 then takes ~15 us.
+# Narrower batches are reduced as interleaved row groups of this width (measurements:
+# docs/design-notes.md, "Column min/max").
 _WIDE_ENOUGH = 64
 _ROW_DTYPES = (torch.float32, torch.float64)
 

@@ -248,9 +248,8 @@ class ActivationStats(SyncSchedule):
         return hook
 
     def _record(self, name: str, module: nn.Module, output: Tensor) -> None:
-        # A container returning its last child's output tensor (a Sequential) would record it
-        # again right after the child. A weak reference: keeping outputs alive longer than
-        # autograd does costs more than the stats (the allocator cannot reuse their memory).
+        # A container returning its last child's output (a Sequential) is not recorded twice;
+        # weakly referenced: holding outputs longer than autograd does costs memory.
         if self._last() is output:
             return
         if not output.is_floating_point() or output.dim() == 0 or name in self._skipped:

@@ -200,9 +200,8 @@ class SyncStats(SyncSchedule):
         # wraps the model in DDP, which reads its ignore list only when it is built.
         self.excluded = exclude_from_ddp_broadcast(pl_module)
         log.debug("SyncStats: %d stat buffers excluded from DDP broadcast", len(self.excluded))
-        # Whatever the stats hold before the run (warmed up, or copied to every rank by a
-        # spawn launcher) is one copy of the same data: make rank 0's the agreed state, so no
-        # sync counts it once per rank.
+        # What the stats hold before the run (warmed up, or copied by a spawn launcher) is one
+        # copy of the same data on every rank: rank 0's becomes the agreed state, counted once.
         broadcast_stats(pl_module, group=process_group(trainer))
 
     @override
@@ -219,9 +218,8 @@ class SyncStats(SyncSchedule):
         self._exclude_from_fsdp_cast(wrapped or pl_module)
         if not isinstance(wrapped, DistributedDataParallel):
             return
-        # Stats built in LightningModule.setup or configure_model came after our setup. DDP
-        # re-reads `parameters_to_ignore` whenever it broadcasts buffers, so adding them now
-        # still keeps them out of the broadcast.
+        # Stats built in LightningModule.setup or configure_model came after our setup; DDP
+        # re-reads `parameters_to_ignore` at every broadcast, so adding them now still works.
         late = [n for n in stat_buffer_names(pl_module) if n not in wrapped.parameters_to_ignore]
         if late:
             wrapped.parameters_to_ignore.update(late)
