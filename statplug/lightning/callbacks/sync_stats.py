@@ -47,10 +47,10 @@ from statplug.distributed import (
     broadcast_stats,
     exclude_from_ddp_broadcast,
     exclude_from_fsdp_buffer_cast,
+    stat_buffer_names,
     sync_metrics,
     sync_stats,
 )
-from statplug.distributed.ddp import stat_buffer_names
 from statplug.errors import IncompatibleCallbackError
 from statplug.lightning._utils import process_group, settle, warn_if_resumed_mid_epoch
 from statplug.lightning.callbacks._sync_schedule import SyncPoint, SyncSchedule
