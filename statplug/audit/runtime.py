@@ -320,7 +320,7 @@ def _stats(model_or_stats: nn.Module | Iterable[Stat]) -> list[tuple[str, Stat]]
 
 
 @dataclasses.dataclass
-class _Fingerprints:
+class _StatVector:
     """Every stat's layout and state fingerprints in one float64 vector; ``owners[i]`` is the
     (stat index, state name, or None for the layout) of entry ``i``."""
 
@@ -328,7 +328,7 @@ class _Fingerprints:
     owners: list[tuple[int, str | None]]
 
 
-def _fingerprints(stats: list[tuple[str, Stat]], device: torch.device) -> _Fingerprints:
+def _stat_vector(stats: list[tuple[str, Stat]], device: torch.device) -> _StatVector:
     parts: list[Tensor] = []
     owners: list[tuple[int, str | None]] = []
     for i, (_, stat) in enumerate(stats):
@@ -341,10 +341,10 @@ def _fingerprints(stats: list[tuple[str, Stat]], device: torch.device) -> _Finge
                 fp = fingerprint(t).to(device)
                 parts.append(fp)
                 owners += [(i, s)] * fp.numel()
-    return _Fingerprints(torch.cat(parts), owners)
+    return _StatVector(torch.cat(parts), owners)
 
 
-def _diverged(fps: _Fingerprints, group: dist.ProcessGroup | None, rtol: float) -> list[bool]:
+def _diverged(fps: _StatVector, group: dist.ProcessGroup | None, rtol: float) -> list[bool]:
     """Per entry: does it differ across ranks? One MAX all-reduce of ``[v, -v]``."""
     vec = fps.vector
     both = torch.cat((vec, -vec))
@@ -393,7 +393,7 @@ def check_rank_divergence(
     if not stats:
         return []
     with torch.no_grad():
-        fps = _fingerprints(stats, next(stats[0][1].buffers()).device)
+        fps = _stat_vector(stats, next(stats[0][1].buffers()).device)
         flags = _diverged(fps, group, rtol)
     bad: dict[int, list[str | None]] = {}
     for flag, (i, state) in zip(flags, fps.owners, strict=True):
