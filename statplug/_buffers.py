@@ -177,8 +177,8 @@ class PinnedDtypeModule(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Every layout so far is version 1: nothing to migrate yet. A class that changes its
-        # layout bumps `_version` and upgrades older states here, one branch per version.
+        # Masks and encodings are at version 1, their first layout: nothing to migrate. A layout
+        # change bumps `_version` and branches on the saved one, as Stat._load_from_state_dict.
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -43,16 +43,16 @@ class SyncPoint:
 
 
 class SyncSchedule(Callback):
-    """Calls :meth:`_sync_at` at each point of the schedule (see the module docstring).
+    """Calls :meth:`_sync_at` at each point of the schedule (see the module docstring);
+    :attr:`_sync_every_n` adds a point every ``n`` optimizer steps."""
 
-    Args:
-        every_n_train_steps: also a point after every ``n``-th optimizer step (None: only when a
-            step-based checkpoint follows).
-    """
-
-    def __init__(self, every_n_train_steps: int | None = None) -> None:
-        self._sync_every_n = every_n_train_steps
+    def __init__(self) -> None:
         self._last_step_synced = -1
+
+    @property
+    def _sync_every_n(self) -> int | None:
+        """Also a point after every ``n``-th optimizer step (None: only before a checkpoint)."""
+        return None
 
     def _sync_at(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: SyncPoint

@@ -166,7 +166,7 @@ class ActivationStats(SyncSchedule):
                 "ActivationStats: `log_every_n_steps` must be a positive int or None, got "
                 f"{log_every_n_steps!r}"
             )
-        super().__init__(log_every_n_steps)
+        super().__init__()
         self.patterns = tuple(patterns)
         self.min_max = bool(min_max)
         self.every_n_steps = every_n_steps
@@ -350,6 +350,10 @@ class ActivationStats(SyncSchedule):
         self._recording = False
         self._last = _none
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @property
+    def _sync_every_n(self) -> int | None:
+        return self.log_every_n_steps  # every log reads global values: sync first
 
     def _sync_at(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: SyncPoint

@@ -114,7 +114,7 @@ class SyncStats(SyncSchedule):
             )
         if not isinstance(metrics, bool):
             raise ValueError(f"SyncStats: `metrics` must be a bool, got {metrics!r}")
-        super().__init__(every_n_train_steps)
+        super().__init__()
         self.every_n_train_steps = every_n_train_steps
         self.metrics = metrics
         self.excluded: list[str] = []
@@ -235,6 +235,10 @@ class SyncStats(SyncSchedule):
             log.debug("SyncStats: %d stat buffers kept out of FSDP's buffer cast", len(excluded))
 
     # ------------------------------------------------------------------ sync points
+    @property
+    def _sync_every_n(self) -> int | None:
+        return self.every_n_train_steps
+
     def _sync_at(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: SyncPoint
     ) -> None:
