@@ -21,8 +21,8 @@ import warnings
 from pathlib import Path
 
 from statplug import run_recipe
-from statplug.config.checkpoint import summarize_file
-from statplug.config.plotting import checkpoint_files, plot_over_time, save_figure
+from statplug.inspect.checkpoint import summarize_file
+from statplug.inspect.plotting import checkpoint_files, plot_over_time, save_figure
 
 DOCS = Path(__file__).resolve().parent
 EVERY = 5

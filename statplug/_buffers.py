@@ -13,15 +13,20 @@ Two habits every statplug module shares, kept here once:
   :meth:`PinnedDtypeModule._check_pinned_dtypes` compares them (dtype attributes only, no tensor
   read) on the update path and raises before the state changes.
 * **Versioned state.** An integer ``_version`` is written into the ``state_dict`` metadata by
-  :class:`torch.nn.Module`; :meth:`_migrate_state_dict` upgrades older layouts before loading, as
-  ``torch.nn.modules.batchnorm`` does.
+  :class:`torch.nn.Module`; a class whose layout changes branches on the saved version in
+  ``_load_from_state_dict``, as ``torch.nn.modules.batchnorm`` does.
+
+It also holds what every layer above uses to find, name and compare that state:
+:func:`named_statplug_modules`, the one walk over a model that finds its statplug modules (and
+names them for messages), :func:`dtype_name`, and :func:`fingerprint`, the one summary of a
+tensor's values that checks compare.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -29,12 +34,21 @@ from torch import Tensor, nn
 from statplug.errors import StatplugError
 
 __all__ = [
+    "FINGERPRINT_MAX_WEIGHT",
     "PinnedDtypeModule",
     "checked_int",
     "derived_device",
+    "dtype_name",
+    "fingerprint",
+    "name_modules",
+    "named_statplug_modules",
     "positive_int",
     "qualified_name",
 ]
+
+M = TypeVar("M", bound=nn.Module)
+# A prime: :func:`fingerprint`'s position weights are 1 .. FINGERPRINT_MAX_WEIGHT.
+FINGERPRINT_MAX_WEIGHT = 65521
 
 
 class PinnedDtypeModule(nn.Module):
@@ -142,13 +156,16 @@ class PinnedDtypeModule(nn.Module):
 
     @property
     def stat_name(self) -> str:
-        """The qualified name inside the model when statplug has seen it, else the class name."""
+        """The qualified name inside the model when statplug has seen it, else the class name.
+
+        :func:`named_statplug_modules` sets it; set it yourself for a module that lives outside
+        any model (None goes back to the class name).
+        """
         return qualified_name(self)
 
-    def _migrate_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, version: int | None
-    ) -> None:
-        """Upgrade ``state_dict`` entries under ``prefix`` saved at ``version`` (None: unknown)."""
+    @stat_name.setter
+    def stat_name(self, name: str | None) -> None:
+        self._statplug_name = name or None
 
     def _load_from_state_dict(
         self,
@@ -160,7 +177,8 @@ class PinnedDtypeModule(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        self._migrate_state_dict(state_dict, prefix, local_metadata.get("version"))
+        # Masks and encodings are at version 1, their first layout: nothing to migrate. A layout
+        # change bumps `_version` and branches on the saved one, as Stat._load_from_state_dict.
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -187,20 +205,45 @@ def qualified_name(module: nn.Module) -> str:
     return name or type(module).__name__
 
 
-def name_modules(root: nn.Module) -> list[PinnedDtypeModule]:
-    """Record each statplug module's qualified name inside ``root`` for use in messages.
+def named_statplug_modules(root: nn.Module, kind: type[M]) -> list[tuple[str, M]]:
+    """Every statplug module of class ``kind`` inside ``root``, with its qualified name.
 
-    Returns those modules (``root`` included when it is one) in ``named_modules()`` order.
+    The one walk that finds a model's statplug state (``kind``: ``Stat`` for the stats,
+    :class:`PinnedDtypeModule` for stats, normalisers, masks and encodings): sync, audit,
+    ``StatsMixin`` and the callbacks all go through it, so none keeps a registry to forget. In
+    ``named_modules()`` order, ``root`` itself first (named ``""``) when it is one. On the way it
+    records every statplug module's qualified name for messages
+    (:attr:`~PinnedDtypeModule.stat_name`).
+
+    Example:
+        >>> from torch import nn
+        >>> from statplug import RunningNorm, Stat
+        >>> model = nn.Sequential(nn.Linear(2, 2), RunningNorm(2))
+        >>> [(name, type(s).__name__) for name, s in named_statplug_modules(model, Stat)]
+        [('1.moments', 'RunningMoments')]
+        >>> model[1].moments.stat_name
+        '1.moments'
     """
-    found = []
+    found: list[tuple[str, M]] = []
     for name, mod in root.named_modules():
         if isinstance(mod, PinnedDtypeModule):
-            # A plain string attribute: written to __dict__ only when it changes (every sync
-            # walks the model; nn.Module.__setattr__ costs ~1 us a module).
+            # A plain string: written to __dict__ only when it changes (every sync walks the
+            # model; nn.Module.__setattr__ costs ~1 us a module).
             if name and mod.__dict__.get("_statplug_name") != name:
                 mod.__dict__["_statplug_name"] = name
-            found.append(mod)
+            if isinstance(mod, kind):
+                found.append((name, mod))
     return found
+
+
+def name_modules(root: nn.Module) -> list[PinnedDtypeModule]:
+    """The statplug modules of ``root`` (see :func:`named_statplug_modules`), without names."""
+    return [mod for _, mod in named_statplug_modules(root, PinnedDtypeModule)]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: how statplug writes a dtype in files and tables."""
+    return str(dtype).removeprefix("torch.")
 
 
 def checked_int(
@@ -223,3 +266,30 @@ def positive_int(name: str, value: Any) -> int:
     """``value`` as an int >= 1, or ``ValueError`` naming the argument ``name`` and what was
     received."""
     return checked_int(name, value, 1)
+
+
+def fingerprint(t: Tensor) -> Tensor:
+    """Float64 ``[6]`` summary of ``t`` on its device: sums of x, |x|, w*x; #nan, #+inf, #-inf.
+
+    Non-finite values are counted apart, so the sums stay finite and two fingerprints compare
+    exactly. The weights ``w`` are integers from a quadratic hash of the position (a linear one
+    cannot tell ``[1, 0, 0, 1]`` from ``[0, 1, 1, 0]``), so a permutation is visible, and for
+    bool and integer tensors every sum is an exact integer, whatever the summation order.
+    """
+    f64 = torch.float64
+    x = t.detach().reshape(-1).to(f64)
+    finite = torch.isfinite(x)
+    s = torch.where(finite, x, 0.0)
+    m = FINGERPRINT_MAX_WEIGHT
+    i = torch.arange(x.numel(), dtype=torch.int64, device=x.device).remainder_(m)
+    w = (i * i % m * 40503 + i * 9973).remainder_(m).add_(1).to(f64)
+    return torch.stack(
+        (
+            s.sum(),
+            s.abs().sum(),
+            (s * w).sum(),
+            torch.isnan(x).sum().to(f64),
+            (x == torch.inf).sum().to(f64),
+            (x == -torch.inf).sum().to(f64),
+        )
+    )

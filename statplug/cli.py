@@ -174,7 +174,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- inspect, plot
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from statplug.config.checkpoint import format_config, format_table, json_safe, summarize_file
+    from statplug.inspect.checkpoint import format_config, format_table, json_safe, summarize_file
 
     summary = summarize_file(args.checkpoint, trust=args.trust)
     if args.json:
@@ -192,8 +192,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from statplug._extras import require
-    from statplug.config.checkpoint import summarize_file
-    from statplug.config.plotting import checkpoint_files, plot_over_time, plot_summary
+    from statplug.inspect.checkpoint import summarize_file
+    from statplug.inspect.plotting import checkpoint_files, plot_over_time, plot_summary
 
     if importlib.util.find_spec("matplotlib") is None:
         require("matplotlib", "`statplug plot`")  # the missing extra, named before any file

@@ -55,9 +55,24 @@ class _PositionalEncoding(PinnedDtypeModule):
     def _cached_len(self) -> int:
         raise NotImplementedError
 
+    def _tables(self, length: int) -> dict[str, Tensor]:
+        """The derived buffers for positions ``0 .. length - 1``, on the tables' device."""
+        raise NotImplementedError
+
     def _build(self, length: int) -> None:
         """(Re)register the derived buffers for positions ``0 .. length - 1``."""
-        raise NotImplementedError
+        for name, value in self._tables(length).items():
+            self.register_buffer(name, value, persistent=False)
+
+    def expected_buffers(self) -> dict[str, Tensor]:
+        """What the derived buffers must hold, computed afresh at their current length on their
+        device (empty for empty tables).
+
+        :func:`statplug.audit.check_fixed_buffers` compares the buffers with it: a regrown table
+        is legitimate, a table written to is not.
+        """
+        length = self._cached_len()
+        return self._tables(length) if length >= 1 else {}
 
     def reset_parameters(self) -> None:
         """Recompute the derived buffers at ``max_len`` (after ``to_empty()`` they hold garbage)."""
@@ -143,14 +158,12 @@ class SinusoidalEncoding(_PositionalEncoding):
     def _cached_len(self) -> int:
         return int(self.pe.shape[0])
 
-    def _build(self, length: int) -> None:
+    def _tables(self, length: int) -> dict[str, Tensor]:
         angles = _angles(length, self.dim, self.base)
         pe = torch.empty(length, self.dim, dtype=torch.float64, device="cpu")
         pe[:, 0::2] = angles.sin()
         pe[:, 1::2] = angles[:, : self.dim // 2].cos()
-        self.register_buffer(
-            "pe", pe.to(device=self._device(), dtype=torch.float32), persistent=False
-        )
+        return {"pe": pe.to(device=self._device(), dtype=torch.float32)}
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_last_dim("x", x)
@@ -224,18 +237,15 @@ class RotaryEncoding(_PositionalEncoding):
     def _cached_len(self) -> int:
         return int(self.cos_cached.shape[0])
 
-    def _build(self, length: int) -> None:
-        device = self._device()
+    def _tables(self, length: int) -> dict[str, Tensor]:
         angles = _angles(length, self.dim, self.base)
-        inv_freq = _inverse_frequencies(self.dim, self.base)
-        for name, value in (
-            ("inv_freq", inv_freq),
-            ("cos_cached", angles.cos()),
-            ("sin_cached", angles.sin()),
-        ):
-            self.register_buffer(
-                name, value.to(device=device, dtype=torch.float32), persistent=False
-            )
+        tables = {
+            "inv_freq": _inverse_frequencies(self.dim, self.base),
+            "cos_cached": angles.cos(),
+            "sin_cached": angles.sin(),
+        }
+        device = self._device()
+        return {k: v.to(device=device, dtype=torch.float32) for k, v in tables.items()}
 
     def _cos_sin_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         if positions.dtype == torch.bool or positions.is_complex():

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AuditError",
     "CheckpointMismatchError",
+    "ConfigError",
     "IncompatibleCallbackError",
     "MissingExtraError",
     "StatLayoutError",
@@ -34,3 +35,14 @@ class AuditError(StatplugError):
 
 class IncompatibleCallbackError(StatplugError):
     """A callback in the ``Trainer`` would corrupt statplug state (the message names the fix)."""
+
+
+class ConfigError(StatplugError):
+    """A recipe, a config fragment, an override or a file named on the command line is wrong; the
+    message is one line for the user.
+
+    The command line prints it on stderr and exits with status 2, without a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))  # always one line

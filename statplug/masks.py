@@ -19,6 +19,11 @@ __all__ = ["CausalMask", "RandomMask"]
 _MAX_SEED = 2**63 - 1  # the seed is stored in an int64 buffer
 
 
+def _causal(length: int, device: torch.device) -> Tensor:
+    """The bool ``[length, length]`` causal mask (True on and below the diagonal)."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril_()
+
+
 class CausalMask(PinnedDtypeModule):
     r"""A causal (lower-triangular) attention mask, cached as a non-persistent buffer.
 
@@ -53,9 +58,8 @@ class CausalMask(PinnedDtypeModule):
     def __init__(self, max_len: int) -> None:
         super().__init__()
         self.max_len = positive_int("max_len", max_len)
-        # The public method is also called ``mask``, and ``register_buffer`` refuses a name that a
-        # class attribute already holds, so the buffer goes into ``_buffers`` directly. It is then
-        # moved, listed by ``named_buffers()`` and skipped by ``state_dict()`` like any other.
+        # `register_buffer` refuses the name of the method `mask`: registered directly, the
+        # buffer is still moved, listed by named_buffers() and left out of state_dict().
         self._buffers["mask"] = torch.empty(0, 0, dtype=torch.bool)
         self._non_persistent_buffers_set.add("mask")
         self.reset_parameters()
@@ -66,8 +70,18 @@ class CausalMask(PinnedDtypeModule):
         return buf
 
     def _build(self, length: int) -> None:
-        device = self._cache().device
-        self._buffers["mask"] = torch.ones(length, length, dtype=torch.bool, device=device).tril_()
+        self._buffers["mask"] = _causal(length, self._cache().device)
+
+    def expected_buffers(self) -> dict[str, Tensor]:
+        """What the derived buffer must hold, computed afresh: ``{"mask": ...}``, the causal mask
+        at the cache's current length on its device (empty for an empty cache).
+
+        :func:`statplug.audit.check_fixed_buffers` compares the buffer with it: a regrown cache
+        is legitimate, a mask written to is not.
+        """
+        cache = self._cache()
+        length = int(cache.shape[0])
+        return {"mask": _causal(length, cache.device)} if length >= 1 else {}
 
     def reset_parameters(self) -> None:
         """Rebuild the cache at ``max_len`` (after ``to_empty()`` it holds garbage)."""
@@ -178,6 +192,19 @@ class RandomMask(PinnedDtypeModule):
     def forward(self, x: Tensor) -> Tensor:
         """Zero the dropped elements of ``x`` (no ``1 / (1 - p)`` rescaling)."""
         return x.masked_fill(~self.mask, 0)
+
+    def expected_buffers(self) -> dict[str, Tensor]:
+        """What the mask must hold, computed afresh: ``{"mask": ...}``, the draw from the
+        ``seed`` buffer (which ``resample_`` and a load set), on the mask's device. Empty when
+        ``seed`` holds no single integer to draw from.
+
+        :func:`statplug.audit.check_fixed_buffers` compares the mask with it: a resampled or
+        loaded mask is legitimate, a mask (or seed) written to is not.
+        """
+        seed = self.seed
+        if seed.numel() != 1 or seed.is_floating_point() or seed.device.type == "meta":
+            return {}
+        return {"mask": self._draw(int(seed)).to(self.mask.device)}
 
     def _after_load(self, local_metadata: dict[str, Any]) -> None:
         # Keep the Python copy of the seed in step with the loaded buffer so that resample-free

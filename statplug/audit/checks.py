@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from statplug._buffers import name_modules
+from statplug._buffers import PinnedDtypeModule, named_statplug_modules
 from statplug.audit.report import AuditReport, Finding
 from statplug.audit.runtime import FixedBufferSnapshot, check_fixed_buffers, check_rank_divergence
 from statplug.stats import RunningNorm
@@ -72,32 +73,48 @@ def _as_optimizers(optimizers: Any) -> list[Any]:
     )
 
 
-def _check_stats(model: nn.Module) -> list[Finding]:
+@dataclass(frozen=True)
+class _NamedStat:
+    """A stat of the audited model: its qualified name, and the name a user knows it by (a
+    normaliser's inner moments go by the normaliser's name: ``encoder.norm``, not
+    ``encoder.norm.moments``)."""
+
+    qualified: str
+    user: str
+    stat: Stat
+
+
+def _named_stats(model: nn.Module) -> list[_NamedStat]:
+    users: dict[str, str] = {}
+    found = []
+    for prefix, mod in named_statplug_modules(model, PinnedDtypeModule):
+        if isinstance(mod, RunningNorm):
+            users[_join(prefix, "moments")] = prefix or "RunningNorm"
+        elif isinstance(mod, Stat):
+            found.append(_NamedStat(prefix, users.get(prefix, prefix or type(mod).__name__), mod))
+    return found
+
+
+def _check_stats(stats: list[_NamedStat]) -> list[Finding]:
     """``stat-is-parameter`` and ``low-precision-stat``."""
     findings: list[Finding] = []
-    users = _user_names(model)
-    for prefix, mod in model.named_modules():
-        if not isinstance(mod, Stat):
-            continue
-        kind = type(mod).__name__
+    for s in stats:
+        mod, name, kind = s.stat, s.user, type(s.stat).__name__
         for pname, p in mod._parameters.items():
-            if p is None:
-                continue
-            qname = _join(prefix, pname)
-            findings.append(
-                Finding.of(
-                    "stat-is-parameter",
-                    users[prefix],
-                    f"{kind} state `{qname}` is registered as an nn.Parameter (expected a "
-                    "buffer): an optimizer or weight decay would change it and DDP would average "
-                    "it as a gradient. Register stat state with `Stat.add_state` (a buffer), "
-                    "never as nn.Parameter",
+            if p is not None:
+                findings.append(
+                    Finding.of(
+                        "stat-is-parameter",
+                        name,
+                        f"{kind} state `{_join(s.qualified, pname)}` is registered as an "
+                        "nn.Parameter (expected a buffer): an optimizer or weight decay would "
+                        "change it and DDP would average it as a gradient. Register stat state "
+                        "with `Stat.add_state` (a buffer), never as nn.Parameter",
+                    )
                 )
-            )
         # One finding per stat, naming the stat (its internal buffers are not the user's).
         grad = [n for n, b in mod._buffers.items() if b is not None and b.requires_grad]
         if grad:
-            name = users[prefix]
             findings.append(
                 Finding.of(
                     "stat-is-parameter",
@@ -108,157 +125,159 @@ def _check_stats(model: nn.Module) -> list[Finding]:
                     f"`{name}.requires_grad_(False)`",
                 )
             )
-        low = [
-            n
-            for n in mod.state_names
-            if (b := mod._buffers.get(n)) is not None and b.dtype in _LOW_PRECISION
-        ]
-        if low:
-            name = users[prefix]
-            findings.append(
-                Finding.of(
-                    "low-precision-stat",
-                    name,
-                    f"{kind} `{name}` holds {_examples(low)} in {mod._buffers[low[0]].dtype} "  # type: ignore[union-attr]
-                    f"(expected {mod.accumulator_dtype}): a half-precision "
-                    "accumulator loses digits and stops growing. Something bypassed the dtype "
-                    "pinning (e.g. an assignment to `buffer.data`); rebuild the stat, or "
-                    f"restore it with `.to({mod.accumulator_dtype})`",
-                )
-            )
+        findings += _check_precision(s)
     return findings
 
 
-def _user_names(model: nn.Module) -> dict[str, str]:
-    """Qualified name of every stat -> the name a user knows it by: a normaliser's inner
-    moments are named after the normaliser (``encoder.norm``, not ``encoder.norm.moments``)."""
-    names = {}
-    for prefix, mod in model.named_modules():
-        if isinstance(mod, RunningNorm):
-            names[_join(prefix, "moments")] = prefix or "RunningNorm"
-        elif isinstance(mod, Stat):
-            names.setdefault(prefix, prefix or type(mod).__name__)
-    return names
+def _check_precision(s: _NamedStat) -> list[Finding]:
+    """``low-precision-stat``: state in float16/bfloat16 (the dtype pinning was bypassed)."""
+    mod, name = s.stat, s.user
+    low = [(n, b.dtype) for n in mod.state_names if (b := mod._buffers.get(n)) is not None
+           and b.dtype in _LOW_PRECISION]
+    if not low:
+        return []
+    return [
+        Finding.of(
+            "low-precision-stat",
+            name,
+            f"{type(mod).__name__} `{name}` holds {_examples([n for n, _ in low])} in "
+            f"{low[0][1]} (expected {mod.accumulator_dtype}): a half-precision "
+            "accumulator loses digits and stops growing. Something bypassed the dtype "
+            "pinning (e.g. an assignment to `buffer.data`); rebuild the stat, or "
+            f"restore it with `.to({mod.accumulator_dtype})`",
+        )
+    ]
 
 
-def _stat_owners(model: nn.Module) -> dict[str, str]:
-    """Qualified buffer name -> user name of the stat that owns it, for every stat."""
-    users = _user_names(model)
-    owners = {}
-    for prefix, mod in model.named_modules():
-        if isinstance(mod, Stat):
-            for bname in mod._buffers:
-                owners[_join(prefix, bname)] = users[prefix]
-    return owners
+class _Buffers:
+    """The model's buffers, to tell which one an optimizer's tensor is (or shares memory with)
+    and which stat owns it."""
+
+    def __init__(self, model: nn.Module, stats: list[_NamedStat]) -> None:
+        buffers = list(model.named_buffers())
+        self.by_id = {id(b): n for n, b in buffers}
+        self.by_storage: dict[tuple[str, int], list[str]] = {}
+        for n, b in buffers:
+            key = _storage_key(b)
+            if key is not None:
+                self.by_storage.setdefault(key, []).append(n)
+        self.owners = {_join(s.qualified, b): s.user for s in stats for b in s.stat._buffers}
+
+    def find(self, t: Tensor) -> tuple[str | None, str]:
+        """(the buffer ``t`` is, or shares storage with, or None; how it relates to it)."""
+        name = self.by_id.get(id(t))
+        if name is not None:
+            return name, "the buffer itself"
+        key = _storage_key(t)
+        names = self.by_storage.get(key, []) if key is not None else []
+        return (names[0], "a tensor sharing its storage") if names else (None, "")
 
 
-def _check_optimizers(model: nn.Module, optimizers: list[Any]) -> list[Finding]:
+@dataclass
+class _Held:
+    """One tensor held by the optimizers, with every place that holds it."""
+
+    tensor: Tensor
+    wheres: list[str]
+
+
+def _held_tensors(optimizers: list[Any]) -> list[_Held]:
+    """Every tensor the optimizers hold (views of one memory counted as one), in order."""
+    held: dict[tuple[Any, ...], _Held] = {}
+    for i, opt in enumerate(optimizers):
+        for j, group in enumerate(opt.param_groups):
+            for t in group.get("params", ()):
+                if isinstance(t, Tensor):
+                    where = f"optimizer {i} ({type(opt).__name__}) param group {j}"
+                    held.setdefault(_alias_key(t), _Held(t, [])).wheres.append(where)
+    return list(held.values())
+
+
+def _check_optimizers(
+    model: nn.Module, optimizers: list[Any], stats: list[_NamedStat]
+) -> list[Finding]:
     """``buffer-in-optimizer``, ``duplicate-in-optimizer``, ``param-not-in-optimizer`` and
     ``frozen-param-in-optimizer``."""
     findings: list[Finding] = []
     params = dict(model.named_parameters())
     param_names = {id(p): n for n, p in params.items()}
-    stat_params = {
-        id(p) for m in model.modules() if isinstance(m, Stat) for p in m._parameters.values()
-    }
-    buffers = list(model.named_buffers())
-    owners = _stat_owners(model)
-    buffer_by_id = {id(b): n for n, b in buffers}
-    buffer_by_storage: dict[tuple[str, int], list[str]] = {}
-    for n, b in buffers:
-        key = _storage_key(b)
-        if key is not None:
-            buffer_by_storage.setdefault(key, []).append(n)
-
-    # Every tensor an optimizer holds, with where it sits.
-    seen: dict[tuple[Any, ...], list[str]] = {}
-    first_tensor: dict[tuple[Any, ...], Tensor] = {}
-    in_optimizer: set[int] = set()
-    for i, opt in enumerate(optimizers):
-        for j, group in enumerate(opt.param_groups):
-            for t in group.get("params", ()):
-                if not isinstance(t, Tensor):
-                    continue
-                where = f"optimizer {i} ({type(opt).__name__}) param group {j}"
-                key = _alias_key(t)
-                seen.setdefault(key, []).append(where)
-                first_tensor.setdefault(key, t)
-                in_optimizer.add(id(t))
-
-    reported_buffers: set[str] = set()
-    for key, wheres in seen.items():
-        t = first_tensor[key]
-        bname = buffer_by_id.get(id(t))
-        how = "the buffer itself"
-        if bname is None:
-            skey = _storage_key(t)
-            names = buffer_by_storage.get(skey, []) if skey is not None else []
-            if names:
-                bname, how = names[0], "a tensor sharing its storage"
-        owner = owners.get(bname) if bname is not None else None
-        if owner is not None and owner not in reported_buffers:
-            reported_buffers.add(owner)
-            findings.append(
-                Finding.of(
-                    "buffer-in-optimizer",
-                    owner,
-                    f"the state of stat `{owner}` (buffer `{bname}`) is in {wheres[0]} ({how}); "
-                    "expected only parameters in optimizers: a step or weight decay would "
-                    "overwrite it. Build the optimizer from `model.parameters()`, not "
-                    "`model.buffers()` or `state_dict().values()`",
-                )
-            )
-        elif owner is None and bname is not None and bname not in reported_buffers:
-            reported_buffers.add(bname)
-            findings.append(
-                Finding.of(
-                    "buffer-in-optimizer",
-                    bname,
-                    f"buffer `{bname}` is in {wheres[0]} ({how}); expected only parameters in "
-                    "optimizers: a step or weight decay would overwrite non-trained state. Build "
-                    "the optimizer from `model.parameters()`, not `model.buffers()` or "
-                    "`state_dict().values()`",
-                )
-            )
-        if len(wheres) > 1:
-            name = param_names.get(id(t)) or bname or f"<tensor in {wheres[0]}>"
-            findings.append(
-                Finding.of(
-                    "duplicate-in-optimizer",
-                    name,
-                    f"`{name}` appears {len(wheres)} times (expected once): in "
-                    + "; ".join(wheres)
-                    + ". It would be stepped more than once per iteration. Give each "
-                    "parameter to exactly one param group of one optimizer",
-                )
-            )
-        pname = param_names.get(id(t))
-        if pname is not None and not t.requires_grad and bname is None:
-            findings.append(
-                Finding.of(
-                    "frozen-param-in-optimizer",
-                    pname,
-                    f"parameter `{pname}` has requires_grad=False but is in {wheres[0]}: it "
-                    "gets no gradient, so the optimizer only spends memory on it (and some "
-                    "optimizers still apply weight decay). Leave frozen parameters out, e.g. "
-                    "`[p for p in model.parameters() if p.requires_grad]`",
-                )
-            )
-
+    buffers = _Buffers(model, stats)
+    reported: set[str] = set()
+    held = _held_tensors(optimizers)
+    for h in held:
+        bname, how = buffers.find(h.tensor)
+        if bname is not None:
+            owner = buffers.owners.get(bname)
+            if (owner or bname) not in reported:
+                reported.add(owner or bname)
+                findings.append(_buffer_in_optimizer(bname, owner, h.wheres[0], how))
+        pname = param_names.get(id(h.tensor))
+        if len(h.wheres) > 1:
+            name = pname or bname or f"<tensor in {h.wheres[0]}>"
+            findings.append(_duplicate_in_optimizer(name, h.wheres))
+        if pname is not None and not h.tensor.requires_grad and bname is None:
+            findings.append(_frozen_param_in_optimizer(pname, h.wheres[0]))
     if optimizers:
-        for n, p in params.items():
-            if p.requires_grad and id(p) not in in_optimizer and id(p) not in stat_params:
-                findings.append(
-                    Finding.of(
-                        "param-not-in-optimizer",
-                        n,
-                        f"trainable parameter `{n}` (shape {list(p.shape)}) is in no optimizer "
-                        "(expected every requires_grad parameter to be updated): it gets "
-                        "gradients but never changes. Add it to an optimizer, or freeze it "
-                        "with `.requires_grad_(False)`",
-                    )
-                )
+        groups = [g for opt in optimizers for g in opt.param_groups]
+        in_optimizer = {id(t) for g in groups for t in g.get("params", ())}
+        stat_params = {id(p) for s in stats for p in s.stat._parameters.values()}
+        findings += [
+            _param_not_in_optimizer(n, p)
+            for n, p in params.items()
+            if p.requires_grad and id(p) not in in_optimizer and id(p) not in stat_params
+        ]
     return findings
+
+
+def _buffer_in_optimizer(bname: str, owner: str | None, where: str, how: str) -> Finding:
+    fix = (
+        "Build the optimizer from `model.parameters()`, not `model.buffers()` or "
+        "`state_dict().values()`"
+    )
+    if owner is not None:
+        return Finding.of(
+            "buffer-in-optimizer",
+            owner,
+            f"the state of stat `{owner}` (buffer `{bname}`) is in {where} ({how}); expected only "
+            f"parameters in optimizers: a step or weight decay would overwrite it. {fix}",
+        )
+    return Finding.of(
+        "buffer-in-optimizer",
+        bname,
+        f"buffer `{bname}` is in {where} ({how}); expected only parameters in optimizers: a step "
+        f"or weight decay would overwrite non-trained state. {fix}",
+    )
+
+
+def _duplicate_in_optimizer(name: str, wheres: list[str]) -> Finding:
+    return Finding.of(
+        "duplicate-in-optimizer",
+        name,
+        f"`{name}` appears {len(wheres)} times (expected once): in " + "; ".join(wheres)
+        + ". It would be stepped more than once per iteration. Give each parameter to exactly "
+        "one param group of one optimizer",
+    )
+
+
+def _frozen_param_in_optimizer(pname: str, where: str) -> Finding:
+    return Finding.of(
+        "frozen-param-in-optimizer",
+        pname,
+        f"parameter `{pname}` has requires_grad=False but is in {where}: it gets no gradient, "
+        "so the optimizer only spends memory on it (and some optimizers still apply weight "
+        "decay). Leave frozen parameters out, e.g. "
+        "`[p for p in model.parameters() if p.requires_grad]`",
+    )
+
+
+def _param_not_in_optimizer(name: str, p: Tensor) -> Finding:
+    return Finding.of(
+        "param-not-in-optimizer",
+        name,
+        f"trainable parameter `{name}` (shape {list(p.shape)}) is in no optimizer (expected "
+        "every requires_grad parameter to be updated): it gets gradients but never changes. Add "
+        "it to an optimizer, or freeze it with `.requires_grad_(False)`",
+    )
 
 
 def _tensors_in(value: Any) -> list[Tensor]:
@@ -398,11 +417,11 @@ def audit(
         >>> report.ok, [(f.code, f.name) for f in report.findings]   # names the stat, once
         (False, [('buffer-in-optimizer', '0')])
     """
-    name_modules(model)
     opts = _as_optimizers(optimizers)
+    stats = _named_stats(model)
     findings = [
-        *_check_stats(model),
-        *_check_optimizers(model, opts),
+        *_check_stats(stats),
+        *_check_optimizers(model, opts, stats),
         *_check_unregistered(model),
         *_check_devices(model),
     ]

@@ -7,14 +7,15 @@ check costs a few reductions and one host read, never a copy of the state.
 **Fixed buffers.** :func:`snapshot_fixed_buffers` records a fingerprint of every buffer that must
 not change during training, and :func:`check_fixed_buffers` reports those that did:
 
-* every persistent buffer of a :class:`~statplug.masks.RandomMask` (``mask``, ``seed``). A changed
-  mask is accepted when it equals the draw from its current ``seed`` (``resample_`` or a loaded
+* every persistent buffer of a :class:`~statplug.masks.RandomMask` (``mask``, ``seed``). A change
+  is accepted when the mask equals the draw from its current ``seed`` (``resample_`` or a loaded
   checkpoint), so only a mask that disagrees with its own seed is reported;
 * the derived buffers of :class:`~statplug.masks.CausalMask`,
   :class:`~statplug.encodings.SinusoidalEncoding` and :class:`~statplug.encodings.RotaryEncoding`.
   These regrow (a longer table replaces the cache) and are rebuilt by ``reset_parameters()``; a
-  changed one is accepted when it equals what the module's own generator builds at its current
-  length;
+  changed one is accepted when it equals what the module builds at its current length.
+
+Both kinds say what they must hold through their public ``expected_buffers()``;
 * every buffer named in a module's ``_statplug_fixed_buffers`` (see below). These have no
   generator: any change is reported. After changing one on purpose (e.g. a new pruning round),
   call :meth:`FixedBufferSnapshot.refresh`.
@@ -28,25 +29,29 @@ registered, e.g. a magnitude-pruning mask::
     linear.register_buffer("weight_mask", mask)
     linear._statplug_fixed_buffers = ("weight_mask",)
 
-**Rank divergence.** :func:`check_rank_divergence` fingerprints every stat's declared state and
-compares ranks with one MAX all-reduce of ``[fp, -fp]`` (the maximum and, negated, the minimum
-over ranks): a stat whose maximum and minimum differ is not the same on every rank.
+**Rank divergence.** :func:`check_rank_divergence` fingerprints every stat's layout (the one the
+sync compares) and declared state, and compares ranks with one MAX all-reduce of ``[fp, -fp]``
+(the maximum and, negated, the minimum over ranks): a stat whose maximum and minimum differ is not
+the same on every rank.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from statplug._buffers import name_modules, qualified_name
+from statplug._buffers import (
+    FINGERPRINT_MAX_WEIGHT,
+    fingerprint,
+    named_statplug_modules,
+)
 from statplug.audit.report import Finding
+from statplug.distributed.layout import layout_fingerprint
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
 from statplug.masks import CausalMask, RandomMask
 from statplug.stats.base import Stat
@@ -55,6 +60,7 @@ __all__ = [
     "FixedBufferSnapshot",
     "check_fixed_buffers",
     "check_rank_divergence",
+    "fingerprint",
     "snapshot_fixed_buffers",
 ]
 
@@ -63,7 +69,6 @@ _DERIVED_TYPES = (CausalMask, SinusoidalEncoding, RotaryEncoding)
 # Fixed buffers of floating dtype may be fingerprinted on another device (or thread count) than at
 # the snapshot, which changes the float64 summation order: allow this much relative slack.
 _FLOAT_RTOL = 1e-9
-_HASH_M = 65521  # a prime: position weights are 1 .. _HASH_M
 
 Kind = Literal["random", "derived", "marked"]
 
@@ -72,38 +77,12 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def fingerprint(t: Tensor) -> Tensor:
-    """Float64 ``[6]`` summary of ``t`` on its device: sums of x, |x|, w*x; #nan, #+inf, #-inf.
-
-    Non-finite values are counted apart, so the sums stay finite and two fingerprints compare
-    exactly. The weights ``w`` are integers from a quadratic hash of the position (a linear one
-    cannot tell ``[1, 0, 0, 1]`` from ``[0, 1, 1, 0]``), so a permutation is visible, and for
-    bool and integer tensors every sum is an exact integer, whatever the summation order.
-    """
-    x = t.detach().reshape(-1).to(_F64)
-    finite = torch.isfinite(x)
-    s = torch.where(finite, x, 0.0)
-    i = torch.arange(x.numel(), dtype=torch.int64, device=x.device).remainder_(_HASH_M)
-    w = (i * i % _HASH_M * 40503 + i * 9973).remainder_(_HASH_M).add_(1).to(_F64)
-    return torch.stack(
-        (
-            s.sum(),
-            s.abs().sum(),
-            (s * w).sum(),
-            torch.isnan(x).sum().to(_F64),
-            (x == torch.inf).sum().to(_F64),
-            (x == -torch.inf).sum().to(_F64),
-        )
-    )
-
-
 def _tolerance(old_fp: Tensor, t: Tensor) -> Tensor:
     """Allowed |new - old| per fingerprint entry: 0 for exact dtypes, else relative to sum |x|."""
     if not (t.is_floating_point() or t.is_complex()):
         return torch.zeros_like(old_fp)
-    scale = torch.tensor(
-        [1.0, 1.0, float(_HASH_M), 0.0, 0.0, 0.0], dtype=_F64, device=old_fp.device
-    )
+    weight = float(FINGERPRINT_MAX_WEIGHT)
+    scale = torch.tensor([1.0, 1.0, weight, 0.0, 0.0, 0.0], dtype=_F64, device=old_fp.device)
     return old_fp[1].abs() * scale * _FLOAT_RTOL
 
 
@@ -118,24 +97,37 @@ class _Entry:
     fp: Tensor | None  # None for a meta tensor: nothing to compare
 
 
-def _fixed_buffers(model: nn.Module) -> Iterable[tuple[str, nn.Module, str, Kind, Tensor]]:
-    """(qualified name, owning module, buffer name, kind, tensor) of every fixed buffer."""
+@dataclasses.dataclass
+class _Fixed:
+    """A fixed buffer of the model as it is now."""
+
+    qname: str
+    module: nn.Module
+    buffer: str
+    kind: Kind
+    tensor: Tensor
+
+
+def _fixed_kinds(mod: nn.Module) -> dict[str, Kind]:
+    """The fixed buffers a module owns, by name, with how a change of each is judged."""
+    names: dict[str, Kind] = {}
+    saved = {b: b not in mod._non_persistent_buffers_set for b in mod._buffers}
+    if isinstance(mod, RandomMask):
+        names.update((b, "random") for b, persistent in saved.items() if persistent)
+    if isinstance(mod, _DERIVED_TYPES):
+        names.update((b, "derived") for b, persistent in saved.items() if not persistent)
+    for b in getattr(mod, "_statplug_fixed_buffers", ()):
+        names.setdefault(b, "marked")
+    return names
+
+
+def _fixed_buffers(model: nn.Module) -> Iterator[_Fixed]:
+    """Every fixed buffer of ``model``: masks' and encodings', and any module's marked ones."""
     for prefix, mod in model.named_modules():
-        names: dict[str, Kind] = {}
-        if isinstance(mod, RandomMask):
-            for b in mod._buffers:
-                if b not in mod._non_persistent_buffers_set:
-                    names[b] = "random"
-        if isinstance(mod, _DERIVED_TYPES):
-            for b in mod._buffers:
-                if b in mod._non_persistent_buffers_set:
-                    names[b] = "derived"
-        for b in getattr(mod, "_statplug_fixed_buffers", ()):
-            names.setdefault(b, "marked")
-        for b, kind in names.items():
+        for b, kind in _fixed_kinds(mod).items():
             buf = mod._buffers.get(b)
             if buf is not None:
-                yield _join(prefix, b), mod, b, kind, buf
+                yield _Fixed(_join(prefix, b), mod, b, kind, buf)
 
 
 def _entry(kind: Kind, t: Tensor) -> _Entry:
@@ -158,7 +150,7 @@ class FixedBufferSnapshot:
     def refresh(self, model: nn.Module) -> FixedBufferSnapshot:
         """Re-record every fixed buffer of ``model`` (after changing one on purpose)."""
         with torch.no_grad():
-            self.entries = {q: _entry(kind, t) for q, _, _, kind, t in _fixed_buffers(model)}
+            self.entries = {f.qname: _entry(f.kind, f.tensor) for f in _fixed_buffers(model)}
         return self
 
     def __len__(self) -> int:
@@ -190,32 +182,30 @@ def snapshot_fixed_buffers(model: nn.Module) -> FixedBufferSnapshot:
     return FixedBufferSnapshot(model)
 
 
-def _regenerate(mod: nn.Module) -> dict[str, Tensor] | None:
-    """What the module's own generator builds for its derived buffers at the current length."""
-    if isinstance(mod, CausalMask):
-        length = int(mod._cache().shape[0])
-    elif isinstance(mod, SinusoidalEncoding | RotaryEncoding):
-        length = mod._cached_len()
-    else:
-        return None
-    if length < 1:
-        return None
-    # A shallow copy with its own buffer dict: ``_build`` re-registers buffers on the copy only,
-    # on the original's device, so the original is left untouched.
-    ref = copy.copy(mod)
-    ref.__dict__["_buffers"] = dict(mod._buffers)
-    ref.__dict__["_non_persistent_buffers_set"] = set(mod._non_persistent_buffers_set)
-    ref._build(length)
-    return {k: v for k, v in ref._buffers.items() if v is not None}
+def _same(a: Tensor | None, b: Tensor) -> bool:
+    return a is not None and (a.dtype, a.shape) == (b.dtype, b.shape) and torch.equal(a, b)
 
 
-def _random_mask_consistent(mod: RandomMask) -> bool:
-    """Does ``mask`` equal the draw from the ``seed`` buffer (after ``resample_`` or a load)?"""
-    seed, mask = mod._buffers.get("seed"), mod._buffers.get("mask")
-    if seed is None or mask is None or seed.numel() != 1 or mask.shape != torch.Size(mod.shape):
-        return False
-    expected = mod._draw(int(seed.item()))
-    return mask.dtype == torch.bool and torch.equal(mask.cpu(), expected)
+class _Expected:
+    """What masks and encodings must hold (their ``expected_buffers()``), computed once each."""
+
+    def __init__(self) -> None:
+        self._by_module: dict[int, dict[str, Tensor]] = {}
+
+    def legit(self, f: _Fixed) -> bool:
+        """Is the change of ``f`` one its module makes itself (regrowth, resampling, a load)?"""
+        mod = f.module
+        if f.kind == "marked" or not isinstance(mod, (RandomMask, *_DERIVED_TYPES)):
+            return False
+        expected = self._by_module.get(id(mod))
+        if expected is None:
+            expected = self._by_module[id(mod)] = mod.expected_buffers()
+        # A random mask's seed and mask change together: both are right when the mask is.
+        names = list(expected) if f.kind == "random" else [f.buffer]
+        bufs = mod._buffers
+        return bool(expected) and all(
+            n in expected and _same(bufs.get(n), expected[n]) for n in names
+        )
 
 
 def _describe_change(old: _Entry, new: Tensor) -> str:
@@ -243,6 +233,50 @@ _FIX = {
 }
 
 
+def _suspects(current: list[_Fixed], snapshot: FixedBufferSnapshot) -> list[_Fixed]:
+    """The fixed buffers that changed since ``snapshot`` (one host read per device); buffers
+    first seen here, or that cannot be compared (meta), are recorded instead."""
+    maybe: list[_Fixed] = []
+    pending: dict[torch.device, list[tuple[_Fixed, Tensor]]] = {}
+    for f in current:
+        old = snapshot.entries.get(f.qname)
+        if old is None or old.fp is None or f.tensor.device.type == "meta":
+            snapshot.entries[f.qname] = _entry(f.kind, f.tensor)
+        elif tuple(f.tensor.shape) != old.shape or f.tensor.dtype != old.dtype:
+            maybe.append(f)
+        else:
+            new_fp = fingerprint(f.tensor)
+            old_fp = old.fp.to(new_fp.device)
+            changed = ((new_fp - old_fp).abs() > _tolerance(old_fp, f.tensor)).any()
+            pending.setdefault(new_fp.device, []).append((f, changed))
+    for items in pending.values():
+        flags = torch.stack([c for _, c in items]).tolist()
+        maybe += [f for (f, _), flag in zip(items, flags, strict=True) if flag]
+    order = {id(f): i for i, f in enumerate(current)}
+    return sorted(maybe, key=lambda f: order[id(f)])
+
+
+def _removed(model: nn.Module, snapshot: FixedBufferSnapshot, seen: set[str]) -> list[Finding]:
+    """Findings for fixed buffers gone from modules still in the model. A module removed from
+    the model is a structural change, not a mutation: its entries are forgotten."""
+    findings = []
+    live = {prefix for prefix, _ in model.named_modules()}
+    for qname in [q for q in snapshot.entries if q not in seen]:
+        if qname.rpartition(".")[0] not in live:
+            del snapshot.entries[qname]
+            continue
+        findings.append(
+            Finding.of(
+                "fixed-buffer-mutated",
+                qname,
+                f"fixed buffer `{qname}` was removed or set to None since registration "
+                "(expected a tensor); restore it, or call `snapshot.refresh(model)` if the "
+                "removal is deliberate",
+            )
+        )
+    return findings
+
+
 def check_fixed_buffers(model: nn.Module, snapshot: FixedBufferSnapshot) -> list[Finding]:
     """``fixed-buffer-mutated`` findings for the fixed buffers of ``model`` that changed.
 
@@ -250,101 +284,89 @@ def check_fixed_buffers(model: nn.Module, snapshot: FixedBufferSnapshot) -> list
     resampled or loaded random mask) update it. Costs one host read per device.
     """
     findings: list[Finding] = []
-    suspects: list[tuple[str, nn.Module, str, _Entry, Tensor]] = []
-    pending: dict[torch.device, list[tuple[int, Tensor]]] = {}
     current = list(_fixed_buffers(model))
-    seen = set()
+    expected = _Expected()
     with torch.no_grad():
-        for qname, mod, b, kind, buf in current:
-            seen.add(qname)
-            old = snapshot.entries.get(qname)
-            if old is None or old.fp is None or buf.device.type == "meta":
-                snapshot.entries[qname] = _entry(kind, buf)
-                continue
-            if tuple(buf.shape) != old.shape or buf.dtype != old.dtype:
-                suspects.append((qname, mod, b, old, buf))
-                continue
-            new_fp = fingerprint(buf)
-            old_fp = old.fp.to(new_fp.device)
-            changed = ((new_fp - old_fp).abs() > _tolerance(old_fp, buf)).any()
-            pending.setdefault(new_fp.device, []).append((len(suspects), changed))
-            suspects.append((qname, mod, b, old, buf))
-        # One host read per device for all cheap comparisons.
-        unchanged: set[int] = set()
-        for items in pending.values():
-            flags = torch.stack([c for _, c in items]).tolist()
-            unchanged.update(i for (i, _), flag in zip(items, flags, strict=True) if not flag)
-        regenerated: dict[int, dict[str, Tensor] | None] = {}
-        for i, (qname, mod, b, old, buf) in enumerate(suspects):
-            if i in unchanged:
-                continue
-            if old.kind == "random" and isinstance(mod, RandomMask):
-                legit = _random_mask_consistent(mod)
-            elif old.kind == "derived":
-                if id(mod) not in regenerated:
-                    regenerated[id(mod)] = _regenerate(mod)
-                expected = (regenerated[id(mod)] or {}).get(b)
-                legit = (
-                    expected is not None
-                    and expected.dtype == buf.dtype
-                    and torch.equal(expected, buf)
-                )
-            else:
-                legit = False
-            if legit:
-                snapshot.entries[qname] = _entry(old.kind, buf)
+        for f in _suspects(current, snapshot):
+            old = snapshot.entries[f.qname]
+            if expected.legit(f):
+                snapshot.entries[f.qname] = _entry(old.kind, f.tensor)
                 continue
             findings.append(
                 Finding.of(
                     "fixed-buffer-mutated",
-                    qname,
-                    f"{type(mod).__name__} buffer `{qname}` must stay fixed but "
-                    f"{_describe_change(old, buf)} (expected the registered value); "
+                    f.qname,
+                    f"{type(f.module).__name__} buffer `{f.qname}` must stay fixed but "
+                    f"{_describe_change(old, f.tensor)} (expected the registered value); "
                     f"{_FIX[old.kind]}",
                 )
             )
-    # A module removed from the model is a structural change, not a mutation: forget it; a buffer
-    # removed from a module that is still there is reported.
-    live = {prefix for prefix, _ in model.named_modules()}
-    for qname in list(snapshot.entries):
-        if qname in seen:
-            continue
-        prefix = qname.rpartition(".")[0]
-        if prefix in live:
-            findings.append(
-                Finding.of(
-                    "fixed-buffer-mutated",
-                    qname,
-                    f"fixed buffer `{qname}` was removed or set to None since registration "
-                    "(expected a tensor); restore it, or call `snapshot.refresh(model)` if the "
-                    "removal is deliberate",
-                )
-            )
-        else:
-            del snapshot.entries[qname]
-    return findings
+    return findings + _removed(model, snapshot, {f.qname for f in current})
 
 
 # ---------------------------------------------------------------------------------- rank divergence
 
 
 def _stats(model_or_stats: nn.Module | Iterable[Stat]) -> list[tuple[str, Stat]]:
+    """(name, stat) of every stat, on a device that holds values (meta stats are skipped)."""
     if isinstance(model_or_stats, nn.Module):
-        name_modules(model_or_stats)
-        return [
-            (name or qualified_name(mod), mod)
-            for name, mod in model_or_stats.named_modules()
-            if isinstance(mod, Stat)
+        found = [
+            (name or stat.stat_name, stat)
+            for name, stat in named_statplug_modules(model_or_stats, Stat)
         ]
-    return [(qualified_name(s), s) for s in model_or_stats]
+    else:
+        found = [(s.stat_name, s) for s in model_or_stats]
+    return [(n, s) for n, s in found if all(b.device.type != "meta" for b in s.buffers())]
 
 
-def _layout_code(name: str, stat: Stat, states: dict[str, Tensor]) -> float:
-    """A float64-exact code of the stat's layout, stable across processes (no salted hash)."""
-    text = f"{name}|{type(stat).__qualname__}|" + "|".join(
-        f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in states.items()
+@dataclasses.dataclass
+class _StatVector:
+    """Every stat's layout and state fingerprints in one float64 vector; ``owners[i]`` is the
+    (stat index, state name, or None for the layout) of entry ``i``."""
+
+    vector: Tensor
+    owners: list[tuple[int, str | None]]
+
+
+def _stat_vector(stats: list[tuple[str, Stat]], device: torch.device) -> _StatVector:
+    parts: list[Tensor] = []
+    owners: list[tuple[int, str | None]] = []
+    for i, (_, stat) in enumerate(stats):
+        sd = stat.state_dict(keep_vars=True)  # the saved buffers, as a checkpoint holds them
+        parts.append(torch.tensor(layout_fingerprint([stat]), dtype=_F64, device=device))
+        owners += [(i, None)] * 2
+        for s in stat.state_names:
+            t = sd.get(s, stat._buffers.get(s))
+            if isinstance(t, Tensor):
+                fp = fingerprint(t).to(device)
+                parts.append(fp)
+                owners += [(i, s)] * fp.numel()
+    return _StatVector(torch.cat(parts), owners)
+
+
+def _diverged(fps: _StatVector, group: dist.ProcessGroup | None, rtol: float) -> list[bool]:
+    """Per entry: does it differ across ranks? One MAX all-reduce of ``[v, -v]``."""
+    vec = fps.vector
+    both = torch.cat((vec, -vec))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    n = vec.numel()
+    hi, lo = both[:n], -both[n:]
+    return ((hi - lo) > rtol * torch.maximum(hi.abs(), lo.abs())).tolist()  # type: ignore[no-any-return]
+
+
+def _divergence_finding(name: str, stat: Stat, states_bad: list[str | None], world: int) -> Finding:
+    if None in states_bad:
+        what = "its layout (class, state names, shapes or dtypes) differs across ranks"
+    else:
+        what = "state " + ", ".join(f"`{s}`" for s in states_bad) + " differs across ranks"
+    return Finding.of(
+        "rank-divergence",
+        name,
+        f"{type(stat).__name__} `{name}`: {what} (expected identical values on all {world} "
+        "ranks after a sync); call `statplug.sync_stats(model)` on every rank before reading or "
+        "saving stats, keep stat buffers out of DDP's broadcast with "
+        "`exclude_from_ddp_broadcast`, and do not update stats between the sync and this check",
     )
-    return float(zlib.crc32(text.encode()))
 
 
 def check_rank_divergence(
@@ -356,9 +378,8 @@ def check_rank_divergence(
     rank should hold the same global statistics. It is a collective: exactly one MAX all-reduce of
     a float64 vector on the stats' device (NCCL-safe), whatever the number of stats, and it
     requires the same stat layout on every rank (which ``sync_stats`` checks). Every rank returns
-    the same findings. Pending work is folded into the saved buffers first (as ``state_dict()``
-    does). A no-op returning ``[]`` when ``torch.distributed`` is not initialised, the group has
-    one rank, or the model has no stats; stats on the meta device are skipped.
+    the same findings. A no-op returning ``[]`` when ``torch.distributed`` is not initialised,
+    the group has one rank, or the model has no stats; stats on the meta device are skipped.
 
     Args:
         model: a module (every :class:`~statplug.stats.Stat` in it) or an iterable of stats.
@@ -366,62 +387,21 @@ def check_rank_divergence(
         rtol: relative tolerance on each fingerprint entry. Default: 0.0 (after a sync every rank
             holds bit-identical state).
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
         return []
-    if dist.get_world_size(group) <= 1:
-        return []
-    stats = [(n, s) for n, s in _stats(model) if all(b.device.type != "meta" for b in s.buffers())]
+    stats = _stats(model)
     if not stats:
         return []
-    device = next(stats[0][1].buffers()).device
-    parts: list[Tensor] = []
-    # owners[i] = (stat index, state name or None for the layout entry) of vector entry i.
-    owners: list[tuple[int, str | None]] = []
     with torch.no_grad():
-        for i, (name, stat) in enumerate(stats):
-            sd = stat.state_dict(keep_vars=True)  # folds pending work into the saved buffers
-            states: dict[str, Tensor] = {}
-            for s in stat.state_names:
-                t = sd.get(s, stat._buffers.get(s))
-                if isinstance(t, Tensor):
-                    states[s] = t
-            parts.append(
-                torch.tensor([_layout_code(name, stat, states)], dtype=_F64, device=device)
-            )
-            owners.append((i, None))
-            for s, t in states.items():
-                fp = fingerprint(t).to(device)
-                parts.append(fp)
-                owners.extend([(i, s)] * fp.numel())
-        vec = torch.cat(parts)
-        both = torch.cat((vec, -vec))
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-        n = vec.numel()
-        hi, lo = both[:n], -both[n:]
-        diverged = ((hi - lo) > rtol * torch.maximum(hi.abs(), lo.abs())).tolist()
+        fps = _stat_vector(stats, next(stats[0][1].buffers()).device)
+        flags = _diverged(fps, group, rtol)
     bad: dict[int, list[str | None]] = {}
-    for flag, (i, state) in zip(diverged, owners, strict=True):
+    for flag, (i, state) in zip(flags, fps.owners, strict=True):
         if flag and state not in bad.setdefault(i, []):
             bad[i].append(state)
-    findings = []
     world = dist.get_world_size(group)
-    for i, states_bad in bad.items():
-        if not states_bad:
-            continue
-        name, stat = stats[i]
-        if None in states_bad:
-            what = "its layout (class, state names, shapes or dtypes) differs across ranks"
-        else:
-            what = "state " + ", ".join(f"`{s}`" for s in states_bad) + " differs across ranks"
-        findings.append(
-            Finding.of(
-                "rank-divergence",
-                name,
-                f"{type(stat).__name__} `{name}`: {what} (expected identical values on all "
-                f"{world} ranks after a sync); call `statplug.sync_stats(model)` on every rank "
-                "before reading or saving stats, keep stat buffers out of DDP's broadcast with "
-                "`exclude_from_ddp_broadcast`, and do not update stats between the sync and this "
-                "check",
-            )
-        )
-    return findings
+    return [
+        _divergence_finding(*stats[i], states_bad, world)
+        for i, states_bad in bad.items()
+        if states_bad
+    ]

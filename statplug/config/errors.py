@@ -1,23 +1,14 @@
-"""The one error the config layer raises: :class:`ConfigError`, a one-line message for the user."""
+"""The one error the config layer raises, :class:`ConfigError` (defined with statplug's other
+errors), and :func:`closest`, which names the valid key nearest to a misspelled one."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
 
-from statplug.errors import StatplugError
+from statplug.errors import ConfigError
 
 __all__ = ["ConfigError", "closest"]
-
-
-class ConfigError(StatplugError):
-    """A recipe, a config fragment or an override is wrong; the message is one line for the user.
-
-    The command line prints it on stderr and exits with status 2, without a traceback.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))  # always one line
 
 
 def closest(word: str, candidates: Iterable[str]) -> str | None:

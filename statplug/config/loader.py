@@ -12,9 +12,9 @@ fragments in order, then the recipe's own keys, then the command-line overrides.
 a key (values are parsed as YAML: ``3``, ``1e-3``, ``null``, ``[1, 2]``).
 
 Fragments are looked up in a ``configs/`` folder beside the recipe or beside its folder (so a
-project can keep its own), then in the configs shipped with statplug. Bundled recipes and
-configs live in ``statplug/resources/`` (links to the top-level ``configs/`` and ``recipes/`` of
-a source checkout, real files in an installed package).
+project can keep its own), then in the configs shipped with statplug. The bundled recipes live in
+the package :mod:`statplug.recipes`, beside the models and data modules they build, with their
+fragments in its ``configs/`` folder.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from statplug.config.errors import ConfigError, closest
+from statplug.inspect.checkpoint import CHECKPOINT_SUFFIXES
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -44,9 +45,6 @@ __all__ = [
     "parse_yaml",
     "to_plain",
 ]
-
-# ``statplug fit run.ckpt`` re-runs the config stored in a checkpoint.
-CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
 # Limits on config text, so a small hostile file cannot make the loader run long or grow large.
@@ -105,25 +103,18 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
-_RESOURCES = Path(__file__).resolve().parent.parent / "resources"
-_CHECKOUT = Path(__file__).resolve().parent.parent.parent
-
-
-def _first_dir(*candidates: Path) -> Path:
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return candidates[0]
+# The package `statplug.recipes`, found by path: importing it would import its models.
+_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def bundled_configs_dir() -> Path:
-    """The ``configs/`` shipped with statplug (package data, or the source checkout's)."""
-    return _first_dir(_RESOURCES / "configs", _CHECKOUT / "configs")
+    """The ``configs/`` fragments shipped with statplug (``statplug/recipes/configs``)."""
+    return _RECIPES / "configs"
 
 
 def bundled_recipes_dir() -> Path:
-    """The ``recipes/`` shipped with statplug (package data, or the source checkout's)."""
-    return _first_dir(_RESOURCES / "recipes", _CHECKOUT / "recipes")
+    """The folder of the recipes shipped with statplug (the package ``statplug.recipes``)."""
+    return _RECIPES
 
 
 def bundled_recipes() -> dict[str, Path]:
@@ -422,8 +413,8 @@ def _stored_config(path: Path, trust: bool = False) -> DictConfig:
     It was stored resolved, so its strings are literal text: an interpolation in one
     (``${oc.env:...}``) is escaped, never resolved.
     """
-    from statplug.config.checkpoint import load_checkpoint
     from statplug.config.targets import escape_interpolations
+    from statplug.inspect.checkpoint import load_checkpoint
 
     meta = load_checkpoint(path, trust=trust).get("statplug")
     cfg = meta.get("config") if isinstance(meta, dict) else None

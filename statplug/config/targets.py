@@ -8,7 +8,7 @@ passes ``--trust``, every ``_target_`` anywhere in a config (nested nodes, ``_ar
 
 * a public class defined in statplug, named by a path of public statplug modules (resolved here
   step by step, never through an attribute of a non-statplug object, so neither
-  ``statplug.config.checkpoint.torch.load`` nor ``statplugx.evil`` passes), or
+  ``statplug.inspect.checkpoint.torch.load`` nor ``statplugx.evil`` passes), or
 * one of :data:`ALLOWED_TARGETS`, compared as exact strings (the torch and Lightning classes the
   bundled recipes need).
 
@@ -41,6 +41,7 @@ __all__ = [
     "escape_interpolations",
     "is_allowed_target",
     "iter_all_targets",
+    "upgrade_targets",
 ]
 
 ALLOWED_TARGETS: frozenset[str] = frozenset(
@@ -164,6 +165,25 @@ def check_targets(node: Any, *, where: str = "", origin: str = "") -> None:
         f"a config builds only statplug's own classes and {allowed}; pass --trust if you "
         f"trust this config and the code it names{origin}"
     )
+
+
+# Targets of modules that moved, in configs written before the move (a checkpoint stored by an
+# older `statplug fit`): old prefix -> new prefix.
+_MOVED_TARGETS = {"statplug.recipes_lib.": "statplug.recipes."}
+
+
+def upgrade_targets(node: Any) -> Any:
+    """A copy of a plain config whose ``_target_`` names use the current module paths."""
+    if isinstance(node, dict):
+        out = {k: upgrade_targets(v) for k, v in node.items()}
+        target = out.get("_target_")
+        for old, new in _MOVED_TARGETS.items():
+            if isinstance(target, str) and target.startswith(old):
+                out["_target_"] = new + target.removeprefix(old)
+        return out
+    if isinstance(node, list | tuple):
+        return type(node)(upgrade_targets(v) for v in node)
+    return node
 
 
 _INTERPOLATION = re.compile(r"(\\*)\$\{")

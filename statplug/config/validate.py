@@ -21,7 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from omegaconf import DictConfig
 
 from statplug.config.errors import ConfigError, closest
-from statplug.config.targets import check_literal_text, check_targets
+from statplug.config.targets import check_literal_text, check_targets, upgrade_targets
 
 __all__ = ["TOP_LEVEL_KEYS", "resolve_target", "validate"]
 
@@ -234,11 +234,28 @@ def validate(
     overridden = overridden or set()
     from statplug.config.loader import to_plain
 
-    plain = to_plain(cfg)
+    plain = upgrade_targets(to_plain(cfg))
     if not trust:
         for key in _BUILT_KEYS:  # what build_node refuses, refused before anything is imported
             check_literal_text(plain.get(key), where=key)
         check_targets(plain, origin=f" (config from {recipe})" if recipe is not None else "")
+    _check_top_level(plain, overridden, recipe)
+    for key in require:
+        if plain.get(key) is None:
+            raise ConfigError(
+                f"missing key `{key}`: a recipe needs `{key}` with a `_target_`"
+                f"{_origin(key, overridden, recipe)}"
+            )
+    for key in ("model", "data"):
+        if plain.get(key) is not None:
+            _check_node(key, plain[key], overridden, recipe)
+    _check_trainer(plain.get("trainer") or {}, overridden, recipe)
+    _check_callbacks(plain.get("callbacks") or {}, overridden, recipe)
+    return plain
+
+
+def _check_top_level(plain: dict[str, Any], overridden: set[str], recipe: Path | None) -> None:
+    """Top-level keys against the recipe schema, and the values of the plain ones."""
     for key, value in plain.items():
         suffix = _origin(key, overridden, recipe)
         if key not in TOP_LEVEL_KEYS:
@@ -255,16 +272,10 @@ def validate(
             raise ConfigError(f"bad value for `{key}`: expected int or null, got {value!r}{suffix}")
         if key == "num_threads" and value is not None and value < 1:
             raise ConfigError(f"bad value for `num_threads`: expected >= 1, got {value}{suffix}")
-    for key in require:
-        if plain.get(key) is None:
-            raise ConfigError(
-                f"missing key `{key}`: a recipe needs `{key}` with a `_target_`"
-                f"{_origin(key, overridden, recipe)}"
-            )
-    for key in ("model", "data"):
-        if plain.get(key) is not None:
-            _check_node(key, plain[key], overridden, recipe)
-    trainer = plain.get("trainer") or {}
+
+
+def _check_trainer(trainer: Any, overridden: set[str], recipe: Path | None) -> None:
+    """``trainer`` against the signature of ``lightning.pytorch.Trainer`` (or its subclass)."""
     if not isinstance(trainer, dict):
         raise ConfigError(f"bad value for `trainer`: expected a mapping, got {trainer!r}")
     if "callbacks" in trainer:
@@ -285,7 +296,10 @@ def validate(
             )
         trainer_cls, label = target, str(trainer["_target_"])
     _check_kwargs("trainer", trainer, trainer_cls, label, overridden, recipe, require=False)
-    callbacks = plain.get("callbacks") or {}
+
+
+def _check_callbacks(callbacks: Any, overridden: set[str], recipe: Path | None) -> None:
+    """``callbacks``: a mapping name -> node with a ``_target_`` (null disables one)."""
     if not isinstance(callbacks, dict):
         raise ConfigError(
             f"bad value for `callbacks`: expected a mapping name -> {{_target_: ...}}, got "
@@ -294,7 +308,6 @@ def validate(
     for name, node in callbacks.items():
         if node is not None:
             _check_node(f"callbacks.{name}", node, overridden, recipe)
-    return plain
 
 
 def iter_targets(plain: dict[str, Any]) -> Iterator[tuple[str, str]]:

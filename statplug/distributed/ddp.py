@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from statplug._buffers import named_statplug_modules
 from statplug.errors import StatplugError
 from statplug.stats.base import Stat
 
@@ -13,12 +14,12 @@ __all__ = ["exclude_from_ddp_broadcast", "stat_buffer_names"]
 
 def stat_buffer_names(module: nn.Module) -> list[str]:
     """Qualified names of every buffer (saved or working) owned by a :class:`Stat` in ``module``."""
-    names: list[str] = []
-    for mod_name, mod in module.named_modules():
-        if isinstance(mod, Stat):
-            prefix = f"{mod_name}." if mod_name else ""
-            names.extend(prefix + b for b, buf in mod._buffers.items() if buf is not None)
-    return names
+    return [
+        f"{mod_name}.{b}" if mod_name else b
+        for mod_name, stat in named_statplug_modules(module, Stat)
+        for b, buf in stat._buffers.items()
+        if buf is not None
+    ]
 
 
 def exclude_from_ddp_broadcast(module: nn.Module) -> list[str]:

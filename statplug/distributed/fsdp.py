@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from statplug._buffers import PinnedDtypeModule
+from statplug._buffers import PinnedDtypeModule, named_statplug_modules
 from statplug.errors import StatplugError
 
 __all__ = ["exclude_from_fsdp_buffer_cast"]
@@ -63,11 +63,10 @@ def exclude_from_fsdp_buffer_cast(module: nn.Module) -> list[str]:
     if not instances:
         return []
     pinned: list[PinnedDtypeModule] = []
-    for qname, mod in module.named_modules():
-        if isinstance(mod, PinnedDtypeModule):
-            if qname:
-                mod._statplug_name = _clean(qname)  # the model's names, not the wrappers'
-            pinned.append(mod)
+    for qname, mod in named_statplug_modules(module, PinnedDtypeModule):
+        if qname:
+            mod.stat_name = _clean(qname)  # the model's names, not the wrappers'
+        pinned.append(mod)
     owned: set[int] = {id(b) for m in pinned for b in m.buffers(recurse=False)}
     if not owned:
         return []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,13 +14,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from statplug.encodings import RotaryEncoding, SinusoidalEncoding
-from statplug.masks import CausalMask, RandomMask
+from statplug._buffers import named_statplug_modules
 from statplug.stats.base import Stat
 
 __all__ = [
     "PRUNING_ATTR",
-    "TrackedBuffer",
     "checkpoint_due_after_batch",
     "matches",
     "process_group",
@@ -32,9 +29,6 @@ __all__ = [
 
 # Set by MagnitudePruning on each pruned module: {parameter name: mask buffer name}.
 PRUNING_ATTR = "_statplug_pruning_masks"
-
-_MASKS = (CausalMask, RandomMask)
-_ENCODINGS = (SinusoidalEncoding, RotaryEncoding)
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -106,7 +100,7 @@ def warn_if_resumed_mid_epoch(trainer: pl.Trainer, pl_module: nn.Module, owner: 
         return  # Lightning restores the loaders' position
     from statplug.lightning.callbacks.activation_stats import ActivationStats
 
-    has_stats = any(isinstance(m, Stat) for m in pl_module.modules()) or any(
+    has_stats = bool(named_statplug_modules(pl_module, Stat)) or any(
         isinstance(cb, ActivationStats) for cb in trainer.callbacks  # type: ignore[attr-defined]
     )
     if not has_stats:
@@ -150,40 +144,3 @@ def pruning_masks(root: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor
             if mask is not None:
                 prefix = f"{mod_name}." if mod_name else ""
                 yield prefix + buf_name, mod, param_name, mask
-
-
-@dataclass
-class TrackedBuffer:
-    """One stat, mask or encoding of a model as the checkpoint layout sees it."""
-
-    name: str  # qualified module (or, for pruning masks, buffer) name
-    kind: str
-    module: nn.Module
-    # state_dict key -> tensor of the module's persistent state (empty for derived buffers).
-    keys: dict[str, Tensor]
-
-
-Tracked = list[TrackedBuffer]
-
-
-def tracked(root: nn.Module) -> tuple[Tracked, Tracked, Tracked]:
-    """The stats, masks and encodings of ``root``, found by walking ``named_modules()``."""
-    stats: list[TrackedBuffer] = []
-    masks: list[TrackedBuffer] = []
-    encodings: list[TrackedBuffer] = []
-    for name, mod in root.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(mod, (Stat, *_MASKS, *_ENCODINGS)):
-            # state_dict, not _buffers: a RunningMoments materialises pending work on save.
-            keys = dict(mod.state_dict(prefix=prefix, keep_vars=True))
-            entry = TrackedBuffer(name, type(mod).__name__, mod, keys)
-            if isinstance(mod, Stat):
-                mod._statplug_name = name or None
-                stats.append(entry)
-            elif isinstance(mod, _MASKS):
-                masks.append(entry)
-            else:
-                encodings.append(entry)
-    for key, mod, _, mask in pruning_masks(root):
-        masks.append(TrackedBuffer(key, "MagnitudePruning", mod, {key: mask}))
-    return stats, masks, encodings

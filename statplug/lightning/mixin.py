@@ -18,21 +18,21 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
 
+from statplug._buffers import PinnedDtypeModule, dtype_name, named_statplug_modules
 from statplug.averaging import FIXED_ATTR
+from statplug.encodings import RotaryEncoding, SinusoidalEncoding
 from statplug.errors import CheckpointMismatchError
-from statplug.lightning._utils import (
-    PRUNING_ATTR,
-    TrackedBuffer,
-    tracked,
-    warn_if_resumed_mid_epoch,
-)
+from statplug.lightning._utils import PRUNING_ATTR, pruning_masks, warn_if_resumed_mid_epoch
+from statplug.masks import CausalMask, RandomMask
 from statplug.stats.base import Stat
 
 __all__ = ["CHECKPOINT_KEY", "METADATA_VERSION", "StatsMixin", "plain_config"]
@@ -46,10 +46,6 @@ if TYPE_CHECKING:
     from lightning.pytorch import LightningModule as _Base
 else:
     _Base = object
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def plain_config(cfg: Any, path: str = "statplug_config") -> Any:
@@ -101,7 +97,45 @@ def _lightning_cli_config(module: Any) -> dict[str, Any] | None:
     return None
 
 
-def _shape_of(entry: TrackedBuffer) -> list[int]:
+@dataclass
+class _Saved:
+    """One stat, mask or encoding of the model as the checkpoint layout sees it."""
+
+    name: str  # qualified module (or, for pruning masks, buffer) name
+    kind: str
+    module: nn.Module
+    # state_dict key -> tensor of the module's persistent state (empty for derived buffers).
+    keys: dict[str, Tensor]
+
+
+@dataclass
+class _Layout:
+    """The model's stats, masks (pruning masks too) and encodings, in ``named_modules()`` order."""
+
+    stats: list[_Saved] = field(default_factory=list)
+    masks: list[_Saved] = field(default_factory=list)
+    encodings: list[_Saved] = field(default_factory=list)
+
+
+def _layout(root: nn.Module) -> _Layout:
+    layout = _Layout()
+    for name, mod in named_statplug_modules(root, PinnedDtypeModule):
+        if isinstance(mod, Stat):
+            group = layout.stats
+        elif isinstance(mod, (CausalMask, RandomMask)):
+            group = layout.masks
+        elif isinstance(mod, (SinusoidalEncoding, RotaryEncoding)):
+            group = layout.encodings
+        else:
+            continue  # a normaliser: its moments are listed as a stat
+        keys = dict(mod.state_dict(prefix=f"{name}." if name else "", keep_vars=True))
+        group.append(_Saved(name, type(mod).__name__, mod, keys))
+    for key, owner, _, mask in pruning_masks(root):
+        layout.masks.append(_Saved(key, "MagnitudePruning", owner, {key: mask}))
+    return layout
+
+
+def _shape_of(entry: _Saved) -> list[int]:
     shape = getattr(entry.module, "shape", None)
     if shape is not None:
         return [int(s) for s in shape]
@@ -155,9 +189,9 @@ class StatsMixin(_Base):
     # ------------------------------------------------------------------ save
     def statplug_metadata(self) -> dict[str, Any]:
         """The ``checkpoint["statplug"]`` entry for the model's current state."""
-        stats, masks, encodings = tracked(self)
+        layout = _layout(self)
         stat_entries = []
-        for e in stats:
+        for e in layout.stats:
             stat = e.module
             assert isinstance(stat, Stat)
             stat_entries.append(
@@ -165,7 +199,7 @@ class StatsMixin(_Base):
                     "name": e.name,
                     "kind": e.kind,
                     "shape": _shape_of(e),
-                    "accumulator_dtype": _dtype_name(stat.accumulator_dtype),
+                    "accumulator_dtype": dtype_name(stat.accumulator_dtype),
                     # Saving is not a hot path: one host read per stat is fine here.
                     "count": int(stat.count),
                     "state": list(stat.state_names),
@@ -173,7 +207,7 @@ class StatsMixin(_Base):
                 }
             )
         mask_entries = []
-        for e in masks:
+        for e in layout.masks:
             entry: dict[str, Any] = {
                 "name": e.name,
                 "kind": e.kind,
@@ -187,7 +221,7 @@ class StatsMixin(_Base):
         enc_entries = [
             {"name": e.name, "kind": e.kind, "shape": [int(getattr(e.module, "dim", 0))],
              "persistent": bool(e.keys)}
-            for e in encodings
+            for e in layout.encodings
         ]
         cfg = getattr(self, "statplug_config", None)
         source = None if cfg is None else "recipe"
@@ -272,9 +306,11 @@ class StatsMixin(_Base):
                 setattr(mod, FIXED_ATTR, (*fixed, buf_name))
 
     def _check_layout(self, state_dict: dict[str, Any]) -> None:
-        stats, masks, _ = tracked(self)
+        layout = _layout(self)
         missing = [
-            e for e in stats + masks if e.keys and not any(k in state_dict for k in e.keys)
+            e
+            for e in layout.stats + layout.masks
+            if e.keys and not any(k in state_dict for k in e.keys)
         ]
         if not missing:
             return

@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -30,7 +31,7 @@ from statplug._buffers import PinnedDtypeModule
 from statplug.errors import CheckpointMismatchError, StatplugError
 from statplug.stats._kernels import GROUP_ROWS, exact_moments, moments_ok, rows_per_group
 
-__all__ = ["NanPolicy", "Stat", "SyncBatch", "real_number"]
+__all__ = ["NanPolicy", "Stat", "StateSummary", "SyncBatch", "real_number"]
 
 NanPolicy = Literal["raise", "skip", "propagate"]
 _NAN_POLICIES = ("raise", "skip", "propagate")
@@ -103,6 +104,32 @@ def _host_count(count: Tensor) -> bool:
     return type(count) is Tensor and count.is_cpu and not torch.compiler.is_compiling()
 
 
+@dataclass(frozen=True)
+class StateSummary:
+    """A saved state of a stat, read back through its own class (:meth:`Stat.summarize_state`).
+
+    Attributes:
+        kind: the class name (``"RunningMoments"``).
+        keys: the state's keys (without prefix), the saved bookkeeping ones included.
+        shape: the feature shape.
+        dtype: the saved accumulator dtype.
+        count: samples seen; ``n_skipped``: rows skipped; ``frozen``: saved frozen.
+        features: per-feature read-outs, flat float64 (``mean`` and ``std`` of moments, ``min``
+            and ``max`` of extremes).
+        scalars: the stat's other saved numbers (``weight`` of :class:`EMAMoments`).
+    """
+
+    kind: str
+    keys: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    count: int
+    n_skipped: int
+    frozen: bool
+    features: dict[str, Tensor]
+    scalars: dict[str, float]
+
+
 class Stat(PinnedDtypeModule):
     """Base class of every running statistic.
 
@@ -124,6 +151,8 @@ class Stat(PinnedDtypeModule):
     count: Tensor
     n_skipped: Tensor
     frozen_flag: Tensor
+    # Per-feature read-outs a summary of the saved state reports (see `summarize_state`).
+    _summary_features: tuple[str, ...] = ("mean", "std")
 
     def __init__(
         self,
@@ -386,13 +415,6 @@ class Stat(PinnedDtypeModule):
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------- persistence
-    def _migrate_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, version: int | None
-    ) -> None:
-        # Stats saved without the optional bookkeeping buffers load with their defaults.
-        for key, default in (("n_skipped", self.n_skipped), ("frozen_flag", self.frozen_flag)):
-            state_dict.setdefault(prefix + key, torch.zeros_like(default))
-
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -418,10 +440,17 @@ class Stat(PinnedDtypeModule):
                 error_msgs,
             )
             return
-        # Atomic: every key is checked before any is copied, and a state that does not fit is
-        # refused whole -- even with strict=False, where torch would load the keys that fit.
-        self._migrate_state_dict(state_dict, prefix, local_metadata.get("version"))
-        problem = self._state_problem(state_dict, prefix, local_metadata.get("version"))
+        version = local_metadata.get("version")
+        if version is None:
+            # No version: a state dict without torch's metadata (a filtered copy, a callback's
+            # state). It may lack the bookkeeping buffers: they load as 0 skipped, not frozen.
+            for key in ("n_skipped", "frozen_flag"):
+                default = torch.zeros_like(self._buffers[key])  # type: ignore[arg-type]
+                state_dict.setdefault(prefix + key, default)
+        # Version 1: the first layout, and the current one (newer versions are refused below).
+        # Atomic: every key is checked before any is copied; a misfit is refused whole, even
+        # with strict=False.
+        problem = self._state_problem(state_dict, prefix, version)
         if problem is not None:
             raise CheckpointMismatchError(
                 f"{self.stat_name}: {problem}; the stat was not loaded (it is unchanged)"
@@ -435,6 +464,44 @@ class Stat(PinnedDtypeModule):
                     state_dict[prefix + name] = value.to(mine.dtype)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    @classmethod
+    def summarize_state(cls, state: Mapping[str, Any]) -> StateSummary | None:
+        """Read a saved state of this class (its ``state_dict``, keys without prefix; other keys
+        are ignored) back through the class itself, or None when ``state`` holds none.
+
+        The class's own keys, load checks and read-outs decide (``std`` from ``var``), so a
+        reader of checkpoints repeats none of them. Read in float64, nothing is rounded.
+        """
+        proto = cls(1)
+        saved = proto.state_dict()
+        own = {k: state[k] for k in saved if isinstance(state.get(k), Tensor)}
+        if any(own[k].is_floating_point() != saved[k].is_floating_point() for k in own):
+            return None  # e.g. a float `count`: someone else's buffers under the same names
+        ref = next((own[k] for k in own if saved[k].dim() > 0), None)
+        if ref is None or ref.dim() == 0 or ref.numel() == 0:
+            return None
+        try:
+            stat = cls(tuple(ref.shape), accumulator_dtype=torch.float64)
+            stat.load_state_dict(own)  # a plain dict: bookkeeping keys may be missing
+        except (CheckpointMismatchError, RuntimeError, ValueError, TypeError):
+            return None
+        b = stat._buffers
+        return StateSummary(
+            kind=cls.__name__,
+            keys=tuple(own),
+            shape=stat.shape,
+            dtype=ref.dtype,
+            count=int(stat.count),
+            n_skipped=int(stat.n_skipped),
+            frozen=stat.frozen,
+            features={n: getattr(stat, n).reshape(-1) for n in cls._summary_features},
+            scalars={
+                n: float(t)  # type: ignore[arg-type]
+                for n in stat.state_names
+                if (t := b[n]) is not None and t.is_floating_point() and t.dim() == 0
+            },
         )
 
     def _persistent_names(self) -> list[str]:

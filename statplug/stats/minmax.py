@@ -13,12 +13,10 @@ from statplug.stats.base import NanPolicy, Stat
 
 __all__ = ["RunningMinMax"]
 
-# Column-wise min and max of a [rows, features] batch on CPU: from 32 features on, amin + amax are
-# ~10x faster than torch.aminmax(x, dim=0) (128x256: 7 us vs 67 us; 65536x64: 1.3 ms vs 13 ms).
-# Narrower batches reduce slowly either way (4096x16: 336 us, aminmax 147 us), so they are viewed
-# as [rows / g, g * features] (interleaved row groups, no copy) and the g partial results reduced
-# again: 4096x16 then takes ~15 us.
+# Narrower batches are reduced as interleaved row groups of this width (measurements:
+# docs/design-notes.md, "Column min/max").
 _WIDE_ENOUGH = 64
+_ROW_DTYPES = (torch.float32, torch.float64)
 
 
 def _column_min_max(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,6 +55,7 @@ class RunningMinMax(Stat):
     """
 
     _version = 1
+    _summary_features = ("min", "max")
     min: Tensor
     max: Tensor
 
@@ -74,6 +73,33 @@ class RunningMinMax(Stat):
         acc = accumulator_dtype
         self.add_state("min", torch.full(self.shape, math.inf, dtype=acc), reduce="min")
         self.add_state("max", torch.full(self.shape, -math.inf, dtype=acc), reduce="max")
+        # Width of a [n, F] batch the inline fast path takes (-1: none, N-D features).
+        self._row_features = self.n_features if self._n_dims == 1 else -1
+
+    def update(self, x: Tensor) -> None:
+        """Add the samples in ``x`` (shape ``[..., *shape]``) to the extremes.
+
+        One pass over ``x`` (a column minimum and maximum) and two small in-place ops. Never
+        builds a graph; never reads a tensor on the host except with ``nan_policy="raise"``.
+        """
+        self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
+        if (
+            type(x) is Tensor
+            and x.dim() == 2
+            and x.shape[1] == self._row_features
+            and x.shape[0] > 0
+            and x.dtype in _ROW_DTYPES
+            and not x.requires_grad
+            and not self._frozen
+            and self.nan_policy != "skip"
+            and not x.is_meta
+            and x.layout is torch.strided
+        ):
+            # The common case (a hook on activations), checked inline: Stat.update's generic
+            # checks would cost a third of a small update. No graph: nothing requires grad.
+            self._update(x, self.nan_policy == "raise")
+        else:
+            Stat.update(self, x)
 
     def _fold(self, lo: Tensor, hi: Tensor) -> None:
         flat_min, flat_max = self.min.view(-1), self.max.view(-1)

@@ -241,7 +241,7 @@ def stored_config_checkpoint(d: Path, kind: str) -> Hostile:
     victim = str(d / VICTIM)
     says = {
         "open": "builtins.open",
-        "attribute_path": "statplug.config.checkpoint.torch.save",
+        "attribute_path": "statplug.inspect.checkpoint.torch.save",
         "prefix": "statplugx.evil.Model",
         "nested_logger": "builtins.open",
         "args_list": "shutil.copyfile",
@@ -292,8 +292,8 @@ STORED_CONFIG_KINDS = (
 # ----------------------------------------------------------------------------- YAML
 _RECIPE_HEAD = "defaults:\n  - trainer: cpu\n  - callbacks: stats\n"
 _MODEL = (
-    "model:\n  _target_: statplug.recipes_lib.TabularMLP\n  n_features: 30\n"
-    "data:\n  _target_: statplug.recipes_lib.SklearnDataModule\n"
+    "model:\n  _target_: statplug.recipes.TabularMLP\n  n_features: 30\n"
+    "data:\n  _target_: statplug.recipes.SklearnDataModule\n"
 )
 
 

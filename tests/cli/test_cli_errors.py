@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from cli_helpers import REPO, run_inprocess, run_subprocess
 
+TABULAR = REPO / "statplug" / "recipes" / "tabular.yaml"
+
 
 def _one_line_error(argv: list[str], cwd: Path) -> str:
     res = run_inprocess(argv, cwd)
@@ -20,7 +22,7 @@ def _one_line_error(argv: list[str], cwd: Path) -> str:
 
 def test_misspelled_trainer_key_suggests_the_closest(tmp_path: Path) -> None:
     line = _one_line_error(
-        ["fit", str(REPO / "recipes" / "tabular.yaml"), "trainer.max_epoch=1"], tmp_path
+        ["fit", str(TABULAR), "trainer.max_epoch=1"], tmp_path
     )
     assert "`trainer.max_epoch`" in line and "did you mean `trainer.max_epochs`?" in line
 
@@ -56,7 +58,7 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 
 def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "broken.yaml"
-    bad.write_text("model:\n  _target_: statplug.recipes_lib.TabularMLP\n  hidden: [8,\ndata: 1\n")
+    bad.write_text("model:\n  _target_: statplug.recipes.TabularMLP\n  hidden: [8,\ndata: 1\n")
     line = _one_line_error(["fit", str(bad)], tmp_path)
     # The parser fails at the end of the file; the message also names where the list opened.
     assert "broken.yaml" in line and "line 5" in line and "flow sequence at line 3" in line
@@ -99,7 +101,7 @@ def test_audit_reports_config_errors_too(tmp_path: Path) -> None:
 def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
     """The acceptance case, as a user runs it: exit 2, one line, the closest key."""
     res = run_subprocess(
-        ["fit", str(REPO / "recipes" / "tabular.yaml"), "trainer.max_epoch=1"], tmp_path
+        ["fit", str(TABULAR), "trainer.max_epoch=1"], tmp_path
     )
     assert res.code == 2
     assert res.out == ""

@@ -53,7 +53,7 @@ def test_checkpoint_loads_weights_only_with_config(
     meta = ckpt["statplug"]
     assert meta["version"] == 1
     cfg = meta["config"]
-    assert cfg["model"]["_target_"].startswith("statplug.recipes_lib.")
+    assert cfg["model"]["_target_"].startswith("statplug.recipes.")
     assert cfg["trainer"]["limit_train_batches"] == 3  # the resolved config, overrides included
     counts = {s["name"]: s["count"] for s in meta["stats"]}
     assert counts and all(c == 3 * BATCH[name] * (15 if name == "tinylm" else 1)

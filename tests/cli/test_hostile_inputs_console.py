@@ -38,7 +38,7 @@ EXTRA_MEMORY_MB = 200.0
 _ADDRESS_SPACE = 4 << 30  # torch and Lightning reserve ~1 GB of address space on import
 _WALL_SECONDS = 90.0  # a hang, not a slow machine
 # What every statplug command imports before it reads its input (torch, OmegaConf, PyYAML).
-_IMPORTS = "import statplug.cli, statplug.config.build, statplug.config.checkpoint"
+_IMPORTS = "import statplug.cli, statplug.config.build, statplug.inspect.checkpoint"
 
 
 @dataclass

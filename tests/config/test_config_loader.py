@@ -24,6 +24,7 @@ from statplug.config.loader import parse_overrides, parse_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = ("digits", "pruning", "tabular", "tinylm")
+TABULAR = REPO / "statplug" / "recipes" / "tabular.yaml"
 
 
 def _write(path: Path, text: str) -> Path:
@@ -53,17 +54,25 @@ def test_package_data_globs_cover_configs_and_recipes() -> None:
         for p in glob.glob(str(pkg / pat), recursive=True)
         if Path(p).is_file()
     }
-    canonical = {p.resolve() for p in (REPO / "configs").rglob("*.yaml")}
-    canonical |= {p.resolve() for p in (REPO / "recipes").glob("*.yaml")}
-    assert canonical and canonical <= shipped
-    # The package's resources point at the canonical top-level folders of the checkout.
-    assert bundled_recipes_dir().resolve() == (REPO / "recipes").resolve()
+    bundled = {p.resolve() for p in pkg.rglob("*.yaml")}
+    assert bundled and bundled <= shipped
+    # One source of truth: the recipes and their fragments live in the package `statplug.recipes`.
+    assert bundled_recipes_dir().resolve() == (pkg / "recipes").resolve()
+    assert bundled_configs_dir().resolve() == (pkg / "recipes" / "configs").resolve()
+    assert not any(p.is_symlink() for p in pkg.rglob("*"))
+
+
+def test_configs_naming_the_old_recipes_module_still_build() -> None:
+    """Configs stored before the recipes' models moved to `statplug.recipes` name
+    `statplug.recipes_lib`: they are read with the new module paths."""
+    run = load_recipe("tabular", ["model._target_=statplug.recipes_lib.tabular.TabularMLP"])
+    assert run.config["model"]["_target_"] == "statplug.recipes.tabular.TabularMLP"
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_bundled_recipe_validates(name: str) -> None:
     run = load_recipe(name)
-    assert run.config["model"]["_target_"].startswith("statplug.recipes_lib.")
+    assert run.config["model"]["_target_"].startswith("statplug.recipes.")
     assert run.config["trainer"]["accelerator"] == "cpu"
     assert "sync" in run.config["callbacks"]  # SyncStats in every recipe's stack
     assert isinstance(run.config["description"], str) and run.config["description"]
@@ -99,7 +108,7 @@ def test_unknown_callback_names_are_errors_whatever_their_value(tmp_path: Path) 
             load_recipe("tabular", [override])
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        (REPO / "recipes" / "tabular.yaml").read_text() + "callbacks:\n  audt: null\n"
+        (TABULAR).read_text() + "callbacks:\n  audt: null\n"
     )
     with pytest.raises(ConfigError, match=r"`callbacks\.audt`; did you mean `callbacks\.audit`"):
         load_recipe(recipe)
@@ -159,7 +168,7 @@ def test_local_configs_folder_beside_recipe_wins(tmp_path: Path) -> None:
     (tmp_path / "configs" / "trainer").mkdir(parents=True)
     _write(tmp_path / "configs" / "trainer" / "tiny.yaml", "accelerator: cpu\nmax_steps: 2\n")
     (tmp_path / "recipes").mkdir()
-    src = (REPO / "recipes" / "tabular.yaml").read_text()
+    src = (TABULAR).read_text()
     mine = src.replace("trainer: cpu", "trainer: tiny")
     recipe = _write(tmp_path / "recipes" / "mine.yaml", mine)
     run = load_recipe(recipe)
@@ -170,8 +179,8 @@ def test_local_configs_folder_beside_recipe_wins(tmp_path: Path) -> None:
 def test_defaults_may_be_a_mapping(tmp_path: Path) -> None:
     recipe = _write(
         tmp_path / "r.yaml",
-        "defaults: {trainer: cpu}\nmodel: {_target_: statplug.recipes_lib.TabularMLP, "
-        "n_features: 3}\ndata: {_target_: statplug.recipes_lib.SklearnDataModule}\n",
+        "defaults: {trainer: cpu}\nmodel: {_target_: statplug.recipes.TabularMLP, "
+        "n_features: 3}\ndata: {_target_: statplug.recipes.SklearnDataModule}\n",
     )
     assert load_recipe(recipe).config["trainer"]["accelerator"] == "cpu"
 
@@ -219,7 +228,7 @@ def test_unknown_trainer_key_suggests_closest() -> None:
 
 
 def test_unknown_model_key_in_recipe_file_names_the_file(tmp_path: Path) -> None:
-    src = (REPO / "recipes" / "tabular.yaml").read_text().replace("hidden: 64", "hiden: 64")
+    src = (TABULAR).read_text().replace("hidden: 64", "hiden: 64")
     recipe = _write(tmp_path / "typo.yaml", src)
     msg = _error(recipe)
     assert "`model.hiden`" in msg and "`model.hidden`" in msg and "typo.yaml" in msg
@@ -255,12 +264,12 @@ def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:
 def test_unknown_fragment_and_target() -> None:
     msg = _error("tabular", "trainer=ddp-cpu-3")
     assert "`ddp-cpu-2`" in msg
-    msg = _error("tabular", "model._target_=statplug.recipes_lib.TabularMLp")
-    assert "`statplug.recipes_lib.TabularMLP`" in msg
+    msg = _error("tabular", "model._target_=statplug.recipes.TabularMLp")
+    assert "`statplug.recipes.TabularMLP`" in msg
 
 
 def test_missing_required_constructor_argument(tmp_path: Path) -> None:
-    src = (REPO / "recipes" / "tabular.yaml").read_text().replace("  n_features: 30\n", "")
+    src = (TABULAR).read_text().replace("  n_features: 30\n", "")
     msg = _error(_write(tmp_path / "r.yaml", src))
     assert "`model.n_features`" in msg
 

@@ -14,8 +14,8 @@ from statplug.config.targets import check_targets, escape_interpolations, is_all
 @pytest.mark.parametrize(
     "target",
     [
-        "statplug.recipes_lib.TabularMLP",
-        "statplug.recipes_lib.tabular.TabularMLP",
+        "statplug.recipes.TabularMLP",
+        "statplug.recipes.tabular.TabularMLP",
         "statplug.lightning.callbacks.SyncStats",
         "statplug.RunningNorm",
         "lightning.pytorch.Trainer",
@@ -35,13 +35,13 @@ def test_statplug_classes_and_the_allowlist_are_allowed(target: str) -> None:
         "torch.save",
         "numpy.savetxt",
         "statplugx.evil.Model",  # a prefix is not a package
-        "statplug.config.checkpoint.torch.load",  # through an attribute of a statplug module
-        "statplug.config.checkpoint.torch.nn.Linear",  # a class, but not statplug's
-        "statplug.config.checkpoint.Path",  # re-exported foreign class
-        "statplug.config.checkpoint.load_checkpoint",  # a statplug function, not a class
+        "statplug.inspect.checkpoint.torch.load",  # through an attribute of a statplug module
+        "statplug.inspect.checkpoint.torch.nn.Linear",  # a class, but not statplug's
+        "statplug.inspect.checkpoint.Path",  # re-exported foreign class
+        "statplug.inspect.checkpoint.load_checkpoint",  # a statplug function, not a class
         "statplug.cli.main",
         "statplug._buffers.PinnedDtypeModule",  # private module
-        "statplug.config.checkpoint.__builtins__",
+        "statplug.inspect.checkpoint.__builtins__",
         "statplug.config",  # a module
         "lightning.pytorch.Trainer.__init__.__globals__",
         "lightning.pytorch.callbacks.ModelCheckpoint",  # not on the allowlist
@@ -56,14 +56,14 @@ def test_everything_else_is_refused(target: object) -> None:
 
 def test_refusal_names_the_key_the_target_and_trust() -> None:
     cfg = {
-        "model": {"_target_": "statplug.recipes_lib.TabularMLP", "n_features": 3},
-        "trainer": {"logger": {"_target_": "statplug.recipes_lib.TabularMLP",
+        "model": {"_target_": "statplug.recipes.TabularMLP", "n_features": 3},
+        "trainer": {"logger": {"_target_": "statplug.recipes.TabularMLP",
                                "x": [{"y": {"_target_": "shutil.rmtree", "path": "/"}}]}},
     }
     where = r"`trainer\.logger\.x\.0\.y\._target_`"
     with pytest.raises(ConfigError, match=where + r".*shutil\.rmtree.*--trust"):
         check_targets(cfg, origin=" (config from x.ckpt)")
-    check_targets({"model": {"_target_": "statplug.recipes_lib.TabularMLp"}})  # a typo: validation
+    check_targets({"model": {"_target_": "statplug.recipes.TabularMLp"}})  # a typo: validation
 
 
 def test_build_node_refuses_unless_trusted(tmp_path: Path) -> None:
@@ -91,8 +91,8 @@ def test_a_resolved_string_is_not_resolved_again_when_built(tmp_path: Path) -> N
     recipe.write_text(
         "callbacks:\n  activations:\n    _target_: statplug.lightning.callbacks.ActivationStats\n"
         f"    patterns: ['\\${{oc.create:{payload}}}']\n"
-        "model:\n  _target_: statplug.recipes_lib.TabularMLP\n  n_features: 3\n"
-        "data:\n  _target_: statplug.recipes_lib.SklearnDataModule\n"
+        "model:\n  _target_: statplug.recipes.TabularMLP\n  n_features: 3\n"
+        "data:\n  _target_: statplug.recipes.SklearnDataModule\n"
     )
     with pytest.raises(ConfigError, match=r"`callbacks\.activations\.patterns\.0`.*--trust"):
         load_recipe(recipe)  # refused before anything is built

@@ -536,3 +536,13 @@ def test_a_first_sync_in_inference_mode_leaves_stats_writable():
         assert res["count"] == len(data)
         torch.testing.assert_close(res["mean"].double(), data.mean(0), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(res["max"].double(), data.max(0).values)
+
+
+def test_layout_fingerprint_is_the_syncs_and_tells_layouts_apart() -> None:
+    from statplug.distributed import describe_stat, layout_fingerprint
+
+    a, b = RunningMoments(3), RunningMoments(3)
+    assert layout_fingerprint([a]) == layout_fingerprint([b])
+    assert layout_fingerprint([a]) != layout_fingerprint([RunningMoments(4)])
+    assert layout_fingerprint([a]) != layout_fingerprint([RunningMinMax(3)])
+    assert "RunningMoments(shape=(3,))" in describe_stat(a)

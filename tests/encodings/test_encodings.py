@@ -231,6 +231,22 @@ def test_low_precision_model_keeps_float32_tables_and_input_dtype(convert: str) 
         assert buf.dtype == torch.float32, name
 
 
+@pytest.mark.parametrize("cls", [SinusoidalEncoding, RotaryEncoding])
+def test_expected_buffers_are_the_tables_at_their_current_length(cls: type) -> None:
+    enc = cls(8, max_len=4)
+    if cls is SinusoidalEncoding:
+        enc(torch.zeros(1, 10, 8))  # regrows to 10 positions
+    else:
+        enc(torch.zeros(1, 10, 8), torch.zeros(1, 10, 8))
+    expected = enc.expected_buffers()
+    assert set(expected) == {n for n, _ in enc.named_buffers()}
+    for name, value in expected.items():
+        assert torch.equal(value, getattr(enc, name)), name
+    with torch.no_grad():
+        next(iter(enc.buffers())).add_(1.0)
+    assert not all(torch.equal(v, getattr(enc, n)) for n, v in enc.expected_buffers().items())
+
+
 def test_no_derived_buffer_in_state_dict() -> None:
     model = Model(max_len=16)
     model(torch.randn(1, 40, 8))  # regrow every cache first

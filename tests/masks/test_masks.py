@@ -197,6 +197,18 @@ def test_random_mask_identical_on_two_gloo_ranks() -> None:
     assert results[0] == results[1] == local
 
 
+def test_expected_buffers_say_what_the_masks_must_hold() -> None:
+    causal = CausalMask(4)
+    causal.mask(9)  # regrown
+    (name, want), = causal.expected_buffers().items()
+    assert name == "mask" and torch.equal(want, causal.mask(9))
+    rand = RandomMask((5, 7), 0.3, seed=2).resample_(11)
+    assert torch.equal(rand.expected_buffers()["mask"], rand.mask)
+    with torch.no_grad():
+        rand.seed.fill_(12)  # the seed changed behind the mask's back
+    assert not torch.equal(rand.expected_buffers()["mask"], rand.mask)
+
+
 def test_docstring_examples_run() -> None:
     result = doctest.testmod(statplug.masks, verbose=False)
     assert result.attempted > 0

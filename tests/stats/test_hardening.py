@@ -213,6 +213,26 @@ def test_a_state_saved_by_a_newer_version_is_refused() -> None:
         RunningMoments(3).load_state_dict(sd)
 
 
+@pytest.mark.parametrize("cls", [RunningMoments, EMAMoments, RunningMinMax])
+def test_the_saved_version_decides_the_migration(cls: type) -> None:
+    """Without a version (torch's metadata dropped) the bookkeeping buffers may be missing and
+    load as their defaults; a version-1 state always holds them, so one without is refused."""
+    src = _filled(cls)
+    src.n_skipped.fill_(2)
+    sd = src.state_dict()
+    for key in ("n_skipped", "frozen_flag"):
+        del sd[key]
+    loaded = cls(3)
+    loaded.load_state_dict(dict(sd))  # a plain dict: no metadata, no version
+    assert int(loaded.n_skipped) == 0 and not loaded.frozen
+    assert torch.equal(loaded.count, src.count)
+    stat = cls(3)
+    before = copy.deepcopy(stat)
+    with pytest.raises(CheckpointMismatchError, match="missing key"):
+        stat.load_state_dict(sd)  # version 1 in its metadata
+    assert same_bits(stat, before)
+
+
 def test_a_float64_state_assigned_into_a_float32_stat_keeps_the_accumulator_dtype() -> None:
     src = _filled(RunningMoments, accumulator_dtype=torch.float64)
     stat = RunningMoments(3)

@@ -464,3 +464,55 @@ def test_settle_equals_a_save_and_reload(cls):
     b.update(y)
     for key, value in b.state_dict().items():
         torch.testing.assert_close(a.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [RunningMoments, EMAMoments, RunningMinMax])
+def test_summarize_state_reads_a_saved_state_through_its_own_class(cls):
+    stat = cls((2, 3))
+    stat.update(torch.randn(40, 2, 3) * 2 + 5)
+    summary = cls.summarize_state(dict(stat.state_dict()))
+    assert summary is not None
+    assert (summary.kind, summary.shape, summary.count) == (cls.__name__, (2, 3), 40)
+    assert set(summary.keys) == set(stat.state_dict())
+    for name, values in summary.features.items():
+        torch.testing.assert_close(values, getattr(stat, name).double().reshape(-1))
+    others = [c for c in (RunningMoments, EMAMoments, RunningMinMax) if c is not cls]
+    assert all(c.summarize_state(stat.state_dict()) is None for c in others)
+    bad = dict(stat.state_dict(), count=torch.tensor(-1))
+    assert cls.summarize_state(bad) is None
+
+
+@pytest.mark.parametrize("policy", ["raise", "propagate"])
+def test_min_max_fast_path_matches_the_generic_path(policy):
+    x = torch.randn(64, 5)
+    fast, generic = RunningMinMax(5, nan_policy=policy), RunningMinMax(5, nan_policy=policy)
+    fast.update(x)
+    generic.update(x.reshape(8, 8, 5))  # not 2-D: the generic path
+    assert torch.equal(fast.min, generic.min) and torch.equal(fast.max, generic.max)
+    assert int(fast.count) == int(generic.count) == 64
+    x[3, 1] = float("nan")
+    if policy == "raise":
+        before = fast.state_dict()
+        with pytest.raises(ValueError, match="NaN"):
+            fast.update(x)
+        assert all(torch.equal(v, before[k]) for k, v in fast.state_dict().items())
+    else:
+        fast.update(x)
+        assert bool(fast.min[1].isnan())
+
+
+def test_one_walker_finds_and_names_every_statplug_module():
+    from statplug import Stat
+    from statplug._buffers import PinnedDtypeModule, named_statplug_modules
+    from statplug.masks import CausalMask
+
+    model = nn.Module()
+    model.enc = nn.Sequential(nn.Linear(3, 3), RunningNorm(3))
+    model.mask = CausalMask(4)
+    stats = named_statplug_modules(model, Stat)
+    assert [(n, type(s).__name__) for n, s in stats] == [("enc.1.moments", "RunningMoments")]
+    assert stats[0][1].stat_name == "enc.1.moments"
+    every = [n for n, _ in named_statplug_modules(model, PinnedDtypeModule)]
+    assert every == ["enc.1", "enc.1.moments", "mask"]
+    stats[0][1].stat_name = None
+    assert stats[0][1].stat_name == "RunningMoments"

@@ -22,9 +22,10 @@ updated only in training forward passes (between ``on_train_batch_start`` and
 value on the host. With ``every_n_steps=n`` only every ``n``-th optimizer step is recorded (all
 its batches under gradient accumulation): the stats are then exact over the sampled batches.
 They are merged across ranks (:func:`statplug.sync_stats` over the callback's stats, one
-coalesced sync for all layers) at the same points as
-:class:`~statplug.lightning.SyncStats`: epoch end, validation start and end, before a step-based
-``ModelCheckpoint`` saves, and at the end of training. At epoch end (and every
+coalesced sync for all layers) on the schedule of :class:`~statplug.lightning.SyncStats`
+(:mod:`statplug.lightning.callbacks._sync_schedule`): epoch end, validation start and end, before
+a step-based ``ModelCheckpoint`` saves, at the end of training, and every ``log_every_n_steps``
+steps. At epoch end (and every
 ``log_every_n_steps`` steps, after a sync) each layer's summary is logged the way
 :class:`~statplug.lightning.StatsMonitor` logs a stat: straight to the Trainer's loggers on rank
 zero (the values are global, so there is no ``sync_dist`` warning), into
@@ -43,7 +44,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -58,14 +58,11 @@ from torch.nn.modules.pooling import (
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from statplug._buffers import dtype_name
 from statplug.distributed import SyncReport, sync_stats
 from statplug.lightning._logging import DriftTracker, LogBatch, emit, readout
-from statplug.lightning._utils import (
-    checkpoint_due_after_batch,
-    matches,
-    process_group,
-    settle,
-)
+from statplug.lightning._utils import matches, process_group, settle
+from statplug.lightning.callbacks._sync_schedule import SyncPoint, SyncSchedule
 from statplug.stats import RunningMinMax, RunningMoments, Stat
 
 __all__ = ["ActivationStats"]
@@ -95,7 +92,7 @@ class _LayerStats:
         return [self.moments] if self.minmax is None else [self.moments, self.minmax]
 
 
-class ActivationStats(Callback):
+class ActivationStats(SyncSchedule):
     r"""Running moments and min/max of layer outputs, synced, logged and checkpointed.
 
     Args:
@@ -169,6 +166,7 @@ class ActivationStats(Callback):
                 "ActivationStats: `log_every_n_steps` must be a positive int or None, got "
                 f"{log_every_n_steps!r}"
             )
+        super().__init__()
         self.patterns = tuple(patterns)
         self.min_max = bool(min_max)
         self.every_n_steps = every_n_steps
@@ -183,8 +181,6 @@ class ActivationStats(Callback):
         self._recording = False
         self._skipped: set[str] = set()
         self._last: Callable[[], Tensor | None] = _none
-        self._last_step_synced = -1
-        self._last_step_logged = -1
         self.last_report: SyncReport | None = None
         self._drift = DriftTracker()
         # Lightning reads state_key around every hook call (profiler names): build it once.
@@ -252,9 +248,8 @@ class ActivationStats(Callback):
         return hook
 
     def _record(self, name: str, module: nn.Module, output: Tensor) -> None:
-        # A container returning its last child's output tensor (a Sequential) would record it
-        # again right after the child. A weak reference: keeping outputs alive longer than
-        # autograd does costs more than the stats (the allocator cannot reuse their memory).
+        # A container returning its last child's output (a Sequential) is not recorded twice;
+        # weakly referenced: holding outputs longer than autograd does costs memory.
         if self._last() is output:
             return
         if not output.is_floating_point() or output.dim() == 0 or name in self._skipped:
@@ -280,9 +275,7 @@ class ActivationStats(Callback):
         x = x.reshape(-1, n_features)  # one copy at most, shared by both stats
         layer.moments.update(x)
         if layer.minmax is not None:
-            # Shape, dtype and nan policy ("propagate") are settled here: skip Stat.update's
-            # generic checks (a third of the cost of a small update).
-            layer.minmax._update(x, False)
+            layer.minmax.update(x)
 
     def _feature_dim(self, module: nn.Module, output: Tensor) -> int:
         if self.channels == "last" or output.dim() < 3:
@@ -307,7 +300,7 @@ class ActivationStats(Callback):
             nan_policy="propagate",
             device=device,
         )
-        moments._statplug_name = f"{name} (activations)"
+        moments.stat_name = f"{name} (activations)"
         minmax = None
         if self.min_max:
             minmax = RunningMinMax(
@@ -316,7 +309,7 @@ class ActivationStats(Callback):
                 nan_policy="propagate",
                 device=device,
             )
-            minmax._statplug_name = f"{name} (activation min/max)"
+            minmax.stat_name = f"{name} (activation min/max)"
         return _LayerStats(feature_dim, moments, minmax)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -335,11 +328,6 @@ class ActivationStats(Callback):
         for layer in self._layers.values():
             for s in layer.stats():
                 s.to(pl_module.device)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A resumed run starts at the checkpoint's step, which was already synced before the save.
-        self._last_step_synced = trainer.global_step
 
     @override
     def on_train_batch_start(
@@ -361,37 +349,18 @@ class ActivationStats(Callback):
     ) -> None:
         self._recording = False
         self._last = _none
-        step = trainer.global_step
-        if step == 0:
-            return
-        n = self.log_every_n_steps
-        # Once per optimizer step (gradient accumulation runs several batches per step).
-        log_due = n is not None and step % n == 0 and step != self._last_step_logged
-        checkpoint_due = step != self._last_step_synced and checkpoint_due_after_batch(trainer)
-        if log_due or checkpoint_due:
-            self.sync(trainer, settle_after=checkpoint_due)  # every rank is here
-        if checkpoint_due:
-            self._last_step_synced = step
-        if log_due:
-            self._last_step_logged = step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @property
+    def _sync_every_n(self) -> int | None:
+        return self.log_every_n_steps  # every log reads global values: sync first
+
+    def _sync_at(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: SyncPoint
+    ) -> None:
+        self.sync(trainer, settle_after=point.checkpoint)
+        if point.periodic or point.event == "train_epoch_end":
             self._log(trainer)
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer)
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer)
-        self._log(trainer)
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer)
 
     def sync(self, trainer: pl.Trainer | None = None, *, settle_after: bool = True) -> SyncReport:
         """Merge the stats across ranks (every rank must call this together).
@@ -449,7 +418,7 @@ class ActivationStats(Callback):
             )
         return {
             "version": _STATE_VERSION,
-            "accumulator_dtype": str(self.accumulator_dtype).removeprefix("torch."),
+            "accumulator_dtype": dtype_name(self.accumulator_dtype),
             "layers": layers,
         }
 

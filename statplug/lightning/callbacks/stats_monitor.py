@@ -41,6 +41,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from statplug._buffers import PinnedDtypeModule, named_statplug_modules
 from statplug.distributed import sync_stats
 from statplug.lightning._logging import DriftTracker, LogBatch, emit, readout
 from statplug.lightning._utils import process_group, pruning_masks
@@ -182,7 +183,7 @@ class StatsMonitor(Callback):
         """The values to log for ``pl_module`` as it is now (no sync, nothing read yet)."""
         batch = LogBatch()
         inside_norm: set[int] = set()
-        for name, mod in pl_module.named_modules():
+        for name, mod in named_statplug_modules(pl_module, PinnedDtypeModule):
             key = f"{self.prefix}/{name or type(mod).__name__}"
             if isinstance(mod, RunningNorm):
                 inside_norm.add(id(mod.moments))

@@ -6,16 +6,10 @@ Merge every :class:`~statplug.stats.Stat` of the ``LightningModule`` across rank
 where Lightning reads or saves them, and keep DDP's buffer broadcast from overwriting them in
 between.
 
-When it syncs (every rank reaches each point, so every rank joins each collective):
-
-* the end of each training epoch (before an epoch-end ``ModelCheckpoint``, which Lightning runs
-  after every other callback);
-* the start of each validation run, so validation sees the global stats, and its end, so a
-  ``ModelCheckpoint`` saving on validation end writes them (Lightning takes the model's
-  ``state_dict`` *before* any ``on_save_checkpoint`` hook, so syncing there would be too late);
-* after a training batch when ``every_n_train_steps`` says so, or when a step-based
-  ``ModelCheckpoint`` is about to save at that step;
-* the end of training, so a manual ``trainer.save_checkpoint`` after ``fit`` holds global stats.
+When it syncs: at the points of :mod:`statplug.lightning.callbacks._sync_schedule`, which
+:class:`~statplug.lightning.ActivationStats` shares -- each training epoch end, each validation
+start and end, the end of training, and after a training batch when ``every_n_train_steps`` says
+so or a step-based ``ModelCheckpoint`` is about to save.
 
 With ``metrics=True`` it also syncs the torchmetrics metrics logged as ``Metric`` objects
 (``self.log(name, metric)``) where Lightning would compute them -- the end of each training epoch,
@@ -42,30 +36,26 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from statplug._buffers import named_statplug_modules
 from statplug.distributed import (
     MetricsSyncReport,
     SyncReport,
     broadcast_stats,
     exclude_from_ddp_broadcast,
     exclude_from_fsdp_buffer_cast,
-    find_stats,
+    stat_buffer_names,
     sync_metrics,
     sync_stats,
 )
-from statplug.distributed.ddp import stat_buffer_names
 from statplug.errors import IncompatibleCallbackError
-from statplug.lightning._utils import (
-    checkpoint_due_after_batch,
-    process_group,
-    settle,
-    warn_if_resumed_mid_epoch,
-)
+from statplug.lightning._utils import process_group, settle, warn_if_resumed_mid_epoch
+from statplug.lightning.callbacks._sync_schedule import SyncPoint, SyncSchedule
 from statplug.lightning.callbacks.stats_weight_averaging import stock_averaging_error
+from statplug.stats.base import Stat
 
 __all__ = ["SyncStats"]
 
@@ -75,7 +65,7 @@ log = logging.getLogger(__name__)
 SyncListener = Callable[["pl.Trainer", "pl.LightningModule", str], None]
 
 
-class SyncStats(Callback):
+class SyncStats(SyncSchedule):
     r"""Merge the module's stats across ranks: every rank, and every checkpoint, holds global stats.
 
     In ``setup`` (before the strategy wraps the model) it registers every stat buffer in DDP's
@@ -124,13 +114,13 @@ class SyncStats(Callback):
             )
         if not isinstance(metrics, bool):
             raise ValueError(f"SyncStats: `metrics` must be a bool, got {metrics!r}")
+        super().__init__()
         self.every_n_train_steps = every_n_train_steps
         self.metrics = metrics
         self.excluded: list[str] = []
         self.n_syncs = 0
         self.last_report: SyncReport | None = None
         self.last_metrics_report: MetricsSyncReport | None = None
-        self._last_step_synced = -1
         self._listeners: list[SyncListener] = []
         # Lightning reads state_key around every hook call (profiler names): build it once.
         self._state_key = self._generate_state_key(every_n_train_steps=self.every_n_train_steps)
@@ -172,7 +162,7 @@ class SyncStats(Callback):
         else:
             report = sync_stats(pl_module, group=process_group(trainer))
         if checkpoint_point:
-            settle(find_stats(pl_module))
+            settle(stat for _, stat in named_statplug_modules(pl_module, Stat))
         self.n_syncs += 1
         self.last_report = report
         log.debug(
@@ -210,15 +200,13 @@ class SyncStats(Callback):
         # wraps the model in DDP, which reads its ignore list only when it is built.
         self.excluded = exclude_from_ddp_broadcast(pl_module)
         log.debug("SyncStats: %d stat buffers excluded from DDP broadcast", len(self.excluded))
-        # Whatever the stats hold before the run (warmed up, or copied to every rank by a
-        # spawn launcher) is one copy of the same data: make rank 0's the agreed state, so no
-        # sync counts it once per rank.
+        # What the stats hold before the run (warmed up, or copied by a spawn launcher) is one
+        # copy of the same data on every rank: rank 0's becomes the agreed state, counted once.
         broadcast_stats(pl_module, group=process_group(trainer))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A resumed run starts at the checkpoint's step, which was already synced before the save.
-        self._last_step_synced = trainer.global_step
+        super().on_train_start(trainer, pl_module)
         warn_if_resumed_mid_epoch(trainer, pl_module, "SyncStats")
 
     @override
@@ -230,9 +218,8 @@ class SyncStats(Callback):
         self._exclude_from_fsdp_cast(wrapped or pl_module)
         if not isinstance(wrapped, DistributedDataParallel):
             return
-        # Stats built in LightningModule.setup or configure_model came after our setup. DDP
-        # re-reads `parameters_to_ignore` whenever it broadcasts buffers, so adding them now
-        # still keeps them out of the broadcast.
+        # Stats built in LightningModule.setup or configure_model came after our setup; DDP
+        # re-reads `parameters_to_ignore` at every broadcast, so adding them now still works.
         late = [n for n in stat_buffer_names(pl_module) if n not in wrapped.parameters_to_ignore]
         if late:
             wrapped.parameters_to_ignore.update(late)
@@ -248,33 +235,23 @@ class SyncStats(Callback):
             log.debug("SyncStats: %d stat buffers kept out of FSDP's buffer cast", len(excluded))
 
     # ------------------------------------------------------------------ sync points
-    @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    @property
+    def _sync_every_n(self) -> int | None:
+        return self.every_n_train_steps
+
+    def _sync_at(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: SyncPoint
     ) -> None:
-        step = trainer.global_step
-        if step == 0 or step == self._last_step_synced:
-            return  # no step yet, or gradient accumulation: batches share one optimizer step
-        n = self.every_n_train_steps
-        due = checkpoint_due_after_batch(trainer)
-        if (n is not None and step % n == 0) or due:
-            self._last_step_synced = step
-            self.sync(trainer, pl_module, "train_batch_end", checkpoint_point=due)
+        metrics = self.metrics and point.event == "train_epoch_end"
+        self.sync(
+            trainer, pl_module, point.event, checkpoint_point=point.checkpoint, metrics=metrics
+        )
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:  # trainer.validate(): no on_fit_start ran
             self._exclude_from_fsdp_cast(trainer.strategy.model or pl_module)
-        self.sync(trainer, pl_module, "validation_start")
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer, pl_module, "validation_end")
+        super().on_validation_start(trainer, pl_module)
 
     # Lightning computes the epoch values logged in validation/test steps right after the last
     # batch, before any on_*_epoch_end hook: the last batch's end is the last hook before that.
@@ -305,14 +282,6 @@ class SyncStats(Callback):
     ) -> None:
         if self.metrics and _last_eval_batch(trainer):
             self.sync(trainer, pl_module, "test_epoch_end", checkpoint_point=False, metrics=True)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer, pl_module, "train_epoch_end", metrics=self.metrics)
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sync(trainer, pl_module, "train_end")
 
 
 def _refuse_stock_averaging(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -15,7 +15,7 @@ import torch
 from lit_models import QUIET
 from torch.utils.data import DataLoader, TensorDataset
 
-from statplug.recipes_lib import TabularMLP
+from statplug.recipes import TabularMLP
 
 
 def main(out_dir: str) -> None:

@@ -2,18 +2,10 @@
 
 Used by ``statplug inspect`` and ``statplug plot``. Nothing of the model is imported or built:
 the file is loaded with ``torch.load(weights_only=True)`` and its tensors are recognised by their
-``state_dict`` key layout, which is statplug's public contract:
-
-=============================================  ==========================================
-keys under one prefix                           recognised as
-=============================================  ==========================================
-``count``, ``mean``, ``m2``                    ``RunningMoments`` (inside a ``RunningNorm``
-                                               its prefix ends in ``.moments``)
-``count``, ``min``, ``max``                    ``RunningMinMax``
-``count``, ``weight``, ``mean``, ``var``       ``EMAMoments``
-``mask`` (bool), with ``seed``                 ``RandomMask`` (without: a mask)
-``<name>_mask`` (bool)                         a pruning mask
-=============================================  ==========================================
+``state_dict`` key layout, which is statplug's public contract. The tensors under one prefix are
+a stat when a stat class reads them back as its own state (:meth:`Stat.summarize_state`: the
+class's keys, checks and read-outs, repeated nowhere here); a bool ``mask`` is a mask
+(``RandomMask`` with a ``seed``), and a bool ``<name>_mask`` a pruning mask.
 
 Other integer, bool and well-known buffers (``running_mean``, ``num_batches_tracked``) are listed
 as buffers; floating tensors that match nothing are taken for parameters and only counted. The
@@ -37,9 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from statplug.config.errors import ConfigError
+from statplug._buffers import dtype_name
+from statplug.errors import ConfigError
+from statplug.stats import EMAMoments, RunningMinMax, RunningMoments
+from statplug.stats.base import Stat, StateSummary
 
 __all__ = [
+    "CHECKPOINT_SUFFIXES",
     "MAX_DEPTH",
     "CheckpointSummary",
     "Entry",
@@ -51,13 +47,12 @@ __all__ = [
     "summarize_file",
 ]
 
+# File suffixes taken for checkpoints (``statplug plot FOLDER``; ``statplug fit run.ckpt`` re-runs
+# the config stored in one).
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 _KNOWN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-_STAT_LAYOUTS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("EMAMoments", frozenset({"count", "weight", "mean", "var"})),
-    ("RunningMoments", frozenset({"count", "mean", "m2"})),
-    ("RunningMinMax", frozenset({"count", "min", "max"})),
-)
-_STAT_EXTRA = frozenset({"n_skipped", "frozen_flag"})
+# The stat classes whose saved state is recognised, in the order they are tried.
+_STAT_CLASSES: tuple[type[Stat], ...] = (EMAMoments, RunningMoments, RunningMinMax)
 
 
 @dataclass
@@ -113,9 +108,8 @@ class CheckpointSummary:
 # torch.save writes a zip archive (since torch 1.6); older files start with this pickled number.
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
-# A checkpoint's containers nest a few levels (checkpoint -> callbacks -> state -> layers -> stat);
-# deeper nesting, or more container visits than the file has bytes, means shared or cyclic
-# references built to make readers loop or blow up (a pickle's "billion laughs").
+# A checkpoint's containers nest a few levels (checkpoint -> callbacks -> state -> layers -> stat):
+# deeper, or more visits than bytes, means references built to make readers loop or blow up.
 MAX_DEPTH = 64
 # Tied weights make two tensors share one storage; more tensor bytes than this many times the file
 # size means views multiplied to make readers do unbounded work.
@@ -331,10 +325,6 @@ def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
                 yield from _flatten(v, f"{prefix}.{i}" if prefix else str(i))
 
 
-def _dtype(t: Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
 def _f(x: Tensor) -> float:
     v = float(x)
     return v if math.isfinite(v) else (math.inf if v > 0 else -math.inf if v < 0 else math.nan)
@@ -348,81 +338,48 @@ def _round(v: float) -> float | str:
     return float(f"{v:.6g}")
 
 
-def _is_int(t: Tensor) -> bool:
-    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+def _read_stat(leaves: dict[str, Tensor]) -> StateSummary | None:
+    """The first stat class that reads ``leaves`` back as its own state, summarised.
 
-
-def _is_real(t: Tensor) -> bool:
-    return t.is_floating_point()
-
-
-def _one_int(t: Tensor | None, *, minimum: int | None = None) -> bool:
-    if t is None or not _is_int(t) or t.numel() != 1:
-        return False
-    return minimum is None or int(t) >= minimum
-
-
-def _valid_stat(kind: str, leaves: dict[str, Tensor]) -> bool:
-    """Whether ``leaves`` hold a well-formed stat of ``kind`` (see statplug's state layouts).
-
-    A layout that has the right key names but not the right shapes or dtypes is someone else's
-    module (or a damaged file): its tensors are then listed as plain buffers, never summarised as
-    a stat they are not.
+    Tensors with a stat's key names but not its shapes, dtypes or valid values are someone
+    else's module (or a damaged file): they are listed as plain buffers, never summarised as a
+    stat they are not.
     """
-    values = {"RunningMoments": ("mean", "m2"), "EMAMoments": ("mean", "var"),
-              "RunningMinMax": ("min", "max")}[kind]
-    ref = leaves[values[0]]
-    if not _one_int(leaves["count"], minimum=0) or ref.numel() == 0:
-        return False
-    if not all(_is_real(leaves[k]) and leaves[k].shape == ref.shape for k in values):
-        return False
-    if kind == "EMAMoments" and not (_is_real(leaves["weight"]) and leaves["weight"].numel() == 1):
-        return False
-    if "n_skipped" in leaves and not _one_int(leaves["n_skipped"], minimum=0):
-        return False
-    flag = leaves.get("frozen_flag")
-    return flag is None or (flag.numel() == 1 and not flag.is_complex())
+    for cls in _STAT_CLASSES:
+        summary = cls.summarize_state(leaves)
+        if summary is not None:
+            return summary
+    return None
 
 
-def _stat_entry(kind: str, name: str, source: str, leaves: dict[str, Tensor]) -> Entry:
-    count = int(leaves["count"])
+def _stat_entry(name: str, source: str, s: StateSummary) -> Entry:
+    f = s.features
     summary: dict[str, Any] = {}
-    arrays: dict[str, list[float]] = {}
-    value_key = {"RunningMoments": "mean", "EMAMoments": "mean", "RunningMinMax": "min"}[kind]
-    ref = leaves[value_key]
-    if kind in ("RunningMoments", "EMAMoments"):
-        mean = leaves["mean"].double()
-        var = leaves["m2"].double() / max(count, 1) if kind == "RunningMoments" else leaves["var"]
-        std = var.double().clamp(min=0).sqrt()
-        if count:
-            summary = {
-                "mean": _round(_f(mean.mean())),
-                "std": _round(_f(std.mean())),
-                "min_mean": _round(_f(mean.min())),
-                "max_mean": _round(_f(mean.max())),
-            }
-        arrays = {"mean": mean.reshape(-1).tolist(), "std": std.reshape(-1).tolist()}
-        if kind == "EMAMoments":
-            summary["weight"] = _round(_f(leaves["weight"]))
-    else:
-        lo, hi = leaves["min"].double(), leaves["max"].double()
-        if count:
-            summary = {"min": _round(_f(lo.min())), "max": _round(_f(hi.max()))}
-        arrays = {"min": lo.reshape(-1).tolist(), "max": hi.reshape(-1).tolist()}
-    if "n_skipped" in leaves and int(leaves["n_skipped"]):
-        summary["skipped"] = int(leaves["n_skipped"])
-    if "frozen_flag" in leaves and bool(leaves["frozen_flag"]):
+    if s.count and "mean" in f:
+        mean = f["mean"]
+        summary = {
+            "mean": _round(_f(mean.mean())),
+            "std": _round(_f(f["std"].mean())),
+            "min_mean": _round(_f(mean.min())),
+            "max_mean": _round(_f(mean.max())),
+        }
+    elif s.count and "min" in f:
+        summary = {"min": _round(_f(f["min"].min())), "max": _round(_f(f["max"].max()))}
+    summary.update((k, _round(v)) for k, v in s.scalars.items())
+    if s.n_skipped:
+        summary["skipped"] = s.n_skipped
+    if s.frozen:
         summary["frozen"] = True
     return Entry(
         name=name,
-        kind=kind,
+        kind=s.kind,
         group="stat",
         source=source,
-        shape=list(ref.shape),
-        dtype=_dtype(ref),
-        count=count,
+        shape=list(s.shape),
+        dtype=dtype_name(s.dtype),
+        count=s.count,
         summary=summary,
-        arrays=arrays,
+        arrays={k: v.tolist() for k, v in f.items()},
     )
 
 
@@ -434,7 +391,7 @@ def _mask_entry(name: str, kind: str, source: str, mask: Tensor) -> Entry:
         group="mask",
         source=source,
         shape=list(mask.shape),
-        dtype=_dtype(mask),
+        dtype=dtype_name(mask.dtype),
         summary={"kept": _round(density), "pruned": int((~mask).sum())}
         if kind == "pruning mask"
         else {"kept": _round(density)},
@@ -456,7 +413,9 @@ def _buffer_entry(name: str, source: str, t: Tensor) -> Entry:
         }
     else:
         summary = {"true": _round(float(t.float().mean()))}
-    return Entry(name, "buffer", "buffer", source, list(t.shape), _dtype(t), summary=summary)
+    return Entry(
+        name, "buffer", "buffer", source, list(t.shape), dtype_name(t.dtype), summary=summary
+    )
 
 
 def _walk(
@@ -475,11 +434,10 @@ def _walk(
 
     for prefix, leaves in by_prefix.items():
         names = set(leaves)
-        for kind, layout in _STAT_LAYOUTS:
-            if layout <= names and _valid_stat(kind, leaves):
-                entries.append(_stat_entry(kind, name_prefix + (prefix or kind), source, leaves))
-                claimed.update(full(prefix, leaf) for leaf in layout | (_STAT_EXTRA & names))
-                break
+        stat = _read_stat(leaves)
+        if stat is not None:
+            entries.append(_stat_entry(name_prefix + (prefix or stat.kind), source, stat))
+            claimed.update(full(prefix, leaf) for leaf in stat.keys)
         else:
             mask = leaves.get("mask")
             if mask is not None and mask.dtype == torch.bool:
@@ -688,7 +646,7 @@ def json_safe(value: Any) -> Any:
     if value is None or isinstance(value, str | int | bool):
         return value
     if isinstance(value, Tensor):
-        return f"<tensor {list(value.shape)} {_dtype(value)}>"
+        return f"<tensor {list(value.shape)} {dtype_name(value.dtype)}>"
     return f"<{type(value).__name__}>"
 
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from statplug import EMAMoments, RandomMask, RunningMinMax, RunningMoments, RunningNorm
 from statplug.config import ConfigError
-from statplug.config.checkpoint import format_table, summarize, summarize_file
-from statplug.config.plotting import plot_summary
+from statplug.inspect.checkpoint import format_table, summarize, summarize_file
+from statplug.inspect.plotting import plot_summary
 
 
 def _model() -> nn.Module:

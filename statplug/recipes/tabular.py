@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from statplug.recipes_lib.base import Classifier
+from statplug.recipes.base import Classifier
 from statplug.stats import RunningMinMax, RunningNorm
 
 __all__ = ["TabularMLP"]

@@ -1,7 +1,10 @@
-"""Small models and datamodules used by the bundled recipes (``statplug recipes`` lists them).
+"""The bundled recipes: their YAML, the fragments they compose, and their models and data modules.
 
-Each is an ordinary LightningModule / LightningDataModule built from a recipe's ``_target_``
-entries, runs on CPU with no download, and keeps its non-trained state in statplug modules:
+``statplug recipes`` lists the recipe files of this folder (``tabular.yaml``, ...); the
+fragments they name in ``defaults`` are in ``configs/`` (``configs/trainer/cpu.yaml``, ...). Each
+model and data module is an ordinary LightningModule / LightningDataModule built from a recipe's
+``_target_`` entries, runs on CPU with no download, and keeps its non-trained state in statplug
+modules:
 
 ========================  ==========================================  ============================
 module                    model                                       data
@@ -12,9 +15,9 @@ module                    model                                       data
 ========================  ==========================================  ============================
 """
 
-from statplug.recipes_lib.data import SequenceDataModule, SklearnDataModule
-from statplug.recipes_lib.tabular import TabularMLP
-from statplug.recipes_lib.tinylm import TinyLM
-from statplug.recipes_lib.vision import DigitsCNN
+from statplug.recipes.data import SequenceDataModule, SklearnDataModule
+from statplug.recipes.tabular import TabularMLP
+from statplug.recipes.tinylm import TinyLM
+from statplug.recipes.vision import DigitsCNN
 
 __all__ = ["DigitsCNN", "SequenceDataModule", "SklearnDataModule", "TabularMLP", "TinyLM"]

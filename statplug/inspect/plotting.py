@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from statplug._extras import require
-from statplug.config.checkpoint import CheckpointSummary, Entry
-from statplug.config.errors import ConfigError
-from statplug.config.loader import CHECKPOINT_SUFFIXES
+from statplug.errors import ConfigError
+from statplug.inspect.checkpoint import CHECKPOINT_SUFFIXES, CheckpointSummary, Entry
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from statplug import ActivationStats, RunningMinMax, RunningNorm, StatsMixin
-from statplug.config.checkpoint import summarize, summarize_file
-from statplug.config.plotting import over_time_figure, save_figure, summary_figure
+from statplug.inspect.checkpoint import summarize, summarize_file
+from statplug.inspect.plotting import over_time_figure, save_figure, summary_figure
 
 pytest.importorskip("matplotlib")
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
 from statplug.masks import CausalMask
-from statplug.recipes_lib.base import Classifier
+from statplug.recipes.base import Classifier
 from statplug.stats import RunningMoments
 
 __all__ = ["TinyLM"]
