@@ -40,6 +40,7 @@ __all__ = [
     "derived_device",
     "dtype_name",
     "fingerprint",
+    "fingerprint_weights",
     "name_modules",
     "named_statplug_modules",
     "positive_int",
@@ -268,26 +269,33 @@ def positive_int(name: str, value: Any) -> int:
     return checked_int(name, value, 1)
 
 
-def fingerprint(t: Tensor) -> Tensor:
+def fingerprint_weights(n: int, device: torch.device | str = "cpu") -> Tensor:
+    """:func:`fingerprint`'s position weights for ``n`` elements: integers from a quadratic hash
+    of the position (a linear one cannot tell ``[1, 0, 0, 1]`` from ``[0, 1, 1, 0]``), float64.
+    Callers that fingerprint same-sized tensors repeatedly keep them."""
+    m = FINGERPRINT_MAX_WEIGHT
+    i = torch.arange(n, dtype=torch.int64, device=device).remainder_(m)
+    return (i * i % m * 40503 + i * 9973).remainder_(m).add_(1).to(torch.float64)
+
+
+def fingerprint(t: Tensor, weights: Tensor | None = None) -> Tensor:
     """Float64 ``[6]`` summary of ``t`` on its device: sums of x, |x|, w*x; #nan, #+inf, #-inf.
 
     Non-finite values are counted apart, so the sums stay finite and two fingerprints compare
-    exactly. The weights ``w`` are integers from a quadratic hash of the position (a linear one
-    cannot tell ``[1, 0, 0, 1]`` from ``[0, 1, 1, 0]``), so a permutation is visible, and for
-    bool and integer tensors every sum is an exact integer, whatever the summation order.
+    exactly. The weights ``w`` (:func:`fingerprint_weights`, or ``weights`` when given) make a
+    permutation visible, and for bool and integer tensors every sum is an exact integer,
+    whatever the summation order. The audit compares fixed buffers with it; a sync compares the
+    ranks' agreed states.
     """
     f64 = torch.float64
     x = t.detach().reshape(-1).to(f64)
-    finite = torch.isfinite(x)
-    s = torch.where(finite, x, 0.0)
-    m = FINGERPRINT_MAX_WEIGHT
-    i = torch.arange(x.numel(), dtype=torch.int64, device=x.device).remainder_(m)
-    w = (i * i % m * 40503 + i * 9973).remainder_(m).add_(1).to(f64)
+    s = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    w = fingerprint_weights(x.numel(), x.device) if weights is None else weights
     return torch.stack(
         (
             s.sum(),
             s.abs().sum(),
-            (s * w).sum(),
+            torch.dot(s, w),
             torch.isnan(x).sum().to(f64),
             (x == torch.inf).sum().to(f64),
             (x == -torch.inf).sum().to(f64),

@@ -126,27 +126,31 @@ def copy_stats_(dst: nn.Module, src: nn.Module) -> list[str]:
     dsts: list[Tensor] = []
     srcs: list[Tensor] = []
     for mod_name, src_mod, names in _state_owners(src_root):
-        try:
-            dst_mod = dst_root.get_submodule(mod_name)
-        except AttributeError:
-            raise StatplugError(
-                f"copy_stats_: `dst` has no module {mod_name!r}, where `src` holds statplug "
-                f"state ({names[0]!r}); expected a module of the same structure as `src` (an "
-                "AveragedModel of it, or a copy.deepcopy)"
-            ) from None
+        dst_mod = _counterpart(dst_root, mod_name, names[0])
         prefix = f"{mod_name}." if mod_name else ""
         for name in names:
             s, d = src_mod._buffers[name], dst_mod._buffers.get(name)
             if s is not None and d is not None and d.shape == s.shape and d.dtype == s.dtype:
-                # In place: views into a stat's arena and tensors others hold stay valid.
-                dsts.append(d)
+                dsts.append(d)  # in place: views and tensors others hold stay valid
                 srcs.append(s)
             else:
                 _replace_buffer(dst_root, dst_mod, src_mod, name)
             copied.append(prefix + name)
     if dsts:
-        torch._foreach_copy_(dsts, srcs)  # one call for all of them (a stat has a dozen)
+        torch._foreach_copy_(dsts, srcs)  # one call for all of them
     return copied
+
+
+def _counterpart(dst_root: nn.Module, mod_name: str, first_buffer: str) -> nn.Module:
+    """``dst_root``'s submodule ``mod_name``, or a StatplugError naming what ``src`` holds there."""
+    try:
+        return dst_root.get_submodule(mod_name)
+    except AttributeError:
+        raise StatplugError(
+            f"copy_stats_: `dst` has no module {mod_name!r}, where `src` holds statplug "
+            f"state ({first_buffer!r}); expected a module of the same structure as `src` (an "
+            "AveragedModel of it, or a copy.deepcopy)"
+        ) from None
 
 
 def _replace_buffer(dst_root: nn.Module, dst_mod: nn.Module, src_mod: nn.Module, name: str) -> None:

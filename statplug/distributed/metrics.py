@@ -36,7 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from statplug.distributed.sync import _fingerprint, _raise_layout_error, _sync
+from statplug.distributed.sync import (
+    _fingerprint,
+    _raise_layout_error,
+    _sync,
+    layout_check_result,
+    layout_check_vector,
+)
 from statplug.distributed.sync import find_stats as _find_stats
 from statplug.errors import StatplugError
 from statplug.stats.base import Stat
@@ -560,11 +566,11 @@ def _raise_metric_layout_error(layout: list[str], group: Any) -> None:
     )
 
 
-def _no_stats_check(device: torch.device) -> Tensor:
+def _no_stats_check(device: torch.device, extra: Tensor) -> Tensor:
     """What the stats' layout check sends for a rank with no stats, so a rank with stats and
     one without meet in collectives of the same size and both raise."""
-    hi, lo = _EMPTY_STATS
-    return torch.tensor([hi, lo, 0.0, -hi, -lo, -0.0], dtype=_F64, device=device)
+    empty = torch.tensor(_EMPTY_STATS, dtype=_F64, device=device)
+    return layout_check_vector(empty, torch.zeros(6, dtype=_F64, device=device), extra)
 
 
 _EMPTY_STATS = _fingerprint([])
@@ -574,12 +580,12 @@ def _exchange_alone(ex: _Exchange) -> int:
     """The metrics' exchange without stats: the layout check, then SUM, MAX and the gather
     together. Returns the number of collectives."""
     group = ex.group
-    t = torch.cat([_no_stats_check(ex.device), ex.layout_extra()])
+    extra = ex.layout_extra()
+    t = _no_stats_check(ex.device, extra)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    hi, lo, _, neg_hi, neg_lo, _ = t[:6].tolist()
-    if hi != -neg_hi or lo != -neg_lo:  # another rank holds stats: join its error path
+    if not layout_check_result(t)[0]:  # another rank holds stats: join its error path
         _raise_layout_error([], group)
-    ex.check_layout(t[6:])
+    ex.check_layout(t[t.numel() - extra.numel() :])
     sums, maxes = ex.phase1()
     n_coll = 1 + int(ex.start_gather())
     works = []
@@ -705,10 +711,7 @@ def sync_metrics(
     named = find_metrics(metrics)
     stat_list = [] if stats is None else _find_stats(stats)
     if not _distributed(group):
-        with torch.no_grad():
-            stats_report = _sync(stat_list, group, None, start)
-        yield MetricsSyncReport(len(named), len(stat_list), stats_report.n_collectives,
-                                stats_report.n_bytes, time.perf_counter() - start)
+        yield _report_alone(named, stat_list, group, start)
         return
     state = _Entered()
     report = _sync_and_enter(named, group, stat_list, state, start)
@@ -716,6 +719,16 @@ def sync_metrics(
         yield report
     finally:
         _leave(state)
+
+
+def _report_alone(
+    named: list[tuple[str, Metric]], stat_list: list[Stat], group: Any, start: float
+) -> MetricsSyncReport:
+    """Nothing to sync metrics with: the stats' sync (a no-op or its own group's) alone."""
+    with torch.no_grad():
+        stats_report = _sync(stat_list, group, None, start)
+    return MetricsSyncReport(len(named), len(stat_list), stats_report.n_collectives,
+                             stats_report.n_bytes, time.perf_counter() - start)
 
 
 def _buckets(

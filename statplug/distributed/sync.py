@@ -23,11 +23,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from statplug._buffers import name_modules, qualified_name
+from statplug._buffers import named_statplug_modules, qualified_name
 from statplug.errors import StatLayoutError, StatplugError
-from statplug.stats.base import Stat, SyncBatch
+from statplug.stats.base import Stat
+from statplug.stats.syncing import Extrema, StateSums, SyncBatch, SyncPayload
 
-__all__ = ["SyncReport", "SyncRider", "broadcast_stats", "find_stats", "sync_stats"]
+__all__ = [
+    "SyncReport",
+    "SyncRider",
+    "broadcast_stats",
+    "find_stats",
+    "layout_check_result",
+    "layout_check_vector",
+    "sync_stats",
+]
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,7 @@ def find_stats(module_or_stats: nn.Module | Iterable[Stat]) -> list[Stat]:
         return [module_or_stats]
     if isinstance(module_or_stats, nn.Module):
         # One walk both names the stats for messages and finds them.
-        return [m for m in name_modules(module_or_stats) if isinstance(m, Stat)]
+        return [m for _, m in named_statplug_modules(module_or_stats, Stat)]
     stats = list(module_or_stats)
     if all(map(isinstance, stats, repeat(Stat))):  # C-level check of every item
         return stats
@@ -71,8 +80,8 @@ def _describe(stat: Stat) -> str:
         f"{n}:{tuple(stat._buffers[n].shape)}:{stat._buffers[n].dtype}"  # type: ignore[union-attr]
         for n in stat.state_names
     )
-    name = stat._statplug_name
-    where = f"{name} " if name else ""
+    name = stat.stat_name
+    where = "" if name == type(stat).__name__ else f"{name} "
     return f"{where}{type(stat).__name__}(shape={stat.shape}) [{states}]"
 
 
@@ -99,8 +108,8 @@ def _device_of(stats: list[Stat], group: dist.ProcessGroup | None) -> torch.devi
 
 class _LayoutCheck:
     """The fixed-size exchange that goes first: the layout fingerprint (two float64-exact
-    halves) and one checksum of the state every rank must agree on (see
-    ``Stat._sync_checksum``), in one float64 MAX of ``[v, -v]`` (equal on every rank iff
+    halves) and the fingerprint of the state every rank must agree on (see
+    ``Stat.sync_checksum``), in one float64 MAX of ``[v, -v]`` (equal on every rank iff
     max == -max(-v); never for NaN). Started at once, so local work that needs no other rank
     runs while it travels; :meth:`wait` raises on every rank when layouts or agreed states
     differ."""
@@ -110,41 +119,62 @@ class _LayoutCheck:
     ) -> None:
         self.plan, self.group = plan, group
         pairs = zip(plan.groups, plan.batches, strict=True)
-        sums = [cls._sync_checksum(b) for (cls, _), b in pairs]
-        check = sums[0] if len(sums) == 1 else torch.stack(sums).sum() if sums else plan.zero
-        v = torch.cat([plan.fingerprint_t, check.reshape(1)])
+        sums = [cls.sync_checksum(b) for (cls, _), b in pairs]
+        check = sums[0] if len(sums) == 1 else torch.stack(sums).sum(0) if sums else plan.zero
         # A rider's fixed-size float64 part (see SyncRider) travels in the same MAX.
-        self.t = torch.cat([v, -v] if extra is None else [v, -v, extra.to(v.device)])
+        self.t = layout_check_vector(plan.fingerprint_t, check, extra)
+        self.n_bytes = self.t.numel() * self.t.element_size()
         self.work = dist.all_reduce(self.t, op=dist.ReduceOp.MAX, group=group, async_op=True)
 
     def wait(self, check_agreed: bool = True) -> None:
         """Raise :class:`StatLayoutError` on every rank if the layouts differ, or (with
         ``check_agreed``) if the ranks' agreed states differ."""
         self.work.wait()
-        hi, lo, check, neg_hi, neg_lo, neg_check = self.t[:6].tolist()
-        if hi != -neg_hi or lo != -neg_lo:  # max != min: some rank holds another layout
+        same_layout, same_agreed = layout_check_result(self.t)
+        if not same_layout:
             _raise_layout_error(self.plan.layout, self.group)
-        if check_agreed and check != -neg_check:
+        if check_agreed and not same_agreed:
             _raise_agreed_error(self.plan.stats, self.group)
 
     @property
     def extra(self) -> Tensor:
         """The reduced rider part (valid after :meth:`wait`)."""
-        return self.t[6:]
+        return self.t[2 * _CHECK_SIZE :]
 
 
-def _agreed_summary(stat: Stat) -> tuple[int, float]:
-    """(agreed count, checksum of the agreed state) of one stat, for error messages."""
+# The layout check's vector: 2 layout fingerprint halves and the 6-entry agreed-state
+# fingerprint, sent as [v, -v] (then any rider part) in one MAX.
+_CHECK_SIZE = 8
+
+
+def layout_check_vector(fingerprint_t: Tensor, checksum: Tensor, extra: Tensor | None) -> Tensor:
+    """What a rank sends in the layout check (see :class:`_LayoutCheck`)."""
+    v = torch.cat([fingerprint_t, checksum.to(fingerprint_t.device)])
+    return torch.cat([v, -v] if extra is None else [v, -v, extra.to(v.device)])
+
+
+def layout_check_result(reduced: Tensor) -> tuple[bool, bool]:
+    """(same layout on every rank, same agreed state on every rank) from the reduced vector:
+    equal everywhere iff max == min, i.e. ``max(v) == -max(-v)`` (never for NaN)."""
+    n = _CHECK_SIZE
+    high, neg_low = reduced[:n].tolist(), reduced[n : 2 * n].tolist()
+    same = [h == -nl for h, nl in zip(high, neg_low, strict=True)]
+    return all(same[:2]), all(same[2:])
+
+
+def _agreed_summary(stat: Stat) -> tuple[int, tuple[float, ...]]:
+    """(agreed count, fingerprint of the agreed state) of one stat, for error messages."""
     batch = SyncBatch([stat])
     batch.begin()
-    return int(stat._buffers["_base_count"]), float(type(stat)._sync_checksum(batch))  # type: ignore[arg-type]
+    count = int(batch.stack("_base_count")[0])
+    return count, tuple(type(stat).sync_checksum(batch).tolist())
 
 
 def _raise_agreed_error(stats: list[Stat], group: dist.ProcessGroup | None) -> None:
     # Error path only: gather every rank's per-stat agreed state to name the first that differs.
     mine = [_agreed_summary(s) for s in stats]
     world = dist.get_world_size(group)
-    every: list[list[tuple[int, float]] | None] = [None] * world
+    every: list[list[tuple[int, tuple[float, ...]]] | None] = [None] * world
     dist.all_gather_object(every, mine, group=group)
     lists = [lst or [] for lst in every]
     first = next(
@@ -186,8 +216,19 @@ def _raise_layout_error(
     )
 
 
+def _no_plan() -> None:
+    return None
+
+
 class _Plan:
-    """What a sync of one set of stats needs besides the data: cached between syncs."""
+    """What a sync of one set of stats needs besides the data: cached between syncs (on the
+    module or stat that holds it; a copy or pickle of the holder drops it)."""
+
+    def __deepcopy__(self, memo: dict[int, object]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_no_plan, ())
 
     def __init__(self, stats: list[Stat], group: dist.ProcessGroup | None) -> None:
         self.stats = stats
@@ -204,7 +245,7 @@ class _Plan:
     def _set_device(self, device: torch.device) -> None:
         self.device = device
         self.fingerprint_t = torch.tensor(self.fingerprint, dtype=torch.float64, device=device)
-        self.zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.zero = torch.zeros(_CHECK_SIZE - 2, dtype=torch.float64, device=device)  # no stats
 
     def refresh(self, group: dist.ProcessGroup | None) -> None:
         """Follow stats that were moved to another device since the last sync."""
@@ -213,38 +254,42 @@ class _Plan:
             self.batches = [SyncBatch(group) for _, group in self.groups]
 
 
-_PLANS: dict[tuple[int, ...], tuple[list[Stat], _Plan]] = {}
+# Where a plan is kept between syncs: on the module synced, or on the first stat of a list. Never
+# module-global, so a plan lives (and keeps its stats alive) only as long as what holds it.
+_PLAN_ATTR = "_statplug_sync_plan"
 
 
-def _plan_for(stats: list[Stat], group: dist.ProcessGroup | None) -> _Plan:
-    key = tuple(map(id, stats))
-    hit = _PLANS.get(key)
-    # The stats are kept alongside, so their ids cannot be reused while the entry lives.
-    if hit is None:
-        if len(_PLANS) >= 64:
-            _PLANS.clear()
-        hit = (stats, _Plan(stats, group))
-        _PLANS[key] = hit
-    return hit[1]
+def _plan_for(
+    stats: list[Stat], group: dist.ProcessGroup | None, owner: nn.Module | None
+) -> _Plan:
+    holder = owner if owner is not None else (stats[0] if stats else None)
+    plan = None if holder is None else holder.__dict__.get(_PLAN_ATTR)
+    if not isinstance(plan, _Plan) or plan.stats != stats:  # identity of each stat
+        plan = _Plan(stats, group)
+        if holder is not None:
+            holder.__dict__[_PLAN_ATTR] = plan
+    return plan
 
 
-def _plan_if_distributed(stats: list[Stat], group: dist.ProcessGroup | None) -> _Plan | None:
+def _plan_if_distributed(
+    stats: list[Stat], group: dist.ProcessGroup | None, owner: nn.Module | None = None
+) -> _Plan | None:
     """The plan for syncing ``stats``, or None when there is no one to sync with (no process
     group, or a group of one). A rank without stats still gets a plan: it must take part in the
     layout check, or its peers would wait for it."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return None
-    plan = _plan_for(stats, group)
+    plan = _plan_for(stats, group, owner)
     plan.refresh(group)
     return plan
 
 
 class _Packed:
-    """Segments packed into one flat float64 tensor, ready for one all-reduce."""
+    """Payloads packed into one flat float64 tensor, ready for one all-reduce."""
 
-    def __init__(self, segments: list[list[Tensor]], device: torch.device) -> None:
-        flat_parts = [t.reshape(-1) for parts in segments for t in parts]
-        self.segments = segments
+    def __init__(self, payloads: list[list[Tensor]], device: torch.device) -> None:
+        flat_parts = [t.reshape(-1) for parts in payloads for t in parts]
+        self.payloads = payloads
         self.flat = torch.cat(flat_parts).to(device, torch.float64) if flat_parts else None
         self.sizes = [t.numel() for t in flat_parts]
         self.n_bytes = 0 if self.flat is None else self.flat.numel() * 8
@@ -252,12 +297,21 @@ class _Packed:
     def all_reduce(
         self, op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None
     ) -> tuple[list[list[Tensor]], dist.Work | None]:
-        """Start the all-reduce; returns the segments as views of the result, and the work."""
+        """Start the all-reduce; returns the payloads' tensors as views of the result, and the
+        work to wait for."""
         if self.flat is None:
-            return [[] for _ in self.segments], None
+            return [[] for _ in self.payloads], None
         work = dist.all_reduce(self.flat, op=op, group=group, async_op=True)
         pieces = iter(self.flat.split(self.sizes))
-        return [[next(pieces).view(t.shape) for t in parts] for parts in self.segments], work
+        return [[next(pieces).view(t.shape) for t in parts] for parts in self.payloads], work
+
+
+def _tensors(payload: SyncPayload | None) -> list[Tensor]:
+    return [] if payload is None else payload.tensors()
+
+
+def _rebuilt(payload: SyncPayload | None, reduced: list[Tensor]) -> SyncPayload | None:
+    return None if payload is None else payload.rebuilt(reduced)
 
 
 class SyncRider(Protocol):
@@ -316,62 +370,91 @@ def sync_stats(
         0
     """
     start = time.perf_counter()
-    return _sync(find_stats(module_or_stats), group, None, start)
+    owner = module_or_stats if isinstance(module_or_stats, nn.Module) else None
+    return _sync(find_stats(module_or_stats), group, None, start, owner)
 
 
 def _sync(
-    stats: list[Stat], group: dist.ProcessGroup | None, rider: SyncRider | None, start: float
+    stats: list[Stat],
+    group: dist.ProcessGroup | None,
+    rider: SyncRider | None,
+    start: float,
+    owner: nn.Module | None = None,
 ) -> SyncReport:
     """:func:`sync_stats`' engine; a ``rider`` travels in the same collectives."""
-    plan = _plan_if_distributed(stats, group)
+    plan = _plan_if_distributed(stats, group, owner)
     if plan is None:
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
-    device = plan.device
-    n_coll, n_bytes = 1, 48
-
     with torch.no_grad():
-        batches = plan.batches
-        groups = plan.groups
-        for b in batches:
+        for b in plan.batches:
             b.begin()
         extra = None if rider is None else rider.layout_extra()
         check = _LayoutCheck(plan, group, extra)
-        n_bytes += 0 if extra is None else extra.numel() * 8
-        # Phase-1 segments are local work: made and packed while the fingerprints travel.
-        phase1 = [cls._sync_phase1(b) for (cls, _), b in zip(groups, batches, strict=True)]
-        if rider is not None:
-            r_sum, r_max = rider.phase1()
-            phase1.append(([] if r_sum is None else [r_sum], [] if r_max is None else [r_max]))
-        packed = _Packed([p[0] for p in phase1], device), _Packed([p[1] for p in phase1], device)
+        # Phase-1 payloads are local work: made and packed while the fingerprints travel.
+        round1 = _Round1(plan, rider)
         check.wait()  # before any collective whose size depends on the layout
         if rider is not None:
             rider.check_layout(check.extra)
-        sums1, w1 = packed[0].all_reduce(dist.ReduceOp.SUM, group)
-        maxes, w2 = packed[1].all_reduce(dist.ReduceOp.MAX, group)
+        sums, maxes, ride1 = round1.reduce(group)
+        classes = [cls for cls, _ in plan.groups]
+        round2 = [c.sync_phase2(b, s) for c, b, s in zip(classes, plan.batches, sums, strict=True)]
+        ride2 = None if rider is None else rider.phase2(any(p is not None for p in round2))
+        packed2 = _Packed([*map(_tensors, round2), [] if ride2 is None else [ride2]], plan.device)
+        reduced2, w3 = packed2.all_reduce(dist.ReduceOp.SUM, group)
+        if w3 is not None:
+            w3.wait()
+        sums2 = [_rebuilt(p, r) for p, r in zip(round2, reduced2, strict=False)]
+        for c, b, s, mx, s2 in zip(classes, plan.batches, sums, maxes, sums2, strict=True):
+            c.sync_apply(b, s, mx, s2)
+            b.flush()
+        n_coll = 1 + round1.n_collectives + (w3 is not None)
+        if rider is not None:
+            ride_sum2 = reduced2[-1][0] if ride2 is not None else None
+            n_coll += rider.finish(*ride1, ride_sum2)
+    n_bytes = check.n_bytes + round1.n_bytes + packed2.n_bytes
+    return SyncReport(len(stats), n_coll, n_bytes, time.perf_counter() - start)
+
+
+class _Round1:
+    """The first round: every batch's SUM and MAX payloads (and a rider's), packed into one
+    SUM and one MAX all-reduce."""
+
+    def __init__(self, plan: _Plan, rider: SyncRider | None) -> None:
+        pairs = zip(plan.groups, plan.batches, strict=True)
+        made = [cls.sync_phase1(b) for (cls, _), b in pairs]
+        self.sums = [m[0] for m in made]
+        self.maxes = [m[1] for m in made]
+        r_sum, r_max = (None, None) if rider is None else rider.phase1()
+        self.rider = rider
+        self.packed = (
+            _Packed([*(p.tensors() for p in self.sums), _opt(r_sum)], plan.device),
+            _Packed([*map(_tensors, self.maxes), _opt(r_max)], plan.device),
+        )
+        self.n_bytes = self.packed[0].n_bytes + self.packed[1].n_bytes
+        self.n_collectives = 0
+
+    def reduce(
+        self, group: dist.ProcessGroup | None
+    ) -> tuple[list[StateSums], list[Extrema | None], tuple[Tensor | None, Tensor | None]]:
+        """Run both all-reduces; the reduced payloads, and the rider's reduced parts."""
+        reduced_sums, w1 = self.packed[0].all_reduce(dist.ReduceOp.SUM, group)
+        reduced_maxes, w2 = self.packed[1].all_reduce(dist.ReduceOp.MAX, group)
         for w in (w1, w2):
             if w is not None:
                 w.wait()
-                n_coll += 1
-        ride1 = (sums1.pop(), maxes.pop()) if rider is not None else ([], [])
-        phase2 = [
-            cls._sync_phase2(b, s1) for (cls, _), b, s1 in zip(groups, batches, sums1, strict=True)
+                self.n_collectives += 1
+        sums = [p.rebuilt(r) for p, r in zip(self.sums, reduced_sums, strict=False)]
+        maxes = [
+            None if p is None else p.rebuilt(r)
+            for p, r in zip(self.maxes, reduced_maxes, strict=False)
         ]
-        if rider is not None:
-            ride2 = rider.phase2(any(phase2))
-            phase2.append([] if ride2 is None else [ride2])
-        packed2 = _Packed(phase2, device)
-        sums2, w3 = packed2.all_reduce(dist.ReduceOp.SUM, group)
-        if w3 is not None:
-            w3.wait()
-            n_coll += 1
-        ride2_sums = sums2.pop() if rider is not None else []
-        b1, b2, b3 = packed[0].n_bytes, packed[1].n_bytes, packed2.n_bytes
-        for (cls, _), b, s1, mx, s2 in zip(groups, batches, sums1, maxes, sums2, strict=True):
-            cls._sync_apply(b, s1, mx, s2)
-            b.flush()
-        if rider is not None:
-            n_coll += rider.finish(*(r[0] if r else None for r in (*ride1, ride2_sums)))
-    return SyncReport(len(stats), n_coll, n_bytes + b1 + b2 + b3, time.perf_counter() - start)
+        ride_sum = reduced_sums[-1][0] if reduced_sums[-1] else None
+        ride_max = reduced_maxes[-1][0] if reduced_maxes[-1] else None
+        return sums, maxes, (ride_sum, ride_max)
+
+
+def _opt(t: Tensor | None) -> list[Tensor]:
+    return [] if t is None else [t]
 
 
 def broadcast_stats(
@@ -406,13 +489,15 @@ def broadcast_stats(
     plan = _plan_if_distributed(stats, group)
     if plan is None:
         return SyncReport(len(stats), 0, 0, time.perf_counter() - start)
-    _LayoutCheck(plan, group).wait(check_agreed=False)  # the agreed state is replaced
+    for batch in plan.batches:
+        batch.begin()
+    check = _LayoutCheck(plan, group)
+    check.wait(check_agreed=False)  # the agreed state is replaced
     global_src = src if group is None else dist.get_global_rank(group, src)
-    n_coll, n_bytes = 1, 48
+    n_coll, n_bytes = 1, check.n_bytes
     with torch.no_grad():
         for batch in plan.batches:
-            batch.begin()
-            for name in batch.stats[0].state_names:
+            for name in batch.state_names:
                 value = batch.gather(name).clone()
                 dist.broadcast(value, src=global_src, group=group)
                 batch.scatter(name, value)
@@ -420,5 +505,5 @@ def broadcast_stats(
                 n_bytes += value.numel() * value.element_size()
             batch.flush()
         for stat in stats:
-            stat._after_load({})  # the received state is the agreed base, as after a load
+            stat.adopt_state_()  # the received state is the agreed base, as after a load
     return SyncReport(len(stats), n_coll, n_bytes, time.perf_counter() - start)

@@ -122,14 +122,9 @@ def warn_if_resumed_mid_epoch(trainer: pl.Trainer, pl_module: nn.Module, owner: 
 
 
 def settle(stats: Iterable[Stat]) -> None:
-    """Settle each stat (:meth:`Stat.settle_`): its state becomes exactly what a reload gives.
-
-    A stat keeps float64 working sums but saves its ``accumulator_dtype`` values, so a run resumed
-    from a checkpoint restarts from the rounded values. Settling the stats where a checkpoint may
-    be written (right after a sync, when every rank holds the global state and no data is
-    pending) makes the uninterrupted run take the same path, so fit 2N == fit N + resume N bit
-    for bit. On one process it also folds the local data into the agreed base, as a sync with one
-    rank would; after a real sync there is no local data left to fold.
+    """Settle each stat (:meth:`Stat.settle_`): its state becomes the agreed state, as after a
+    reload. Called where a checkpoint may be written: on one process it folds the local data into
+    the agreed state, as a sync with one rank would; after a real sync it changes nothing.
     """
     with torch.no_grad():
         for stat in stats:

@@ -30,6 +30,7 @@ from torch import Tensor
 from statplug._buffers import PinnedDtypeModule
 from statplug.errors import CheckpointMismatchError, StatplugError
 from statplug.stats._kernels import GROUP_ROWS, exact_moments, moments_ok, rows_per_group
+from statplug.stats.syncing import Extrema, StateSums, SyncBatch, SyncPayload
 
 __all__ = ["NanPolicy", "Stat", "StateSummary", "SyncBatch", "real_number"]
 
@@ -223,7 +224,7 @@ class Stat(PinnedDtypeModule):
         """Names of the declared (saved, synced) state buffers."""
         return tuple(self._reduces)
 
-    def _agreed_names(self) -> list[str]:
+    def agreed_names(self) -> list[str]:
         """Hidden buffers holding the agreed state (equal on every rank after a sync or load)."""
         return [f"_base_{n}" for n in self._sum_states()]
 
@@ -573,6 +574,13 @@ class Stat(PinnedDtypeModule):
             self._frozen = bool(self.frozen_flag)
         self.settle_()
 
+    def adopt_state_(self) -> Stat:
+        """Treat the current buffers as a freshly loaded state: read ``frozen_flag`` back and
+        settle (:meth:`settle_`). For code that writes a stat's buffers directly (a broadcast, a
+        copy between stats) and wants the stat to behave as after ``load_state_dict``."""
+        self._after_load(None)
+        return self
+
     def settle_(self) -> Stat:
         """Make the current state the agreed state, as a save and reload would.
 
@@ -600,67 +608,59 @@ class Stat(PinnedDtypeModule):
         """Copy the subclass's own agreed state from its current state (subclasses)."""
 
     # ----------------------------------------------------------------------------- sync hooks
-    # Class-level and batched: one call handles every stat of a class with a constant number of
-    # tensor ops (gather with one stack, math on the stacked tensors, scatter with one foreach
-    # copy). Each hook returns a few float64 segments; the engine coalesces them into one
-    # collective per phase.
+    # Class-level and batched: one call handles every stat of a batch (see
+    # statplug.stats.syncing) with a constant number of tensor ops and returns named float64
+    # payloads, which the engine packs with every other batch's into one collective per round.
 
     @classmethod
-    def _sync_phase1(cls, batch: SyncBatch) -> tuple[list[Tensor], list[Tensor]]:
-        """Segments for the first SUM all-reduce and for the MAX all-reduce.
+    def sync_checksum(cls, batch: SyncBatch) -> Tensor:
+        """A float64 ``[6]`` fingerprint of the batch's agreed state: equal on ranks that agree."""
+        return batch.checksum()
+
+    @classmethod
+    def sync_phase1(cls, batch: SyncBatch) -> tuple[StateSums, Extrema | None]:
+        """The first SUM payload and the MAX payload (None: no min/max state).
 
         Sum states send what was added since the agreed state; min/max states send their values
-        and a NaN flag per element, so a NaN on any rank reaches every rank.
+        and a NaN flag per element, so a NaN on any rank reaches every rank. Subclasses extend
+        the sums with their own fields (``StateSums`` subclasses, built from this one's
+        :meth:`~SyncPayload.fields_dict`).
         """
         proto = batch.stats[0]
-        sums = [
-            (batch.stack(n) - batch.stack(f"_base_{n}")).to(torch.float64)
-            for n in proto._sum_states()
-        ]
-        maxes = []
-        for n, r in proto._reduces.items():
-            if r in ("min", "max"):
-                flat = batch.gather(n).to(torch.float64)
-                nan = flat.isnan()
-                flat = torch.where(nan, -math.inf, flat if r == "max" else -flat)
-                maxes += [flat, nan.to(torch.float64)]
-        return sums, maxes
+        names = tuple(proto._sum_states())
+        sums = StateSums(names, torch.stack([batch.added(n) for n in names]))
+        extrema = [(n, r) for n, r in proto._reduces.items() if r in ("min", "max")]
+        if not extrema:
+            return sums, None
+        return sums, Extrema.of_batch(batch, [n for n, _ in extrema], [r for _, r in extrema])
 
     @classmethod
-    def _sync_checksum(cls, batch: SyncBatch) -> Tensor:
-        """A float64 scalar checksum of the agreed state (NaN if not finite)."""
-        proto = batch.stats[0]
-        return batch.checksum(proto._agreed_names())
+    def sync_phase2(cls, batch: SyncBatch, sums: StateSums) -> SyncPayload | None:
+        """The second SUM payload, given the reduced first one; None: no second round.
+
+        The choice must follow from ``sums`` alone, which is the same on every rank."""
+        return None
 
     @classmethod
-    def _sync_phase2(cls, batch: SyncBatch, sums1: list[Tensor]) -> list[Tensor]:
-        """Segments for the second SUM all-reduce, given the reduced phase-1 segments.
-
-        May be empty (no second collective when every class returns none); the choice must
-        follow from ``sums1`` alone, which is the same on every rank."""
-        return []
-
-    @classmethod
-    def _sync_apply(
-        cls, batch: SyncBatch, sums1: list[Tensor], maxes: list[Tensor], sums2: list[Tensor]
+    def sync_apply(
+        cls,
+        batch: SyncBatch,
+        sums: StateSums,
+        maxes: Extrema | None,
+        sums2: SyncPayload | None,
     ) -> None:
-        """Write the reduced segments back; afterwards every rank holds the global state, and
+        """Write the reduced payloads back; afterwards every rank holds the global state, and
         it is the agreed state."""
-        proto = batch.stats[0]
-        names = proto._sum_states()
-        for name, total in zip(names, sums1[: len(names)], strict=True):
+        for name in sums.names:
+            total = sums.of(name)
             # Counts travel as float64: sums of integers, exact below 2**53. A count no rank
             # added to (n_skipped, usually) needs no write: every rank already holds it.
             if name != "count" and not bool(total.any()):
                 continue
-            agreed = batch.stack(f"_base_{name}") + total.to(torch.int64)
-            batch.scatter(name, agreed)
-            batch.scatter(f"_base_{name}", agreed)
-        extrema = [(n, r) for n, r in proto._reduces.items() if r in ("min", "max")]
-        for i, (name, r) in enumerate(extrema):
-            flat, nan = maxes[2 * i], maxes[2 * i + 1]
-            value = flat if r == "max" else -flat
-            batch.scatter(name, torch.where(nan > 0, math.nan, value))
+            batch.scatter_agreed(name, batch.stack(f"_base_{name}") + total.to(torch.int64))
+        if maxes is not None:
+            for name in maxes.names:
+                batch.scatter(name, maxes.value(name))
 
     def _sum_states(self) -> list[str]:
         return [n for n, r in self._reduces.items() if r == "sum"]
@@ -671,154 +671,3 @@ class Stat(PinnedDtypeModule):
             extra += f", nan_policy={self.nan_policy!r}"
         # A repr is not a hot path: one host read for the count is fine here.
         return extra + f", count={int(self.count)}"
-
-
-_MODULE_BUFFERS = operator.attrgetter("_buffers")
-
-
-class SyncBatch:
-    """The stats of one class and accumulator dtype taking part in a sync.
-
-    Reads and writes are batched over the stats: the first read of a sync (after :meth:`begin`)
-    stacks every state and agreed buffer of every stat in one ``torch.stack`` per dtype, and
-    :meth:`scatter` queues writes that :meth:`flush` applies in one ``torch._foreach_copy_``: a
-    constant number of tensor ops whatever the number of stats. The stats' buffers stay their own
-    tensors (never views of a shared arena), so compiled code, FSDP and buffer swaps see ordinary
-    buffers.
-
-    Element layout: when every stat has the same ``shape`` (the usual case), :meth:`gather` gives
-    ``[K, F]`` and :meth:`per_element` a ``[K, 1]`` view that broadcasts against it; otherwise both
-    are flat. :meth:`stack` gives a 0-dim state as ``[K]``.
-    """
-
-    def __init__(self, stats: Sequence[Stat]) -> None:
-        self.stats = list(stats)
-        self.sizes = [s.n_features for s in self.stats]
-        self.device = self.stats[0].count.device
-        self.uniform = len({s.shape for s in self.stats}) == 1
-        self._shape = self.stats[0].shape
-        self._index: Tensor | None = None  # stat index of each element (non-uniform layout)
-        self.work: Any = None  # what a class's hooks carry from one phase to the next
-        self._hash_weights: dict[int, Tensor] = {}
-        self._cache: dict[str, Tensor] = {}
-        self._pending: tuple[list[Tensor], list[Tensor]] = ([], [])
-        self._lists: dict[str, list[Tensor]] = {}
-        self._staging: dict[str, tuple[Tensor, list[Tensor]]] = {}
-
-    def begin(self) -> None:
-        """Start a sync: forget values read by the previous one, and list every stat's state
-        and agreed buffers afresh (in one pass: buffers may have been rebound since)."""
-        self._cache = {}
-        self._pending = ([], [])
-        proto = self.stats[0]
-        names = (*proto._reduces, *proto._agreed_names())
-        rows = map(operator.itemgetter(*names), map(_MODULE_BUFFERS, self.stats))
-        self._lists = dict(zip(names, map(list, zip(*rows, strict=True)), strict=True))
-
-    def _buffers(self, name: str) -> list[Tensor]:
-        bufs = self._lists.get(name)
-        if bufs is None:
-            get = operator.itemgetter(name)
-            bufs = self._lists[name] = [get(s._buffers) for s in self.stats]
-        return bufs
-
-    def _read_all(self) -> None:
-        """Stack every state and agreed buffer in one call per (dtype, rank of the tensor)."""
-        proto = self.stats[0]
-        groups: dict[tuple[torch.dtype, int], list[str]] = {}
-        for name in (*proto._reduces, *proto._agreed_names()):
-            buf = proto._buffers[name]
-            assert buf is not None
-            if buf.dim() == 0 or self.uniform:
-                groups.setdefault((buf.dtype, buf.dim()), []).append(name)
-        k = len(self.stats)
-        for (_, dim), names in groups.items():
-            bufs = [b for n in names for b in self._buffers(n)]
-            stacked = torch.stack(bufs).view(len(names), k, *(() if dim == 0 else (-1,)))
-            self._cache.update(zip(names, stacked.unbind(0), strict=True))
-
-    def gather(self, name: str) -> Tensor:
-        """Every stat's buffer ``name`` in the element layout (read once per sync; do not modify
-        it in place)."""
-        value = self._cache.get(name)
-        if value is None:
-            if not self._cache:
-                self._read_all()
-            value = self._cache.get(name)
-            if value is None:  # a non-uniform layout, or a buffer that is not state
-                bufs = self._buffers(name)
-                zero_dim = bufs[0].dim() == 0
-                value = torch.stack(bufs) if zero_dim else torch.cat([b.reshape(-1) for b in bufs])
-                self._cache[name] = value
-        return value
-
-    def stack(self, name: str) -> Tensor:
-        """Every stat's 0-dim buffer ``name`` as one ``[K]`` tensor."""
-        return self.gather(name)
-
-    def per_element(self, per_stat: Tensor) -> Tensor:
-        """A ``[K]`` tensor lined up with :meth:`gather`'s layout (a view when uniform)."""
-        if self.uniform:
-            return per_stat.unsqueeze(1)
-        if self._index is None:
-            sizes = torch.tensor(self.sizes, device=self.device)
-            self._index = torch.arange(len(self.sizes), device=self.device).repeat_interleave(
-                sizes, output_size=sum(self.sizes)
-            )
-        return per_stat.index_select(0, self._index)
-
-    def scatter(self, name: str, value: Tensor) -> None:
-        """Queue writing ``value`` (the :meth:`gather` or :meth:`stack` layout) into every stat's
-        buffer ``name`` (converted to its dtype); later reads in this sync see it. Applied by
-        :meth:`flush`."""
-        bufs = self._buffers(name)
-        value = value.to(bufs[0].dtype)  # one conversion; the copies are then same-dtype
-        if bufs[0].dim() == 0 or self.uniform:
-            # Copied into a staging tensor whose per-stat views are made once, not per sync.
-            staging = self._staging.get(name)
-            if (
-                staging is None
-                or staging[0].dtype != value.dtype
-                or staging[0].device != value.device
-            ):
-                # Never an inference tensor: a first sync may run in a Lightning validation
-                # hook (inference mode), and later syncs outside it must write it.
-                with torch.inference_mode(False):
-                    tensor = torch.empty(
-                        (len(bufs), *bufs[0].shape), dtype=value.dtype, device=value.device
-                    )
-                    staging = self._staging[name] = (tensor, list(tensor.unbind(0)))
-            staging[0].copy_(value.view(staging[0].shape))
-            parts = staging[1]
-        else:
-            parts = [p.view(b.shape) for p, b in zip(value.split(self.sizes), bufs, strict=True)]
-        self._pending[0].extend(bufs)
-        self._pending[1].extend(parts)
-        self._cache[name] = value
-
-    def flush(self) -> None:
-        """Apply every queued :meth:`scatter` in one foreach copy."""
-        bufs, parts = self._pending
-        if bufs:
-            torch._foreach_copy_(bufs, parts)
-        self._pending = ([], [])
-
-    def checksum(self, names: Sequence[str]) -> Tensor:
-        """A float64 checksum of every stat's buffers ``names`` (a scalar).
-
-        A dot product with fixed pseudo-random weights (the same on every rank): a difference
-        between ranks escapes it only by cancelling exactly against random weights, or by
-        vanishing in rounding (then it is too small to matter). A sum, or small regular
-        weights, would let structured differences cancel.
-        """
-        parts = [self.gather(n).to(torch.float64).reshape(-1) for n in names]
-        # Non-finite values (a propagated NaN, an empty min) hash as fixed stand-ins, so ranks
-        # holding the same NaNs agree.
-        flat = torch.nan_to_num(torch.cat(parts), nan=0.125, posinf=0.375, neginf=-0.375)
-        weights = self._hash_weights.get(flat.numel())
-        if weights is None:
-            g = torch.Generator().manual_seed(0x5EED)
-            w = torch.randn(flat.numel(), generator=g, dtype=torch.float64)
-            weights = w.to(self.device)
-            self._hash_weights[flat.numel()] = weights
-        return torch.dot(flat, weights)

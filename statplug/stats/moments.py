@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +10,8 @@ import torch
 from torch import Tensor
 
 from statplug.stats._kernels import GROUP_ROWS, batch_moments
-from statplug.stats.base import NanPolicy, Stat, SyncBatch, _host_count, real_number
+from statplug.stats.base import NanPolicy, Stat, _host_count, real_number
+from statplug.stats.syncing import Extrema, StateSums, SyncBatch, SyncPayload
 
 __all__ = ["EMAMoments", "RunningMoments"]
 
@@ -211,8 +213,8 @@ class RunningMoments(Stat):
         self._absorb(other.count, other.mean.reshape(-1), other.m2.reshape(-1))
 
     # ------------------------------------------------------------------ agreed state
-    def _agreed_names(self) -> list[str]:
-        return [*super()._agreed_names(), "_base_mean", "_base_m2"]
+    def agreed_names(self) -> list[str]:
+        return [*super().agreed_names(), "_base_mean", "_base_m2"]
 
     def _settle_agreed(self) -> None:
         self._agree("_base_mean", "mean")
@@ -258,43 +260,68 @@ class RunningMoments(Stat):
     _ONE_PHASE_RATIO = 2.0**-10
 
     @classmethod
-    def _sync_phase1(cls, batch: SyncBatch) -> tuple[list[Tensor], list[Tensor]]:
-        sums, maxes = super()._sync_phase1(batch)
+    def sync_phase1(cls, batch: SyncBatch) -> tuple[StateSums, Extrema | None]:
+        base, maxes = super().sync_phase1(batch)
         w = batch.work = _MomentsWork(batch)
-        dm = w.mean - w.k
-        sums.append(w.n * dm)  # sum of (x - K) over the new data (the agreed part sums to 0)
-        sums.append(w.squares_around(w.k))
+        # Sum over the new data of (x - K) (the agreed part sums to 0), and of (x - K)**2.
+        sums = MomentsSums(**base.fields_dict(), dev=w.n * (w.mean - w.k), sq=w.squares_around(w.k))
         return sums, maxes
 
     @classmethod
-    def _sync_phase2(cls, batch: SyncBatch, sums1: list[Tensor]) -> list[Tensor]:
+    def sync_phase2(cls, batch: SyncBatch, sums: StateSums) -> SyncPayload | None:
+        assert isinstance(sums, MomentsSums)
         w: _MomentsWork = batch.work
-        n_new, sum_dev, s2k = sums1[0], sums1[2], sums1[3]
-        gk = sum_dev / batch.per_element(n_new).clamp(min=1)  # g - K
-        m2_new = torch.addcmul(s2k, gk, sum_dev, value=-1.0)
-        if bool((m2_new >= s2k * cls._ONE_PHASE_RATIO).all()):  # False for NaN: phase 2 decides
+        gk = sums.dev / batch.per_element(sums.count).clamp(min=1)  # g - K
+        m2_new = torch.addcmul(sums.sq, gk, sums.dev, value=-1.0)
+        if bool((m2_new >= sums.sq * cls._ONE_PHASE_RATIO).all()):  # False for NaN
             w.m2_new = m2_new
-            return []
+            return None
         w.m2_new = None
-        return [w.squares_around(w.k + gk)]
+        return MomentsSquares(w.squares_around(w.k + gk))
 
     @classmethod
-    def _sync_apply(
-        cls, batch: SyncBatch, sums1: list[Tensor], maxes: list[Tensor], sums2: list[Tensor]
+    def sync_apply(
+        cls,
+        batch: SyncBatch,
+        sums: StateSums,
+        maxes: Extrema | None,
+        sums2: SyncPayload | None,
     ) -> None:
         # Chan's merge of the agreed state with the new global data.
+        assert isinstance(sums, MomentsSums)
         w: _MomentsWork = batch.work
         batch.work = None
-        m2_new = w.m2_new if w.m2_new is not None else sums2[0]
-        n_new = batch.per_element(sums1[0])
+        if w.m2_new is not None:
+            m2_new = w.m2_new
+        else:
+            assert isinstance(sums2, MomentsSquares)
+            m2_new = sums2.sq
+        n_new = batch.per_element(sums.count)
         total = (w.n_base + n_new).clamp(min=1)
-        sum_dev = sums1[2]
-        gk = sum_dev / n_new.clamp(min=1)
-        mean = w.k + sum_dev / total
+        gk = sums.dev / n_new.clamp(min=1)
+        mean = w.k + sums.dev / total
         m2 = w.m2_base + m2_new + gk.square() * (w.n_base * n_new / total)
-        for name, value in (("mean", mean), ("m2", m2), ("_base_mean", mean), ("_base_m2", m2)):
-            batch.scatter(name, value)  # the agreed state is the saved state, bit for bit
-        super()._sync_apply(batch, sums1, maxes, sums2)
+        batch.scatter_agreed("mean", mean)  # the agreed state is the saved state, bit for bit
+        batch.scatter_agreed("m2", m2)
+        super().sync_apply(batch, sums, maxes, sums2)
+
+
+@dataclasses.dataclass(eq=False)
+class MomentsSums(StateSums):
+    """:class:`RunningMoments`' first round: the base sums, then per element the sums over
+    each rank's new data of ``x - K`` (``dev``) and ``(x - K)**2`` (``sq``), ``K`` the agreed
+    mean."""
+
+    dev: Tensor
+    sq: Tensor
+
+
+@dataclasses.dataclass(eq=False)
+class MomentsSquares(SyncPayload):
+    """:class:`RunningMoments`' second round: the sum of squared deviations around the new
+    data's global mean."""
+
+    sq: Tensor
 
 
 class EMAMoments(Stat):
@@ -449,32 +476,56 @@ class EMAMoments(Stat):
         self.var.copy_(var.to(acc))
 
     @classmethod
-    def _sync_phase1(cls, batch: SyncBatch) -> tuple[list[Tensor], list[Tensor]]:
-        sums, maxes = super()._sync_phase1(batch)
+    def sync_phase1(cls, batch: SyncBatch) -> tuple[StateSums, Extrema | None]:
+        base, maxes = super().sync_phase1(batch)
         # Weight of each rank's summary: its samples since the last sync (ties: equal weights).
-        w = sums[0] + 1e-9
-        sums += [
-            w,
-            w * batch.stack("weight").to(_F64),
-            batch.per_element(w) * batch.gather("mean").to(_F64),
-        ]
+        w = base.count + 1e-9
+        sums = EMASums(
+            **base.fields_dict(),
+            weight_total=w,
+            weight_sum=w * batch.stack("weight").to(_F64),
+            mean_sum=batch.per_element(w) * batch.gather("mean").to(_F64),
+        )
         return sums, maxes
 
     @classmethod
-    def _sync_phase2(cls, batch: SyncBatch, sums1: list[Tensor]) -> list[Tensor]:
+    def sync_phase2(cls, batch: SyncBatch, sums: StateSums) -> SyncPayload | None:
+        assert isinstance(sums, EMASums)
         w = batch.stack("count") - batch.stack("_base_count")
         w_el = batch.per_element(w.to(_F64) + 1e-9)
-        g = sums1[4] / batch.per_element(sums1[2])
+        g = sums.mean_sum / batch.per_element(sums.weight_total)
         mean = batch.gather("mean").to(_F64)
-        return [w_el * (batch.gather("var").to(_F64) + (mean - g) ** 2)]
+        return EMAVarSum(w_el * (batch.gather("var").to(_F64) + (mean - g) ** 2))
 
     @classmethod
-    def _sync_apply(
-        cls, batch: SyncBatch, sums1: list[Tensor], maxes: list[Tensor], sums2: list[Tensor]
+    def sync_apply(
+        cls,
+        batch: SyncBatch,
+        sums: StateSums,
+        maxes: Extrema | None,
+        sums2: SyncPayload | None,
     ) -> None:
-        w_total = sums1[2]
-        w_el = batch.per_element(w_total)
-        batch.scatter("weight", sums1[3] / w_total)
-        batch.scatter("mean", sums1[4] / w_el)
-        batch.scatter("var", sums2[0] / w_el)
-        super()._sync_apply(batch, sums1, maxes, sums2)
+        assert isinstance(sums, EMASums) and isinstance(sums2, EMAVarSum)
+        w_el = batch.per_element(sums.weight_total)
+        batch.scatter("weight", sums.weight_sum / sums.weight_total)
+        batch.scatter("mean", sums.mean_sum / w_el)
+        batch.scatter("var", sums2.var_sum / w_el)
+        super().sync_apply(batch, sums, maxes, sums2)
+
+
+@dataclasses.dataclass(eq=False)
+class EMASums(StateSums):
+    """:class:`EMAMoments`' first round: the base sums, each rank's weight (its samples since
+    the last sync), and the weighted sums of its ``weight`` and ``mean``."""
+
+    weight_total: Tensor
+    weight_sum: Tensor
+    mean_sum: Tensor
+
+
+@dataclasses.dataclass(eq=False)
+class EMAVarSum(SyncPayload):
+    """:class:`EMAMoments`' second round: the weighted sum of each rank's variance around the
+    global mean."""
+
+    var_sum: Tensor

@@ -86,7 +86,7 @@ class RunningNorm(PinnedDtypeModule):
         # Constants of the identity before two samples, per (dtype, device): never state.
         self._constants: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
         # Named after the normaliser in messages until a model walk gives it its qualified name.
-        self.moments._statplug_name = "RunningNorm.moments"
+        self.moments.stat_name = "RunningNorm.moments"
 
     @classmethod
     def fixed(

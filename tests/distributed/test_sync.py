@@ -546,3 +546,40 @@ def test_layout_fingerprint_is_the_syncs_and_tells_layouts_apart() -> None:
     assert layout_fingerprint([a]) != layout_fingerprint([RunningMoments(4)])
     assert layout_fingerprint([a]) != layout_fingerprint([RunningMinMax(3)])
     assert "RunningMoments(shape=(3,))" in describe_stat(a)
+
+
+def _plan_lifetime_body(rank: int, world: int) -> dict:
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    model = _Stats()
+    _feed(model, _rank_data(rank, world))
+    sync_stats(model)
+    agreed = [model.moments._base_mean, model.norm.moments._base_mean]
+    one_tensor = agreed[0].untyped_storage().data_ptr() == agreed[1].untyped_storage().data_ptr()
+    dropped = getattr(copy.deepcopy(model), "_statplug_sync_plan", "missing") is None
+    unpickled = pickle.loads(pickle.dumps(model))
+    pickled_drops = getattr(unpickled, "_statplug_sync_plan", "missing") is None
+    # A deep copy syncs on its own plan, with the same result as the original's next sync.
+    twin = copy.deepcopy(model)
+    extra = torch.from_numpy(_rank_data(rank, world, seed=7)).to(DTYPE)
+    for m in (model, twin):
+        m.moments64.update(extra)
+        sync_stats(m)
+    same = torch.equal(model.moments64.m2, twin.moments64.m2)
+    ref = weakref.ref(model.moments)
+    del model, agreed, twin, unpickled
+    gc.collect()
+    return {"one_tensor": one_tensor, "deepcopy_drops_plan": dropped,
+            "pickle_drops_plan": pickled_drops, "twin_same": same, "freed": ref() is None}
+
+
+def test_sync_plan_lives_on_the_model_not_in_a_global_cache():
+    """The agreed state of a synced model is one tensor per name (each stat's buffer a view),
+    kept by a plan on the model: copies and pickles drop the plan, and deleting the model frees
+    its stats (no module-level cache holds them)."""
+    for res in run_distributed(_plan_lifetime_body, 2):
+        assert res == {"one_tensor": True, "deepcopy_drops_plan": True,
+                       "pickle_drops_plan": True, "twin_same": True, "freed": True}
