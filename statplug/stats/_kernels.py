@@ -82,18 +82,20 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Column mean and population variance of ``x`` (``[N, F]``, float32 or float64).
 
     One kernel call for up to :data:`GROUP_ROWS` rows (results in ``x``'s dtype); larger batches
-    reduce by groups and combine them: equal groups in three ops (results in ``x``'s dtype),
-    a batch with left-over rows exactly in float64 (a dozen ``F``-sized ops).
+    reduce by groups and combine them: equal groups in four ``F``-sized ops (results in ``x``'s
+    dtype), a batch with left-over rows exactly in float64 (a dozen ops).
     """
     parts = grouped_moments(x)
     if len(parts) == 1:
         group_means, group_vars, _ = parts[0]
         if group_means.shape[0] == 1:
             return group_means[0], group_vars[0]
-        # Equal groups: the mean of the group means, and the mean within-group variance plus
-        # the variance of the group means (torch's reduction, which accumulates in double).
-        between, mean = torch.var_mean(group_means, 0, correction=0)
-        return mean, group_vars.mean(0).add_(between)
+        # Equal groups: the mean of the group means, and the mean over groups of the
+        # within-group variance plus the squared distance of the group mean to the mean (in the
+        # kernel's dtype: a few groups, each already rounded to it).
+        mean = group_means.mean(0)
+        d = group_means - mean
+        return mean, torch.addcmul(group_vars, d, d).mean(0)
     n = x.shape[0]
     f64 = torch.float64
     means = [(m.to(f64), v.to(f64), r) for m, v, r in parts]
