@@ -8,7 +8,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
@@ -23,7 +22,6 @@ __all__ = [
     "matches",
     "process_group",
     "pruning_masks",
-    "settle",
     "warn_if_resumed_mid_epoch",
 ]
 
@@ -119,16 +117,6 @@ def warn_if_resumed_mid_epoch(trainer: pl.Trainer, pl_module: nn.Module, owner: 
         "Resume from a checkpoint saved at an epoch end, or give the dataloader `state_dict` / "
         "`load_state_dict` (e.g. torchdata's StatefulDataLoader), to avoid this."
     )
-
-
-def settle(stats: Iterable[Stat]) -> None:
-    """Settle each stat (:meth:`Stat.settle_`): its state becomes the agreed state, as after a
-    reload. Called where a checkpoint may be written: on one process it folds the local data into
-    the agreed state, as a sync with one rank would; after a real sync it changes nothing.
-    """
-    with torch.no_grad():
-        for stat in stats:
-            stat.settle_()
 
 
 def pruning_masks(root: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:

@@ -32,8 +32,7 @@ class SyncPoint:
 
     Attributes:
         event: the hook, e.g. ``"train_epoch_end"``.
-        checkpoint: a checkpoint may be written before the next sync point (stats are then
-            settled after the sync, so a resumed run continues bit for bit).
+        checkpoint: a checkpoint may be written before the next sync point.
         periodic: an ``every_n_train_steps`` point.
     """
 

@@ -61,7 +61,7 @@ from typing_extensions import override
 from statplug._buffers import dtype_name
 from statplug.distributed import SyncReport, sync_stats
 from statplug.lightning._logging import DriftTracker, LogBatch, emit, readout
-from statplug.lightning._utils import matches, process_group, settle
+from statplug.lightning._utils import matches, process_group
 from statplug.lightning.callbacks._sync_schedule import SyncPoint, SyncSchedule
 from statplug.stats import RunningMinMax, RunningMoments, Stat
 
@@ -358,20 +358,18 @@ class ActivationStats(SyncSchedule):
     def _sync_at(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: SyncPoint
     ) -> None:
-        self.sync(trainer, settle_after=point.checkpoint)
+        self.sync(trainer)
         if point.periodic or point.event == "train_epoch_end":
             self._log(trainer)
 
     def sync(self, trainer: pl.Trainer | None = None, *, settle_after: bool = True) -> SyncReport:
         """Merge the stats across ranks (every rank must call this together).
 
-        ``settle_after`` (where a checkpoint may follow): then settle them, as SyncStats does.
+        ``settle_after`` changes nothing since stats keep their whole state in their saved
+        buffers; it is accepted so that existing calls keep working.
         """
         group = process_group(trainer) if trainer is not None else None
-        stats = self.all_stats()
-        report = sync_stats(stats, group=group)
-        if settle_after:
-            settle(stats)
+        report = sync_stats(self.all_stats(), group=group)
         self.last_report = report
         log.debug(
             "ActivationStats: synced %d stats with %d collectives (%d bytes, %.2f ms)",

@@ -23,10 +23,8 @@ torchmetrics' own compute.
 Syncing is idempotent (only data added since the previous sync travels), so the extra sync points
 never double count, and costs at most 4 collectives whatever the number of stats.
 
-At the points where a checkpoint may follow (all but the extra ``every_n_train_steps`` syncs), the
-stats are then *settled*: brought to exactly the state that reloading their saved values gives
-(their float32 accumulators, where the running state is float64). A run resumed from such a
-checkpoint then continues bit for bit like the uninterrupted run.
+A stat's whole state is its saved buffers, so a run resumed from a checkpoint continues bit for
+bit like the uninterrupted run, with nothing to settle at the points where checkpoints are written.
 """
 
 from __future__ import annotations
@@ -40,7 +38,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from statplug._buffers import named_statplug_modules
 from statplug.distributed import (
     MetricsSyncReport,
     SyncReport,
@@ -52,10 +49,9 @@ from statplug.distributed import (
     sync_stats,
 )
 from statplug.errors import IncompatibleCallbackError
-from statplug.lightning._utils import process_group, settle, warn_if_resumed_mid_epoch
+from statplug.lightning._utils import process_group, warn_if_resumed_mid_epoch
 from statplug.lightning.callbacks._sync_schedule import SyncPoint, SyncSchedule
 from statplug.lightning.callbacks.stats_weight_averaging import stock_averaging_error
-from statplug.stats.base import Stat
 
 __all__ = ["SyncStats"]
 
@@ -152,17 +148,15 @@ class SyncStats(SyncSchedule):
     ) -> SyncReport:
         """Sync ``pl_module``'s stats now (every rank must call this together).
 
-        At points where a checkpoint may be written (``checkpoint_point``) the stats are then
-        settled: brought to the exact state a reload of their saved values gives, so a resumed run
-        continues bit for bit like an uninterrupted one. With ``metrics``, the logged metrics
-        Lightning is about to compute are synced in the same collectives and computed.
+        With ``metrics``, the logged metrics Lightning is about to compute are synced in the
+        same collectives and computed. ``checkpoint_point`` (whether a checkpoint may follow)
+        changes nothing since stats keep their whole state in their saved buffers; it is
+        accepted so that existing calls keep working.
         """
         if metrics:
             report = self._sync_with_metrics(trainer, pl_module)
         else:
             report = sync_stats(pl_module, group=process_group(trainer))
-        if checkpoint_point:
-            settle(stat for _, stat in named_statplug_modules(pl_module, Stat))
         self.n_syncs += 1
         self.last_report = report
         log.debug(
