@@ -180,6 +180,8 @@ class Stat(PinnedDtypeModule):
         self.n_features = math.prod(self.shape)
         self._n_dims = len(self.shape)
         self._device = _device_arg(device, name)
+        # Width of an [n, F] batch the update fast paths take inline (-1: none, N-D features).
+        self._row_features = self.n_features if self._n_dims == 1 else -1
         self._reduces: dict[str, str] = {}
         # Frozen-ness is configuration, like `training`: kept on the module (so an update can
         # return without touching the device) and saved in `frozen_flag`, which every load
@@ -268,6 +270,24 @@ class Stat(PinnedDtypeModule):
         if x.dim() != 2 or k != 1:
             x = x.reshape(-1, self.n_features)
         return x if x.shape[0] else None
+
+    def _plain_rows(self, x: Any, dtypes: tuple[torch.dtype, ...]) -> bool:
+        """Whether ``x`` is the common case an update takes inline, skipping :meth:`_rows`'
+        checks (a large part of a small update's cost): a dense ``[n, F]`` tensor of one of
+        ``dtypes`` with ``n > 0`` that needs no grad, for an unfrozen stat that does not skip
+        rows. (No no_grad needed then: nothing requires grad, so nothing is recorded.)"""
+        return (
+            type(x) is Tensor
+            and x.dim() == 2
+            and x.shape[1] == self._row_features
+            and x.shape[0] > 0
+            and x.dtype in dtypes
+            and not x.requires_grad
+            and not self._frozen
+            and self.nan_policy != "skip"
+            and not x.is_meta
+            and x.layout is torch.strided
+        )
 
     def update(self, x: Tensor) -> None:
         """Add the samples in ``x`` (shape ``[..., *shape]``) to the statistic.

@@ -74,7 +74,6 @@ class RunningMinMax(Stat):
         self.add_state("min", torch.full(self.shape, math.inf, dtype=acc), reduce="min")
         self.add_state("max", torch.full(self.shape, -math.inf, dtype=acc), reduce="max")
         # Width of a [n, F] batch the inline fast path takes (-1: none, N-D features).
-        self._row_features = self.n_features if self._n_dims == 1 else -1
 
     def update(self, x: Tensor) -> None:
         """Add the samples in ``x`` (shape ``[..., *shape]``) to the extremes.
@@ -83,20 +82,7 @@ class RunningMinMax(Stat):
         builds a graph; never reads a tensor on the host except with ``nan_policy="raise"``.
         """
         self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
-        if (
-            type(x) is Tensor
-            and x.dim() == 2
-            and x.shape[1] == self._row_features
-            and x.shape[0] > 0
-            and x.dtype in _ROW_DTYPES
-            and not x.requires_grad
-            and not self._frozen
-            and self.nan_policy != "skip"
-            and not x.is_meta
-            and x.layout is torch.strided
-        ):
-            # The common case (a hook on activations), checked inline: Stat.update's generic
-            # checks would cost a third of a small update. No graph: nothing requires grad.
+        if self._plain_rows(x, _ROW_DTYPES):  # the common case (a hook on activations)
             self._update(x, self.nan_policy == "raise")
         else:
             Stat.update(self, x)

@@ -16,6 +16,7 @@ from statplug.stats.syncing import Extrema, StateSums, SyncBatch, SyncPayload
 __all__ = ["EMAMoments", "RunningMoments"]
 
 _F64 = torch.float64
+_F32_ONLY = (torch.float32,)
 
 
 class _MomentsWork:
@@ -97,8 +98,6 @@ class RunningMoments(Stat):
         self.add_state("m2", torch.zeros(self.shape, dtype=acc), reduce="custom")
         self._hidden("_base_mean", torch.zeros(self.shape, dtype=acc))
         self._hidden("_base_m2", torch.zeros(self.shape, dtype=acc))
-        # Width of a [n, F] float32 batch the inline fast path takes (-1: none, N-D features).
-        self._row_features = self.n_features if self._n_dims == 1 else -1
 
     # ------------------------------------------------------------------ read-outs
     @property
@@ -125,20 +124,7 @@ class RunningMoments(Stat):
         host except with ``nan_policy="raise"``, which looks once per update.
         """
         self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
-        if (
-            type(x) is Tensor
-            and x.dim() == 2
-            and x.shape[1] == self._row_features
-            and x.shape[0] > 0
-            and x.dtype is torch.float32
-            and not x.requires_grad
-            and not self._frozen
-            and self.nan_policy != "skip"
-            and not x.is_meta
-            and x.layout is torch.strided
-        ):
-            # The common case, checked inline: Python overhead is a large part of its cost. (No
-            # no_grad needed: neither x nor the buffers require grad, so nothing is recorded.)
+        if self._plain_rows(x, _F32_ONLY):  # the common case, checked inline
             if x.shape[0] <= GROUP_ROWS:
                 mb, vb = torch.batch_norm_update_stats(x, None, None, 0.0)
             else:
