@@ -294,21 +294,14 @@ class ActivationStats(SyncSchedule):
         self, name: str, feature_dim: int, n_features: int, device: torch.device | str
     ) -> _LayerStats:
         # nan_policy="propagate": "raise" would read a value on the host at every update.
-        moments = RunningMoments(
-            n_features,
-            accumulator_dtype=self.accumulator_dtype,
-            nan_policy="propagate",
-            device=device,
-        )
+        options: dict[str, Any] = {
+            "accumulator_dtype": self.accumulator_dtype, "nan_policy": "propagate", "device": device
+        }
+        moments = RunningMoments(n_features, **options)
         moments.stat_name = f"{name} (activations)"
         minmax = None
         if self.min_max:
-            minmax = RunningMinMax(
-                n_features,
-                accumulator_dtype=self.accumulator_dtype,
-                nan_policy="propagate",
-                device=device,
-            )
+            minmax = RunningMinMax(n_features, **options)
             minmax.stat_name = f"{name} (activation min/max)"
         return _LayerStats(feature_dim, moments, minmax)
 
