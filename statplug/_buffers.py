@@ -278,15 +278,25 @@ def fingerprint_weights(n: int, device: torch.device | str = "cpu") -> Tensor:
     return (i * i % m * 40503 + i * 9973).remainder_(m).add_(1).to(torch.float64)
 
 
-def fingerprint(t: Tensor, weights: Tensor | None = None) -> Tensor:
+_BIT_VIEWS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def fingerprint(t: Tensor, weights: Tensor | None = None, *, exact: bool = False) -> Tensor:
     """Float64 ``[6]`` summary of ``t`` on its device: sums of x, |x|, w*x; #nan, #+inf, #-inf.
 
-    Non-finite values are counted apart, so the sums stay finite and two fingerprints compare
-    exactly. The weights ``w`` (:func:`fingerprint_weights`, or ``weights`` when given) make a
-    permutation visible, and for bool and integer tensors every sum is an exact integer,
-    whatever the summation order. The audit compares fixed buffers with it; a sync compares the
-    ranks' agreed states.
+    Non-finite values are counted apart, so the sums stay finite. The weights ``w``
+    (:func:`fingerprint_weights`, or ``weights`` when given) make a permutation visible, and for
+    bool and integer tensors every sum is an exact integer, whatever the summation order. Float
+    sums depend on the order (the thread count), so the audit compares them with a relative
+    slack.
+
+    With ``exact``: float64 ``[4]``, the plain and the position-weighted sums of the values' bit
+    patterns in wrapping int64 arithmetic, each as two float64-exact halves. Equal for equal
+    bits whatever the summation order: what ranks compare when they must agree bit for bit (a
+    sync's agreed state).
     """
+    if exact:
+        return _bit_fingerprint(t, weights)
     f64 = torch.float64
     x = t.detach().reshape(-1).to(f64)
     s = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
@@ -301,3 +311,14 @@ def fingerprint(t: Tensor, weights: Tensor | None = None) -> Tensor:
             (x == -torch.inf).sum().to(f64),
         )
     )
+
+
+def _bit_fingerprint(t: Tensor, weights: Tensor | None) -> Tensor:
+    x = t.detach().reshape(-1)
+    if x.dtype is torch.bool or not (x.is_floating_point() or x.is_complex()):
+        bits = x.to(torch.int64)
+    else:
+        bits = x.contiguous().view(_BIT_VIEWS[x.element_size()]).to(torch.int64)
+    w = fingerprint_weights(x.numel(), x.device) if weights is None else weights
+    sums = torch.stack((bits.sum(), (bits * w.to(torch.int64)).sum()))
+    return torch.cat((sums >> 32, sums & 0xFFFFFFFF)).to(torch.float64)

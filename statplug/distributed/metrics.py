@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from statplug.distributed.sync import (
     _fingerprint,
+    _no_plan,
     _raise_layout_error,
     _sync,
     layout_check_result,
@@ -264,9 +265,18 @@ def _per_element(slots: list[_Slot], value: Callable[[_Slot], float], device: to
 
 
 class _Plan:
-    """How one set of metrics syncs over one group: cached between syncs."""
+    """How one set of metrics syncs over one group: cached between syncs on the first metric
+    (a copy or pickle of it drops the plan)."""
+
+    def __deepcopy__(self, memo: dict[int, object]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_no_plan, ())
 
     def __init__(self, named: list[tuple[str, Metric]], world: int) -> None:
+        self.named: list[tuple[str, Metric]] = []  # the set it was made for (set by _plan_for)
+        self.signature: tuple[Any, ...] = ()
         self.world = world
         self.layout: list[str] = []
         self.coalesced: list[tuple[str, Metric]] = []
@@ -322,20 +332,27 @@ def _to_words(t: Tensor) -> Tensor:
     return raw.view(torch.int64)
 
 
-_PLANS: dict[tuple[int, ...], tuple[list[tuple[str, Metric]], tuple[Any, ...], _Plan]] = {}
+# Kept on the first metric of the set, never module-global: a plan lives (and keeps its
+# metrics alive) only as long as that metric.
+_PLAN_ATTR = "_statplug_metrics_plan"
 
 
 def _plan_for(named: list[tuple[str, Metric]], group: Any, world: int) -> _Plan:
-    key = tuple(id(m) for _, m in named)
+    holder = named[0][1]
     sig = _signature(named, group, world)
-    hit = _PLANS.get(key)
-    # The metrics are kept alongside, so their ids cannot be reused while the entry lives.
-    if hit is None or hit[1] != sig or [n for n, _ in hit[0]] != [n for n, _ in named]:
-        if len(_PLANS) >= 64:
-            _PLANS.clear()
-        hit = (named, sig, _Plan(named, world))
-        _PLANS[key] = hit
-    return hit[2]
+    held = holder.__dict__.get(_PLAN_ATTR)
+    # Everything the check needs lives in the plan, which copies and pickles drop. Metrics are
+    # compared by identity: a Metric's == builds a CompositionalMetric.
+    if (
+        isinstance(held, _Plan)
+        and held.signature == sig
+        and [(n, id(m)) for n, m in held.named] == [(n, id(m)) for n, m in named]
+    ):
+        return held
+    plan = _Plan(named, world)
+    plan.signature, plan.named = sig, list(named)
+    holder.__dict__[_PLAN_ATTR] = plan
+    return plan
 
 
 # ------------------------------------------------------------------ one exchange
@@ -570,7 +587,7 @@ def _no_stats_check(device: torch.device, extra: Tensor) -> Tensor:
     """What the stats' layout check sends for a rank with no stats, so a rank with stats and
     one without meet in collectives of the same size and both raise."""
     empty = torch.tensor(_EMPTY_STATS, dtype=_F64, device=device)
-    return layout_check_vector(empty, torch.zeros(6, dtype=_F64, device=device), extra)
+    return layout_check_vector(empty, None, extra)
 
 
 _EMPTY_STATS = _fingerprint([])
@@ -710,11 +727,12 @@ def sync_metrics(
     start = time.perf_counter()
     named = find_metrics(metrics)
     stat_list = [] if stats is None else _find_stats(stats)
+    owner = stats if isinstance(stats, nn.Module) else None  # where the stats' plan is kept
     if not _distributed(group):
-        yield _report_alone(named, stat_list, group, start)
+        yield _report_alone(named, stat_list, group, start, owner)
         return
     state = _Entered()
-    report = _sync_and_enter(named, group, stat_list, state, start)
+    report = _sync_and_enter(named, group, stat_list, state, start, owner)
     try:
         yield report
     finally:
@@ -722,11 +740,15 @@ def sync_metrics(
 
 
 def _report_alone(
-    named: list[tuple[str, Metric]], stat_list: list[Stat], group: Any, start: float
+    named: list[tuple[str, Metric]],
+    stat_list: list[Stat],
+    group: Any,
+    start: float,
+    owner: nn.Module | None,
 ) -> MetricsSyncReport:
     """Nothing to sync metrics with: the stats' sync (a no-op or its own group's) alone."""
     with torch.no_grad():
-        stats_report = _sync(stat_list, group, None, start)
+        stats_report = _sync(stat_list, group, None, start, owner)
     return MetricsSyncReport(len(named), len(stat_list), stats_report.n_collectives,
                              stats_report.n_bytes, time.perf_counter() - start)
 
@@ -749,6 +771,7 @@ def _sync_and_enter(
     stat_list: list[Stat],
     state: _Entered,
     start: float,
+    owner: nn.Module | None = None,
 ) -> MetricsSyncReport:
     exchanges: list[_Exchange] = []
     fallback: list[tuple[str, Metric]] = []
@@ -768,7 +791,7 @@ def _sync_and_enter(
                 plan = _plan_for(bucket, g, dist.get_world_size(g))
                 ex = _Exchange(plan, g)
                 if i == 0 and stat_list:
-                    report = _sync(stat_list, g, ex, start)
+                    report = _sync(stat_list, g, ex, start, owner)
                     n_coll, n_bytes = n_coll + report.n_collectives, n_bytes + report.n_bytes
                 else:
                     n_coll += _exchange_alone(ex)

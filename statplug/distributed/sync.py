@@ -120,7 +120,7 @@ class _LayoutCheck:
         self.plan, self.group = plan, group
         pairs = zip(plan.groups, plan.batches, strict=True)
         sums = [cls.sync_checksum(b) for (cls, _), b in pairs]
-        check = sums[0] if len(sums) == 1 else torch.stack(sums).sum(0) if sums else plan.zero
+        check = sums[0] if len(sums) == 1 else torch.stack(sums).sum(0) if sums else None
         # A rider's fixed-size float64 part (see SyncRider) travels in the same MAX.
         self.t = layout_check_vector(plan.fingerprint_t, check, extra)
         self.n_bytes = self.t.numel() * self.t.element_size()
@@ -142,13 +142,18 @@ class _LayoutCheck:
         return self.t[2 * _CHECK_SIZE :]
 
 
-# The layout check's vector: 2 layout fingerprint halves and the 6-entry agreed-state
+# The layout check's vector: 2 layout fingerprint halves and the 4-entry exact agreed-state
 # fingerprint, sent as [v, -v] (then any rider part) in one MAX.
-_CHECK_SIZE = 8
+_CHECK_SIZE = 6
 
 
-def layout_check_vector(fingerprint_t: Tensor, checksum: Tensor, extra: Tensor | None) -> Tensor:
-    """What a rank sends in the layout check (see :class:`_LayoutCheck`)."""
+def layout_check_vector(
+    fingerprint_t: Tensor, checksum: Tensor | None, extra: Tensor | None
+) -> Tensor:
+    """What a rank sends in the layout check (see :class:`_LayoutCheck`); ``checksum`` None:
+    a rank without stats."""
+    if checksum is None:
+        checksum = torch.zeros(_CHECK_SIZE - 2, dtype=torch.float64)
     v = torch.cat([fingerprint_t, checksum.to(fingerprint_t.device)])
     return torch.cat([v, -v] if extra is None else [v, -v, extra.to(v.device)])
 
@@ -245,7 +250,6 @@ class _Plan:
     def _set_device(self, device: torch.device) -> None:
         self.device = device
         self.fingerprint_t = torch.tensor(self.fingerprint, dtype=torch.float64, device=device)
-        self.zero = torch.zeros(_CHECK_SIZE - 2, dtype=torch.float64, device=device)  # no stats
 
     def refresh(self, group: dist.ProcessGroup | None) -> None:
         """Follow stats that were moved to another device since the last sync."""

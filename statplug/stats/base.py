@@ -99,10 +99,17 @@ def _compiling() -> bool:
 
 
 def _host_count(count: Tensor) -> bool:
-    """Whether ``count`` can be read on the host for free: a plain CPU tensor outside
-    ``torch.compile`` (a memory read, no device to wait for). Elsewhere the update's weights
-    stay on the device."""
-    return type(count) is Tensor and count.is_cpu and not torch.compiler.is_compiling()
+    """Whether ``count`` can be read on the host for free: a plain CPU tensor (a memory read,
+    no device to wait for) outside ``torch.compile``, ``torch.jit.trace`` (which would bake the
+    value into the trace) and functorch transforms (``vmap`` refuses host reads). Elsewhere the
+    update's weights stay on the device."""
+    return (
+        type(count) is Tensor
+        and count.is_cpu
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(count)
+    )
 
 
 @dataclass(frozen=True)
@@ -634,7 +641,8 @@ class Stat(PinnedDtypeModule):
 
     @classmethod
     def sync_checksum(cls, batch: SyncBatch) -> Tensor:
-        """A float64 ``[6]`` fingerprint of the batch's agreed state: equal on ranks that agree."""
+        """A float64 ``[4]`` exact fingerprint of the batch's agreed state: equal on ranks that
+        agree bit for bit."""
         return batch.checksum()
 
     @classmethod

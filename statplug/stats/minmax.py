@@ -73,7 +73,6 @@ class RunningMinMax(Stat):
         acc = accumulator_dtype
         self.add_state("min", torch.full(self.shape, math.inf, dtype=acc), reduce="min")
         self.add_state("max", torch.full(self.shape, -math.inf, dtype=acc), reduce="max")
-        # Width of a [n, F] batch the inline fast path takes (-1: none, N-D features).
 
     def update(self, x: Tensor) -> None:
         """Add the samples in ``x`` (shape ``[..., *shape]``) to the extremes.

@@ -52,7 +52,7 @@ class RunningMoments(Stat):
     Each update takes the batch's column means and variances from torch's fused batch-norm
     statistics kernel (by interleaved groups of rows for large batches, see
     ``statplug.stats._kernels``) and merges them into ``count``/``mean``/``m2`` with Chan's
-    formula: one pass over the batch and a handful of ``shape``-sized ops, no host sync. The state
+    formula: one pass over the batch and a handful of ``shape``-sized ops, no device sync. The state
     agreed across ranks at the last sync or load is kept aside (non-persistent ``_base_*``
     buffers) so that a sync sends only what was added since and never double counts.
 
@@ -119,9 +119,10 @@ class RunningMoments(Stat):
     def update(self, x: Tensor) -> None:
         """Add the samples in ``x`` (shape ``[..., *shape]``) to the statistic.
 
-        One pass over ``x`` (torch's fused batch-norm statistics kernel) and eight small ops
-        that merge it into the saved state. Never builds a graph; never reads a tensor on the
-        host except with ``nan_policy="raise"``, which looks once per update.
+        One pass over ``x`` (torch's fused batch-norm statistics kernel) and a few small ops
+        that merge it into the saved state (five on the CPU, where the count is read from
+        memory; eight on accelerators and under ``torch.compile``, which never wait for the
+        device). Never builds a graph; ``nan_policy="raise"`` reads the device once per update.
         """
         self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
         if self._plain_rows(x, _F32_ONLY):  # the common case, checked inline

@@ -255,8 +255,13 @@ class RunningNorm(PinnedDtypeModule):
         # after an update with 2+ rows, else decided on the device below.
         if _host_count(count):
             ready = int(count) >= 2
-        else:
-            ready = self.training and not m._frozen and x.numel() >= 2 * m.n_features
+        else:  # rows skipped for NaN may leave fewer than two samples: decide on the device
+            ready = (
+                self.training
+                and not m._frozen
+                and m.nan_policy != "skip"
+                and x.numel() >= 2 * m.n_features
+            )
         if ready:
             var = m2 / count
             if x.requires_grad and torch.is_grad_enabled():

@@ -132,7 +132,7 @@ class SyncBatch:
         self.state_names: tuple[str, ...] = proto.state_names
         self.agreed_names: tuple[str, ...] = tuple(proto.agreed_names())
         self._agreed: dict[str, tuple[Tensor, list[Tensor]]] = {}  # name: (tensor, row views)
-        self._weights: Tensor | None = None  # the checksum's fingerprint weights
+        self._weights: dict[int, Tensor] = {}  # the checksum's fingerprint weights, by size
         self._cache: dict[str, Tensor] = {}
         self._pending: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._lists: dict[str, list[Tensor]] = {}
@@ -226,13 +226,20 @@ class SyncBatch:
         return per_stat.index_select(0, self._index)
 
     def checksum(self) -> Tensor:
-        """A float64 ``[6]`` fingerprint of every stat's agreed state (see
-        :func:`statplug._buffers.fingerprint`): equal on ranks that agree."""
-        parts = [self._agreed[n][0].reshape(-1).to(_F64) for n in self.agreed_names]
-        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if self._weights is None or self._weights.numel() != flat.numel():
-            self._weights = fingerprint_weights(flat.numel(), flat.device)
-        return fingerprint(flat, self._weights)
+        """A float64 ``[4]`` exact fingerprint of every stat's agreed state (see
+        :func:`statplug._buffers.fingerprint`): equal on ranks that agree bit for bit, whatever
+        their thread counts."""
+        total: Tensor | None = None
+        for i, name in enumerate(self.agreed_names, start=1):
+            tensor = self._agreed[name][0]
+            weights = self._weights.get(tensor.numel())
+            if weights is None:
+                weights = fingerprint_weights(tensor.numel(), tensor.device).to(torch.int64)
+                self._weights[tensor.numel()] = weights
+            part = fingerprint(tensor, weights, exact=True) * i  # small exact integers
+            total = part if total is None else total + part
+        assert total is not None
+        return total
 
     # ------------------------------------------------------------------ writing
     def scatter(self, name: str, value: Tensor) -> None:

@@ -399,3 +399,21 @@ def test_docstring_examples_run(name: str) -> None:
     module = importlib.import_module("statplug.audit" + name)
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_exact_fingerprint_does_not_depend_on_the_summation_order() -> None:
+    from statplug._buffers import fingerprint
+
+    x = torch.randn(1_000_003, generator=torch.Generator().manual_seed(0)) * 1e3
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fingerprint(x, exact=True)
+        torch.set_num_threads(2)
+        two = fingerprint(x, exact=True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    changed = x.clone()
+    changed[12345] = torch.nextafter(changed[12345], torch.tensor(float("inf")))
+    assert not torch.equal(fingerprint(changed, exact=True), one)  # one ulp shows

@@ -583,3 +583,22 @@ def test_sync_plan_lives_on_the_model_not_in_a_global_cache():
     for res in run_distributed(_plan_lifetime_body, 2):
         assert res == {"one_tensor": True, "deepcopy_drops_plan": True,
                        "pickle_drops_plan": True, "twin_same": True, "freed": True}
+
+
+def _threads_body(rank: int, world: int) -> str:
+    torch.set_num_threads((1, 2)[rank])  # float sums of 100k values then differ in order
+    stat = RunningMoments(100_000)
+    g = torch.Generator().manual_seed(0)
+    sd = stat.state_dict()
+    sd["count"] = torch.tensor(64)
+    sd["mean"] = torch.randn(100_000, generator=g) * 3 + 1
+    sd["m2"] = torch.rand(100_000, generator=g) * 600
+    stat.load_state_dict(sd)  # bit-identical agreed state on both ranks
+    sync_stats([stat])
+    return f"{int(stat.count)}"
+
+
+def test_agreed_state_check_ignores_the_ranks_thread_counts():
+    """Ranks holding bit-identical agreed states pass the check even when their intra-op thread
+    counts (and so their float summation orders) differ: the check compares bit patterns."""
+    assert run_distributed(_threads_body, 2) == ["64", "64"]

@@ -393,3 +393,50 @@ def test_norm_called_twice_before_backward(host: bool, monkeypatch: pytest.Monke
         expected = w / torch.sqrt(var + norm.eps)  # d/dx of (x - mean) / sqrt(var + eps)
         assert x.grad is not None
         torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_norm_under_vmap_ensembling_matches_each_model(mode: str) -> None:
+    """The torch.func ensembling pattern (stack_module_state + vmap(functional_call)) works as
+    for nn.BatchNorm1d: the CPU count read must not run on vmap's batched tensors."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    models = [RunningNorm(4, nan_policy="propagate") for _ in range(3)]
+    for m in models:
+        m(torch.randn(50, 4) * 2 + 1)
+        getattr(m, mode)()
+    params, buffers = stack_module_state(models)  # type: ignore[arg-type]
+    base = getattr(copy.deepcopy(models[0]).to("meta"), mode)()
+    x = torch.randn(8, 4)
+    out = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None))(
+        params, buffers, x
+    )
+    expected = torch.stack([copy.deepcopy(m)(x) for m in models])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_trace_counts_every_update() -> None:
+    """A traced update must not bake the count read at trace time into the graph."""
+    stat = RunningMoments(3, nan_policy="propagate").train()
+    xs = [torch.randn(4, 3) + i for i in range(4)]
+    traced = torch.jit.trace(stat, (xs[0],), check_trace=False)
+    for x in xs[1:]:
+        traced(x)
+    data = torch.cat(xs).double()
+    assert int(stat.count) == len(data)
+    torch.testing.assert_close(stat.mean.double(), data.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stat.var.double(), data.var(0, unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_skip_norm_is_the_identity_until_two_valid_rows() -> None:
+    """With nan_policy="skip" a batch of two rows may hold one valid sample: compiled, the
+    normaliser must still return its input (as eager does), not divide by sqrt(eps)."""
+    x = torch.tensor([[1.0, 2.0], [float("nan"), 0.0]])
+    eager = RunningNorm(2, nan_policy="skip")
+    compiled_norm = RunningNorm(2, nan_policy="skip")
+    compiled = torch.compile(compiled_norm, backend="aot_eager", fullgraph=True)
+    y_eager, y_compiled = eager(x), compiled(x)
+    assert int(compiled_norm.count) == int(eager.count) == 1
+    torch.testing.assert_close(y_compiled, x, equal_nan=True)
+    torch.testing.assert_close(y_eager, x, equal_nan=True)
