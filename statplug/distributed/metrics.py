@@ -37,8 +37,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from statplug.distributed.sync import (
+    HeldPlan,
     _fingerprint,
-    _no_plan,
     _raise_layout_error,
     _sync,
     layout_check_result,
@@ -264,15 +264,9 @@ def _per_element(slots: list[_Slot], value: Callable[[_Slot], float], device: to
     return torch.cat([torch.full((s.numel,), value(s), dtype=_F64) for s in slots]).to(device)
 
 
-class _Plan:
+class _Plan(HeldPlan):
     """How one set of metrics syncs over one group: cached between syncs on the first metric
-    (a copy or pickle of it drops the plan)."""
-
-    def __deepcopy__(self, memo: dict[int, object]) -> None:
-        return None
-
-    def __reduce__(self) -> tuple[object, tuple[()]]:
-        return (_no_plan, ())
+    (see :class:`~statplug.distributed.sync.HeldPlan`)."""
 
     def __init__(self, named: list[tuple[str, Metric]], world: int) -> None:
         self.named: list[tuple[str, Metric]] = []  # the set it was made for (set by _plan_for)

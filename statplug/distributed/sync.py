@@ -29,6 +29,7 @@ from statplug.stats.base import Stat
 from statplug.stats.syncing import Extrema, StateSums, SyncBatch, SyncPayload
 
 __all__ = [
+    "HeldPlan",
     "SyncReport",
     "SyncRider",
     "broadcast_stats",
@@ -225,15 +226,20 @@ def _no_plan() -> None:
     return None
 
 
-class _Plan:
-    """What a sync of one set of stats needs besides the data: cached between syncs (on the
-    module or stat that holds it; a copy or pickle of the holder drops it)."""
+class HeldPlan:
+    """A sync plan kept in the ``__dict__`` of what it syncs: a deep copy or pickle of the holder
+    drops it (None), so it never copies the other modules it refers to."""
 
     def __deepcopy__(self, memo: dict[int, object]) -> None:
         return None
 
     def __reduce__(self) -> tuple[object, tuple[()]]:
         return (_no_plan, ())
+
+
+class _Plan(HeldPlan):
+    """What a sync of one set of stats needs besides the data: cached between syncs (on the
+    module or stat that holds it, see :class:`HeldPlan`)."""
 
     def __init__(self, stats: list[Stat], group: dist.ProcessGroup | None) -> None:
         self.stats = stats
@@ -429,7 +435,6 @@ class _Round1:
         self.sums = [m[0] for m in made]
         self.maxes = [m[1] for m in made]
         r_sum, r_max = (None, None) if rider is None else rider.phase1()
-        self.rider = rider
         self.packed = (
             _Packed([*(p.tensors() for p in self.sums), _opt(r_sum)], plan.device),
             _Packed([*map(_tensors, self.maxes), _opt(r_max)], plan.device),

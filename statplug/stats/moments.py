@@ -478,8 +478,7 @@ class EMAMoments(Stat):
     @classmethod
     def sync_phase2(cls, batch: SyncBatch, sums: StateSums) -> SyncPayload | None:
         assert isinstance(sums, EMASums)
-        w = batch.stack("count") - batch.stack("_base_count")
-        w_el = batch.per_element(w.to(_F64) + 1e-9)
+        w_el = batch.per_element(batch.added("count") + 1e-9)  # as in phase 1, per rank
         g = sums.mean_sum / batch.per_element(sums.weight_total)
         mean = batch.gather("mean").to(_F64)
         return EMAVarSum(w_el * (batch.gather("var").to(_F64) + (mean - g) ** 2))

@@ -32,12 +32,10 @@ class SyncPoint:
 
     Attributes:
         event: the hook, e.g. ``"train_epoch_end"``.
-        checkpoint: a checkpoint may be written before the next sync point.
         periodic: an ``every_n_train_steps`` point.
     """
 
     event: str
-    checkpoint: bool = True
     periodic: bool = False
 
 
@@ -78,11 +76,9 @@ class SyncSchedule(Callback):
             return  # no step yet, or gradient accumulation: batches share one optimizer step
         n = self._sync_every_n
         periodic = n is not None and step % n == 0
-        checkpoint = checkpoint_due_after_batch(trainer)
-        if periodic or checkpoint:
+        if periodic or checkpoint_due_after_batch(trainer):
             self._last_step_synced = step
-            point = SyncPoint("train_batch_end", checkpoint=checkpoint, periodic=periodic)
-            self._sync_at(trainer, pl_module, point)
+            self._sync_at(trainer, pl_module, SyncPoint("train_batch_end", periodic=periodic))
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

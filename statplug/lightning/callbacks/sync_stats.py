@@ -237,9 +237,7 @@ class SyncStats(SyncSchedule):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: SyncPoint
     ) -> None:
         metrics = self.metrics and point.event == "train_epoch_end"
-        self.sync(
-            trainer, pl_module, point.event, checkpoint_point=point.checkpoint, metrics=metrics
-        )
+        self.sync(trainer, pl_module, point.event, metrics=metrics)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -260,9 +258,7 @@ class SyncStats(SyncSchedule):
         dataloader_idx: int = 0,
     ) -> None:
         if self.metrics and _last_eval_batch(trainer):
-            self.sync(
-                trainer, pl_module, "validation_epoch_end", checkpoint_point=False, metrics=True
-            )
+            self.sync(trainer, pl_module, "validation_epoch_end", metrics=True)
 
     @override
     def on_test_batch_end(
@@ -275,7 +271,7 @@ class SyncStats(SyncSchedule):
         dataloader_idx: int = 0,
     ) -> None:
         if self.metrics and _last_eval_batch(trainer):
-            self.sync(trainer, pl_module, "test_epoch_end", checkpoint_point=False, metrics=True)
+            self.sync(trainer, pl_module, "test_epoch_end", metrics=True)
 
 
 def _refuse_stock_averaging(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
