@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from statplug._buffers import named_statplug_modules
+from statplug._compat import ddp_ignore_buffers
 from statplug.errors import StatplugError
 from statplug.stats.base import Stat
 
@@ -46,7 +47,5 @@ def exclude_from_ddp_broadcast(module: nn.Module) -> list[str]:
             "before wrapping (Lightning: the SyncStats callback does this in setup)"
         )
     names = stat_buffer_names(module)
-    existing = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
-    merged = existing + [n for n in names if n not in set(existing)]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, merged)
+    ddp_ignore_buffers(module, names)
     return names

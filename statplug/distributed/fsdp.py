@@ -15,20 +15,18 @@ import torch
 from torch import nn
 
 from statplug._buffers import PinnedDtypeModule, named_statplug_modules
+from statplug._compat import fsdp_clean_name, fsdp_ignored_buffer_names
 from statplug.errors import StatplugError
 
 __all__ = ["exclude_from_fsdp_buffer_cast"]
 
-# What FSDP calls the attribute in torch 2.4 to 2.13 (``_FSDPState._ignored_buffer_names``).
-_IGNORED = "_ignored_buffer_names"
+_IGNORED = "_ignored_buffer_names"  # named in the error message (see statplug._compat)
 
 
 def _clean(name: str) -> str:
     """FSDP's clean buffer name: the wrapper prefixes (``_fsdp_wrapped_module.``, activation
     checkpointing's) removed, as FSDP does before looking a name up in its ignored set."""
-    from torch.distributed.fsdp._common_utils import clean_tensor_name
-
-    return clean_tensor_name(name)
+    return fsdp_clean_name(name)
 
 
 def exclude_from_fsdp_buffer_cast(module: nn.Module) -> list[str]:
@@ -72,8 +70,8 @@ def exclude_from_fsdp_buffer_cast(module: nn.Module) -> list[str]:
         return []
     names: list[str] = []
     for fsdp in instances:
-        ignored = getattr(fsdp, _IGNORED, None)
-        if not isinstance(ignored, set):
+        ignored = fsdp_ignored_buffer_names(fsdp)
+        if ignored is None:
             raise StatplugError(
                 "exclude_from_fsdp_buffer_cast: this torch's FullyShardedDataParallel has no "
                 f"`{_IGNORED}` set (expected in torch 2.4-2.13), so statplug cannot keep its "

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from statplug._compat import metric_reduction
 from statplug.distributed.sync import (
     HeldPlan,
     _fingerprint,
@@ -537,7 +538,7 @@ class _Exchange:
             w = _words(n_bytes)
             raw = buf[:, off : off + w].contiguous().view(torch.uint8)[:, :n_bytes].contiguous()
             stacked = raw.view(s.dtype).view(world, *s.shape).to(s.device)
-            fn = s.metric._reductions[s.attr]  # None, or one of torchmetrics' dim_zero_*
+            fn = metric_reduction(s.metric, s.attr)  # None, or one of torchmetrics' dim_zero_*
             self.results.append((s, fn(stacked) if callable(fn) else stacked))
             off += w
         if plan.slots["cat"]:

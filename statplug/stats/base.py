@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
+from statplug._compat import is_functorch_wrapped
 from statplug.errors import CheckpointMismatchError, StatplugError
 from statplug.stats._kernels import GROUP_ROWS, exact_moments, moments_ok, rows_per_group
 from statplug.stats.syncing import Extrema, StateSums, SyncBatch, SyncPayload
@@ -108,7 +109,7 @@ def _host_count(count: Tensor) -> bool:
         and count.is_cpu
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(count)
+        and not is_functorch_wrapped(count)
     )
 
 

@@ -38,6 +38,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from statplug._compat import lightning_epoch_results, lightning_last_eval_batch
 from statplug.distributed import (
     MetricsSyncReport,
     SyncReport,
@@ -172,7 +173,7 @@ class SyncStats(SyncSchedule):
         return report
 
     def _sync_with_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SyncReport:
-        pending = _metrics_to_compute(trainer)
+        pending = lightning_epoch_results(trainer)
         with sync_metrics(
             {key: result.value for key, result in pending.items()},
             group=process_group(trainer),
@@ -257,7 +258,7 @@ class SyncStats(SyncSchedule):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self.metrics and _last_eval_batch(trainer):
+        if self.metrics and lightning_last_eval_batch(trainer):
             self.sync(trainer, pl_module, "validation_epoch_end", metrics=True)
 
     @override
@@ -270,7 +271,7 @@ class SyncStats(SyncSchedule):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self.metrics and _last_eval_batch(trainer):
+        if self.metrics and lightning_last_eval_batch(trainer):
             self.sync(trainer, pl_module, "test_epoch_end", metrics=True)
 
 
@@ -278,30 +279,3 @@ def _refuse_stock_averaging(trainer: pl.Trainer, pl_module: pl.LightningModule) 
     message = stock_averaging_error(trainer, pl_module)
     if message is not None:
         raise IncompatibleCallbackError(f"SyncStats: {message}")
-
-
-def _metrics_to_compute(trainer: pl.Trainer) -> dict[str, Any]:
-    """The values logged as torchmetrics ``Metric`` objects that Lightning's logger connector
-    will compute at this epoch end (its ``_ResultMetric`` wrappers, by result key).
-
-    Read from Lightning's result collection of the running loop (``trainer._results``): what
-    ``_ResultCollection.metrics(on_step=False)`` computes is every valid entry logged on epoch
-    level whose value is a ``Metric`` and has no cached value yet.
-    """
-    results = getattr(trainer, "_results", None)
-    if results is None:
-        return {}
-    return {
-        key: result
-        for key, result in results.items()
-        if not result.is_tensor
-        and result.meta.on_epoch
-        and not result.has_reset
-        and result._computed is None
-    }
-
-
-def _last_eval_batch(trainer: pl.Trainer) -> bool:
-    """Is the running validation/test batch the last? (Set by the evaluation loop before the
-    step, from its data fetcher; the epoch's values are computed right after this batch.)"""
-    return bool(trainer._evaluation_loop.batch_progress.is_last_batch)
