@@ -21,8 +21,8 @@ def has_cuda_backend(backend: str) -> bool:
     include NCCL on a machine with CUDA) do; ``"gloo"`` and ``"mpi"`` alone do not.
 
     Example:
-        >>> has_cuda_backend("nccl"), has_cuda_backend("cpu:gloo,cuda:nccl"), has_cuda_backend("gloo")
-        (True, True, False)
+        >>> [has_cuda_backend(b) for b in ("nccl", "cpu:gloo,cuda:nccl", "gloo")]
+        [True, True, False]
     """
     text = backend.lower()
     if text == "undefined":
