@@ -63,7 +63,7 @@ class PinnedDtypeModule(nn.Module):
         >>> from statplug import RunningMoments
         >>> m = RunningMoments(3).to(torch.bfloat16)
         >>> m.mean.dtype
-        torch.float32
+        torch.float64
     """
 
     _version: int = 1

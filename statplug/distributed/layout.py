@@ -1,25 +1,71 @@
-"""The stat layout ranks compare before a sync: one description per stat, one fingerprint.
+"""What ranks compare before a sync: one description per stat, one layout fingerprint, and the
+exact checksum of the agreed state.
 
-:func:`~statplug.sync_stats` (and :func:`~statplug.distributed.sync_metrics`) exchange this
-fingerprint first; :func:`statplug.audit.check_rank_divergence` uses the same one, so a layout
-differs for the audit exactly when it differs for the sync.
+:func:`~statplug.sync_stats` exchanges these first; :func:`statplug.audit.check_rank_divergence`
+uses the same fingerprint, so a layout differs for the audit exactly when it differs for the sync.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
-from statplug.distributed.sync import _describe, _fingerprint
+import torch
+from torch import Tensor
+
+from statplug._buffers import dtype_name
 from statplug.stats.base import Stat
 
-__all__ = ["describe_stat", "layout_fingerprint"]
+__all__ = ["agreed_checksum", "describe_stat", "layout_fingerprint"]
+
+# Pieces of at most this many elements are checksummed at a time (bounded extra memory).
+_CHUNK = 1 << 22
+# Position weights of the checksum: a quadratic hash of the position, modulo a prime.
+_PRIME = 65521
 
 
-def describe_stat(stat: Stat) -> str:
+def describe_stat(stat: Stat, name: str | None = None) -> str:
     """One line naming the stat, its class and shape, and each state's shape and dtype."""
-    return _describe(stat)
+    states = ",".join(
+        f"{n}:{tuple(b.shape)}:{dtype_name(b.dtype)}"
+        for n in stat.state_names
+        if (b := stat._buffers[n]) is not None
+    )
+    label = stat.stat_name if name is None else name
+    where = "" if label == type(stat).__name__ else f"{label} "
+    return f"{where}{type(stat).__name__}(shape={stat.shape}) [{states}]"
 
 
-def layout_fingerprint(stats: Iterable[Stat]) -> tuple[float, float]:
-    """A 62-bit hash of the layout of ``stats`` (in order), as two float64-exact halves."""
-    return _fingerprint([_describe(s) for s in stats])
+def layout_fingerprint(
+    stats: Iterable[Stat], names: Iterable[str] | None = None
+) -> tuple[float, float]:
+    """A 62-bit hash of the layout of ``stats`` (in order) as two float64-exact halves."""
+    stats = list(stats)
+    labels = [None] * len(stats) if names is None else list(names)
+    text = "\n".join(describe_stat(s, n) for s, n in zip(stats, labels, strict=True))
+    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
+    return float(h >> 31), float(h & (2**31 - 1))
+
+
+def _bits(t: Tensor) -> Tensor:
+    """The values' bit patterns as int64 (exact for every dtype a stat holds)."""
+    flat = t.detach().reshape(-1)
+    if flat.is_floating_point():
+        view = {8: torch.int64, 4: torch.int32, 2: torch.int16}[flat.element_size()]
+        flat = flat.contiguous().view(view)
+    return flat.to(torch.int64)
+
+
+def agreed_checksum(stats: Iterable[Stat], device: torch.device) -> Tensor:
+    """Float64 ``[4]`` on ``device``: the plain and position-weighted sums of the bit patterns
+    of every stat's agreed state, in wrapping int64 arithmetic, as float64-exact halves. Equal
+    on ranks whose agreed states are equal bit for bit, whatever the summation order."""
+    pieces = [_bits(s.agreed(n)) for s in stats for n in s.agreed_names()]
+    total = torch.zeros(2, dtype=torch.int64, device=device)
+    flat = torch.cat([p.to(device) for p in pieces]) if pieces else total[:0]
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        i = torch.arange(start, start + chunk.numel(), device=device).remainder_(_PRIME)
+        w = (i * i % _PRIME * 40503 + i * 9973).remainder_(_PRIME).add_(1)
+        total += torch.stack((chunk.sum(), (chunk * w).sum()))
+    return torch.cat((total >> 32, total & 0xFFFFFFFF)).to(torch.float64)

@@ -1,8 +1,18 @@
 """Running statistics held in buffers (pure torch)."""
 
 from statplug.stats.base import NanPolicy, Stat
+from statplug.stats.merge import Moments, chan_merge
 from statplug.stats.minmax import RunningMinMax
 from statplug.stats.moments import EMAMoments, RunningMoments
 from statplug.stats.norm import RunningNorm
 
-__all__ = ["EMAMoments", "NanPolicy", "RunningMinMax", "RunningMoments", "RunningNorm", "Stat"]
+__all__ = [
+    "EMAMoments",
+    "Moments",
+    "NanPolicy",
+    "RunningMinMax",
+    "RunningMoments",
+    "RunningNorm",
+    "Stat",
+    "chan_merge",
+]

@@ -1,26 +1,24 @@
 """The :class:`Stat` base: declared, mergeable, dtype-pinned state held in buffers.
 
-A stat declares each piece of its state once, in ``__init__``, with :meth:`Stat.add_state` and the
-rule by which that piece merges across ranks. Everything is a registered buffer, so it is saved in
-``state_dict``, moved by ``.to()`` and never seen by an optimizer.
+A stat declares each piece of its state once, in ``__init__``, with :meth:`Stat.add_state`: its
+default, how it merges across ranks (``reduce``), and whether the sync keeps an *agreed* copy of
+it (a hidden ``_agreed_<name>`` buffer: the value every rank held at the last sync or load, from
+which a sync tells this rank's new data apart, so nothing is counted twice). Every piece is a
+registered buffer, so it is saved in ``state_dict``, moved by ``.to()`` and never seen by an
+optimizer; the saved buffers are current after every call.
 
-One source of truth: a stat's whole state is its buffers. Every public call leaves the saved
-buffers current (an update writes ``count``, ``mean``, ... before it returns), so tools that copy,
-swap, average or shard buffers without going through statplug see the real state. The only other
-buffers are the *agreed* state (``_base_*``, non-persistent): the value every rank held at the
-last sync or load, from which a sync tells each rank's new data apart so nothing is counted twice.
-
-Sync protocol (used by :func:`statplug.sync_stats`, which coalesces it over every stat): a stat
-contributes float64 tensors to a first SUM all-reduce and to one MAX all-reduce (a minimum travels
-as a negated maximum), then, knowing the phase-1 totals, possibly to a second SUM all-reduce.
+An update is: check the input (:meth:`Stat._rows`), compute the batch's statistics in one pass,
+apply the nan policy (:meth:`Stat._nan_check`), merge into the buffers in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,17 +26,28 @@ import torch
 from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
-from statplug._compat import is_functorch_wrapped
 from statplug.errors import CheckpointMismatchError, StatplugError
-from statplug.stats._kernels import GROUP_ROWS, exact_moments, moments_ok, rows_per_group
-from statplug.stats.syncing import Extrema, StateSums, SyncBatch, SyncPayload
+from statplug.stats.merge import Moments, host_reads_free
 
-__all__ = ["NanPolicy", "Stat", "StateSummary", "SyncBatch", "real_number"]
+__all__ = ["NanPolicy", "Reduce", "Stat", "StateSummary", "real_number", "state_lock"]
 
 NanPolicy = Literal["raise", "skip", "propagate"]
+Reduce = Literal["sum", "min", "max", "moments"]
 _NAN_POLICIES = ("raise", "skip", "propagate")
-_REDUCES = ("sum", "min", "max", "custom")
+_REDUCES = ("sum", "min", "max", "moments", None)
 _ACCUMULATOR_DTYPES = (torch.float32, torch.float64)
+AGREED = "_agreed_"
+
+# One lock for every stat's read-merge-write: an update lands whole, before or after a
+# concurrent update or sync on another thread. Uncontended it costs ~0.1 us.
+_LOCK = threading.RLock()
+
+
+def state_lock() -> contextlib.AbstractContextManager[Any]:
+    """The lock every update and sync holds (nothing under ``torch.compile``, which traces)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _LOCK
 
 
 def _as_shape(shape: int | Sequence[int], owner: str) -> tuple[int, ...]:
@@ -95,24 +104,6 @@ def _device_arg(device: Any, owner: str) -> torch.device | None:
         ) from err
 
 
-def _compiling() -> bool:
-    return bool(torch.compiler.is_compiling())
-
-
-def _host_count(count: Tensor) -> bool:
-    """Whether ``count`` can be read on the host for free: a plain CPU tensor (a memory read,
-    no device to wait for) outside ``torch.compile``, ``torch.jit.trace`` (which would bake the
-    value into the trace) and functorch transforms (``vmap`` refuses host reads). Elsewhere the
-    update's weights stay on the device."""
-    return (
-        type(count) is Tensor
-        and count.is_cpu
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and not is_functorch_wrapped(count)
-    )
-
-
 @dataclass(frozen=True)
 class StateSummary:
     """A saved state of a stat, read back through its own class (:meth:`Stat.summarize_state`).
@@ -142,21 +133,25 @@ class StateSummary:
 class Stat(PinnedDtypeModule):
     """Base class of every running statistic.
 
-    Subclasses call :meth:`add_state` in ``__init__`` for each piece of state and implement
-    :meth:`_update`, :meth:`_update_skip`, :meth:`_merge_from` and the sync hooks. The base owns
-    argument checking, the nan policy, freezing, the int64 ``count``, and the agreed state of
-    ``sum``-reduced states.
+    Subclasses declare their state with :meth:`add_state` and implement ``update``, the merge
+    hook :meth:`_merge_from`, and -- for moment stats -- the sync hooks :meth:`sync_new_data`
+    and :meth:`sync_absorb`. The base owns argument checks, the nan policy, freezing, the int64
+    ``count``, loading, and the agreed state.
 
     Args:
         shape: feature shape; every leading dim of an update is a sample dim.
-        accumulator_dtype: dtype of the saved state and the read-outs, ``torch.float32`` or
+        accumulator_dtype: dtype of the floating state and the read-outs, ``torch.float32`` or
             ``torch.float64``. It survives ``.half()``, ``.to(torch.bfloat16)`` and precision
-            plugins. Default: ``torch.float32``.
-        nan_policy: ``"raise"`` (``ValueError``, stat unchanged), ``"skip"`` (rows with a
-            non-finite value are dropped and counted in ``n_skipped``) or ``"propagate"``.
-            Default: ``"raise"``.
+            plugins. Default: ``torch.float64``.
+        nan_policy: ``"raise"`` (``ValueError``, stat unchanged: at once on the CPU; on an
+            accelerator or under ``torch.compile`` the bad batch is left out on the device and
+            the error is raised at the next sync, ``state_dict`` or :meth:`check`), ``"skip"``
+            (rows with a non-finite value are dropped and counted in ``n_skipped``) or
+            ``"propagate"``. Default: ``"raise"``.
+        device: where to create the buffers. Default: the default device.
     """
 
+    _version = 1
     count: Tensor
     n_skipped: Tensor
     frozen_flag: Tensor
@@ -167,7 +162,7 @@ class Stat(PinnedDtypeModule):
         self,
         shape: int | Sequence[int],
         *,
-        accumulator_dtype: torch.dtype = torch.float32,
+        accumulator_dtype: torch.dtype = torch.float64,
         nan_policy: NanPolicy = "raise",
         device: torch.device | str | None = None,
     ) -> None:
@@ -186,67 +181,83 @@ class Stat(PinnedDtypeModule):
         self.accumulator_dtype = accumulator_dtype
         self.nan_policy: NanPolicy = nan_policy
         self.n_features = math.prod(self.shape)
-        self._n_dims = len(self.shape)
         self._device = _device_arg(device, name)
-        # Width of an [n, F] batch the update fast paths take inline (-1: none, N-D features).
-        self._row_features = self.n_features if self._n_dims == 1 else -1
-        self._reduces: dict[str, str] = {}
-        # Frozen-ness is configuration, like `training`: kept on the module (so an update can
-        # return without touching the device) and saved in `frozen_flag`, which every load
-        # reads back. freeze()/unfreeze() change both.
+        self._reduces: dict[str, str | None] = {}
+        self._defaults: dict[str, bool | int | float] = {}  # what reset() fills each state with
+        # Frozen-ness is configuration, like `training` (an update returns without touching the
+        # device), and saved in `frozen_flag`, which every load reads back.
         self._frozen = False
-        self.add_state("count", torch.zeros((), dtype=torch.int64), reduce="sum")
-        self.add_state("n_skipped", torch.zeros((), dtype=torch.int64), reduce="sum")
-        self.register_buffer("frozen_flag", self._on_device(torch.zeros((), dtype=torch.bool)))
+        int64 = torch.int64
+        self.add_state("count", torch.zeros((), dtype=int64, device="cpu"), reduce="sum", agreed=True)
+        self.add_state("n_skipped", torch.zeros((), dtype=int64, device="cpu"), reduce="sum", agreed=True)
+        self.add_state("frozen_flag", torch.zeros((), dtype=torch.bool, device="cpu"))
+        # Batches the raise policy left out on the device, reported at the next host read.
+        self.add_state("_refused", torch.zeros((), dtype=int64, device="cpu"), persistent=False)
 
     # ----------------------------------------------------------------------------- declaration
-    def add_state(self, name: str, default: Tensor, *, reduce: str) -> None:
-        """Register ``default`` as buffer ``name`` that merges across ranks by ``reduce``.
+    def add_state(
+        self,
+        name: str,
+        default: Tensor,
+        *,
+        reduce: Reduce | None = None,
+        agreed: bool = False,
+        persistent: bool = True,
+    ) -> None:
+        """Register ``default`` (a CPU tensor of one value: what :meth:`reset` fills in) as
+        buffer ``name`` on the stat's device, merged across ranks by ``reduce``.
 
-        ``reduce`` is resolved here, once: ``"sum"`` (counts; only the part added since the last
-        sync travels), ``"min"``, ``"max"`` or ``"custom"`` (the subclass's sync hooks merge it).
+        ``reduce``: ``"sum"`` (only what was added since the agreed state travels), ``"min"``,
+        ``"max"``, ``"moments"`` (merged with Chan's formula through :meth:`sync_new_data`) or
+        None (not synced: configuration such as ``frozen_flag``). ``agreed`` also registers the
+        hidden ``_agreed_<name>``; ``persistent=False`` keeps the buffer out of ``state_dict``.
         """
+        owner = f"{type(self).__name__}.add_state({name!r})"
         if reduce not in _REDUCES:
-            raise ValueError(
-                f"{type(self).__name__}.add_state({name!r}): `reduce` must be one of {_REDUCES}, "
-                f"got {reduce!r}"
-            )
+            raise ValueError(f"{owner}: `reduce` must be one of {_REDUCES}, got {reduce!r}")
         if default.is_floating_point() and default.dtype not in _ACCUMULATOR_DTYPES:
             raise ValueError(
-                f"{type(self).__name__}.add_state({name!r}): floating state must be float32 or "
-                f"float64, got {default.dtype}"
+                f"{owner}: floating state must be float32 or float64, got {default.dtype}"
             )
-        self.register_buffer(name, self._on_device(default))
+        flat = default.reshape(-1)
+        if default.is_meta or (flat.numel() and not bool((flat == flat[0]).all())):
+            raise ValueError(
+                f"{owner}: `default` must be a CPU tensor holding one value (what reset() "
+                f"fills in), got {default.device} {tuple(default.shape)}"
+            )
+        # Placed where the stat is built: `device`, else the default device (meta included).
+        on_device = default.to(self._device or torch.get_default_device())
+        self.register_buffer(name, on_device, persistent=persistent)
         self._reduces[name] = reduce
-        if reduce == "sum":
-            # The value at the last sync (or load): what every rank already agrees on.
-            self._hidden(f"_base_{name}", default.clone())
-
-    def _on_device(self, t: Tensor) -> Tensor:
-        return t if self._device is None else t.to(self._device)
-
-    def _hidden(self, name: str, default: Tensor) -> None:
-        """A non-persistent buffer (moved with the stat, never saved)."""
-        self.register_buffer(name, self._on_device(default), persistent=False)
+        self._defaults[name] = flat[0].item() if flat.numel() else 0
+        if agreed:
+            self.register_buffer(AGREED + name, on_device.clone(), persistent=False)
 
     @property
     def state_names(self) -> tuple[str, ...]:
-        """Names of the declared (saved, synced) state buffers."""
-        return tuple(self._reduces)
+        """Names of the declared state buffers that sync."""
+        return tuple(n for n, r in self._reduces.items() if r is not None)
 
     def agreed_names(self) -> list[str]:
-        """Hidden buffers holding the agreed state (equal on every rank after a sync or load)."""
-        return [f"_base_{n}" for n in self._sum_states()]
+        """Names of the declared states that keep an agreed copy."""
+        return [n for n in self._reduces if AGREED + n in self._buffers]
+
+    def agreed(self, name: str) -> Tensor:
+        """The agreed copy of state ``name`` (what every rank held at the last sync or load)."""
+        buf = self._buffers[AGREED + name]
+        assert buf is not None
+        return buf
 
     # ----------------------------------------------------------------------------- update path
     def _rows(self, x: Any) -> Tensor | None:
-        """Validate ``x`` and view it as ``[n_samples, n_features]``; None when there is nothing
-        to do (frozen, or no samples)."""
+        """Validate ``x`` and view it as ``[n_samples, n_features]`` (a float dtype the kernels
+        take); None when there is nothing to do (frozen, or no samples)."""
+        self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
         if not isinstance(x, Tensor):
             raise TypeError(
                 f"{self.stat_name}.update: expected a torch.Tensor, got {type(x).__name__}"
             )
-        k = self._n_dims
+        k = len(self.shape)
         if x.dim() < k or tuple(x.shape[x.dim() - k :]) != self.shape:
             raise ValueError(
                 f"{self.stat_name}: expected input whose trailing shape is {self.shape} "
@@ -267,122 +278,77 @@ class Stat(PinnedDtypeModule):
                 f"{self.stat_name}.update: got a meta tensor (no data); materialise the input "
                 "(and the stat, with to_empty() and reset_parameters()) first"
             )
-        if self._frozen:
+        if self._frozen or x.numel() == 0:
             return None
-        if x.requires_grad:
-            x = x.detach()  # never build a graph through the stat
+        x = x.detach()  # never build a graph through the stat
         if not x.is_floating_point():
             x = x.to(self.accumulator_dtype)
         elif x.dtype not in _ACCUMULATOR_DTYPES:  # float16, bfloat16, float8: no kernels
             x = x.float()
-        if x.dim() != 2 or k != 1:
-            x = x.reshape(-1, self.n_features)
-        return x if x.shape[0] else None
+        return x.reshape(-1, self.n_features)
 
-    def _plain_rows(self, x: Any, dtypes: tuple[torch.dtype, ...]) -> bool:
-        """Whether ``x`` is the common case an update takes inline, skipping :meth:`_rows`'
-        checks (a large part of a small update's cost): a dense ``[n, F]`` tensor of one of
-        ``dtypes`` with ``n > 0`` that needs no grad, for an unfrozen stat that does not skip
-        rows. (No no_grad needed then: nothing requires grad, so nothing is recorded.)"""
-        return (
-            type(x) is Tensor
-            and x.dim() == 2
-            and x.shape[1] == self._row_features
-            and x.shape[0] > 0
-            and x.dtype in dtypes
-            and not x.requires_grad
-            and not self._frozen
-            and self.nan_policy != "skip"
-            and not x.is_meta
-            and x.layout is torch.strided
-        )
+    @contextlib.contextmanager
+    def _updating(self) -> Iterator[None]:
+        """Around every read-merge-write of the state: the lock, and no graph."""
+        with state_lock(), torch.no_grad():
+            yield
 
-    def update(self, x: Tensor) -> None:
-        """Add the samples in ``x`` (shape ``[..., *shape]``) to the statistic.
+    def _skip_weights(self, rows: Tensor) -> Tensor | None:
+        """The skip policy's row weights (1 keeps a row, 0 drops one with a non-finite value),
+        counting the dropped rows in ``n_skipped``; None for the other policies."""
+        if self.nan_policy != "skip":
+            return None
+        keep = torch.isfinite(rows).all(dim=1)
+        self.n_skipped.add_(rows.shape[0] - keep.sum())
+        return keep.to(rows.dtype)
 
-        Never builds a graph and never reads a tensor value on the host, except with
-        ``nan_policy="raise"``, which looks once per update to decide whether to raise.
-        """
-        self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
-        rows = self._rows(x)
-        if rows is None:
-            return
-        with torch.no_grad():
-            if self.nan_policy == "skip":
-                self._update_skip(rows)
-            else:
-                self._update(rows, self.nan_policy == "raise")
+    def _nan_check(self, finite: Tensor) -> Tensor | None:
+        """Apply the raise policy to a batch whose statistics are ``finite`` (a 0-dim bool
+        tensor). On the CPU: raise now. Elsewhere: count the batch in ``_refused`` and return
+        ``finite``, which the caller uses to leave the batch out. None: nothing to leave out."""
+        if self.nan_policy != "raise":
+            return None
+        refused = self._buffers["_refused"]
+        assert refused is not None
+        if host_reads_free(refused):
+            if not bool(finite):
+                self._raise_non_finite(1)
+            return None
+        refused.add_(~finite)
+        return finite
 
-    def _check_finite(self, value: Tensor) -> None:
-        """The ``raise`` policy's one host read: ``value`` is NaN when the batch held a NaN or
-        Inf. Raises before any state is written."""
-        self._refuse_compile()
-        if math.isnan(float(value)):
-            self._raise_non_finite()
+    def check(self) -> Stat:
+        """Raise the raise policy's error now if a batch was left out on the device since the
+        last check (a sync and ``state_dict`` call this); returns ``self``."""
+        refused = self._buffers["_refused"]
+        if refused is not None and refused.device.type != "meta":
+            n = int(refused)
+            if n:
+                refused.zero_()
+                self._raise_non_finite(n)
+        return self
 
-    def _refuse_compile(self) -> None:
-        if _compiling():
-            raise StatplugError(
-                f"{self.stat_name}: nan_policy='raise' needs a host read per update, which "
-                "torch.compile(fullgraph=True) cannot trace; build the stat with "
-                "nan_policy='skip' or 'propagate' to compile it"
-            )
-
-    def _checked_moments(self, x: Tensor, mb: Tensor, vb: Tensor) -> tuple[Tensor, Tensor]:
-        """The ``raise`` policy's check of ``x``'s one-kernel column means ``mb`` and population
-        variances ``vb`` (``batch_moments``): the ones to merge, or an error.
-
-        The policy's one host read (a score of the one-kernel result, see
-        ``statplug.stats._kernels.moments_ok``) decides: raise when the batch holds a NaN or
-        Inf; recompute the batch exactly (float64, around a pivot) when the kernel's float32
-        sums may be off by more than its tolerance (data far from 0 against its spread), have
-        overflowed (finite values near the dtype's maximum) or the batch is too large for the
-        accumulator; else, on ordinary data, keep the one-kernel result. Raises before any
-        state is written.
-        """
-        self._refuse_compile()
-        n, f = x.shape
-        rows = n if n <= GROUP_ROWS else rows_per_group(n, f)
-        ok = moments_ok(mb, vb, rows, x.dtype, self.accumulator_dtype)
-        if ok:
-            return mb, vb
-        if ok is None and not bool(torch.isfinite(x).all()):
-            self._raise_non_finite()
-        mb, vb = exact_moments(x)
-        prospective = self._prospective_state(mb, vb, n)
+    def _raise_non_finite(self, n_batches: int) -> None:
+        what = "input contains" if n_batches == 1 else f"{n_batches} batches contained"
         acc = self.accumulator_dtype
-        for value, now in prospective:
-            # Elements already non-finite (a loaded propagated NaN) are not this batch's doing.
-            if not bool((value.to(acc).isfinite() | ~now.isfinite()).all()):
-                raise ValueError(
-                    f"{self.stat_name}: the batch's values are too large for a {acc} "
-                    "accumulator (the updated state would overflow to Inf); the stat was left "
-                    "unchanged. Build the stat with accumulator_dtype=torch.float64"
-                )
-        return mb, vb
-
-    def _prospective_state(self, mean: Tensor, var: Tensor, n: int) -> list[tuple[Tensor, Tensor]]:
-        """(float64 value after an update with a batch of ``n`` rows of column ``mean`` and
-        ``var``, the current value) for each floating state an update writes (subclasses)."""
-        return []
-
-    def _raise_non_finite(self) -> None:
-        raise ValueError(
-            f"{self.stat_name}: input contains NaN or Inf and nan_policy='raise'; the stat was "
-            "left unchanged. Use nan_policy='skip' to drop such rows or 'propagate' to keep them"
+        too_large = (
+            "" if acc is torch.float64 else f" (or values too large for a {acc} accumulator: "
+            "build the stat with accumulator_dtype=torch.float64)"
         )
-
-    def _update(self, x: Tensor, check: bool) -> None:
-        raise NotImplementedError
-
-    def _update_skip(self, x: Tensor) -> None:
-        raise NotImplementedError
+        raise ValueError(
+            f"{self.stat_name}: {what} NaN or Inf{too_large} and nan_policy='raise'; the stat "
+            "was left unchanged by them. Use nan_policy='skip' to drop such rows or "
+            "'propagate' to keep them"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """Update in training mode; return ``x`` unchanged (a stat can sit in a Sequential)."""
         if self.training:
             self.update(x)
         return x
+
+    def update(self, x: Tensor) -> None:
+        raise NotImplementedError
 
     # ----------------------------------------------------------------------------- lifecycle
     def freeze(self) -> Stat:
@@ -403,9 +369,11 @@ class Stat(PinnedDtypeModule):
 
     def reset(self) -> None:
         """Forget every sample (keeps frozen-ness, dtype and device)."""
-        with torch.no_grad():
-            for name in self._reduces:
-                self._buffers[name].copy_(self._initial_value(name))  # type: ignore[union-attr]
+        with self._updating():
+            for name, reduce in self._reduces.items():
+                buf = self._buffers[name]
+                if buf is not None and (reduce is not None or name == "_refused"):
+                    buf.fill_(self._defaults[name])
             self.settle_()
 
     def reset_parameters(self) -> None:
@@ -413,15 +381,6 @@ class Stat(PinnedDtypeModule):
         ``reset_parameters()``) leaves an empty, valid stat instead of uninitialised memory."""
         self.unfreeze()
         self.reset()
-
-    def _initial_value(self, name: str) -> Tensor:
-        buf = self._buffers[name]
-        assert buf is not None
-        if self._reduces[name] == "min":
-            return torch.full_like(buf, math.inf)
-        if self._reduces[name] == "max":
-            return torch.full_like(buf, -math.inf)
-        return torch.zeros_like(buf)
 
     def merge_(self, other: Stat) -> Stat:
         """Merge ``other`` (same class and shape) into this stat, exactly; returns ``self``.
@@ -433,7 +392,7 @@ class Stat(PinnedDtypeModule):
                 f"{self.stat_name}.merge_: expected a {type(self).__name__} of shape {self.shape}, "
                 f"got {type(other).__name__} of shape {getattr(other, 'shape', None)}"
             )
-        with torch.no_grad():
+        with self._updating():
             self._merge_from(other)
             self.count.add_(other.count)
             self.n_skipped.add_(other.n_skipped)
@@ -443,7 +402,38 @@ class Stat(PinnedDtypeModule):
         """Merge ``other``'s state; runs before the counts are added."""
         raise NotImplementedError
 
+    def settle_(self) -> Stat:
+        """Make the current state the agreed state, as a save and reload would.
+
+        Equivalent to ``stat.load_state_dict(stat.state_dict())``, cheaper.
+        """
+        with torch.no_grad():
+            for name in self.agreed_names():
+                value, agreed = self._buffers[name], self._buffers[AGREED + name]
+                assert value is not None and agreed is not None
+                if (agreed.device, agreed.dtype, agreed.shape) == (
+                    value.device, value.dtype, value.shape
+                ):
+                    agreed.copy_(value)
+                else:  # a load with assign=True replaced the saved buffer, not the hidden one
+                    self._buffers[AGREED + name] = value.detach().clone()
+        return self
+
+    # ----------------------------------------------------------------------------- sync hooks
+    def sync_new_data(self) -> tuple[Moments, Tensor] | None:
+        """This rank's data since the agreed state as float64 :class:`Moments` (flat), and the
+        centre every rank shares (the agreed mean) -- for stats with ``"moments"`` state."""
+        return None
+
+    def sync_absorb(self, new: Moments) -> None:
+        """Merge every rank's new data (float64 moments) into the agreed state; after it the
+        saved state is the global state."""
+
     # ----------------------------------------------------------------------------- persistence
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        self.check()  # a checkpoint is a host read: a batch refused on the device surfaces here
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -456,29 +446,22 @@ class Stat(PinnedDtypeModule):
     ) -> None:
         own = self._persistent_names()
         if not any(prefix + name in state_dict for name in own):
-            # Not in this checkpoint at all (strict=False loading of another model's weights,
-            # say): left as it is; torch reports the missing keys as usual.
+            # Not in this checkpoint at all (strict=False loading of another model's weights):
+            # left as it is; torch reports the missing keys as usual.
             torch.nn.Module._load_from_state_dict(
-                self,
-                state_dict,
-                prefix,
-                local_metadata,
-                strict,
-                missing_keys,
-                unexpected_keys,
-                error_msgs,
+                self, state_dict, prefix, local_metadata, strict, missing_keys,
+                unexpected_keys, error_msgs,
             )
             return
         version = local_metadata.get("version")
         if version is None:
-            # No version: a state dict without torch's metadata (a filtered copy, a callback's
-            # state). It may lack the bookkeeping buffers: they load as 0 skipped, not frozen.
+            # No version: a state dict without torch's metadata (a filtered copy). It may lack
+            # the bookkeeping buffers: they load as 0 skipped, not frozen.
             for key in ("n_skipped", "frozen_flag"):
                 default = torch.zeros_like(self._buffers[key])  # type: ignore[arg-type]
                 state_dict.setdefault(prefix + key, default)
-        # Version 1: the first layout, and the current one (newer versions are refused below).
-        # Atomic: every key is checked before any is copied; a misfit is refused whole, even
-        # with strict=False.
+        self._migrate(state_dict, prefix, version)
+        # Atomic: every key is checked before any is copied; a misfit is refused whole.
         problem = self._state_problem(state_dict, prefix, version)
         if problem is not None:
             raise CheckpointMismatchError(
@@ -495,6 +478,28 @@ class Stat(PinnedDtypeModule):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
+        """Bring a state saved at an older ``version`` to this layout (subclasses)."""
+
+    def _after_load(self, local_metadata: dict[str, Any] | None = None) -> None:
+        # Loading is not a hot path: reading the frozen flag on the host is fine here. A meta
+        # flag holds no value (a meta model loaded without assign=True): configuration stays.
+        if self.frozen_flag.device.type != "meta":
+            self._frozen = bool(self.frozen_flag)
+        count = self.count
+        refused = self._buffers["_refused"]
+        if refused is None or refused.device != count.device:  # assign=True onto meta
+            self._buffers["_refused"] = torch.zeros_like(count)
+        else:
+            refused.zero_()
+        self.settle_()
+
+    def adopt_state_(self) -> Stat:
+        """Treat the current buffers as a freshly loaded state (read ``frozen_flag`` back and
+        settle), for code that wrote a stat's buffers directly (a broadcast, a copy)."""
+        self._after_load(None)
+        return self
+
     @classmethod
     def summarize_state(cls, state: Mapping[str, Any]) -> StateSummary | None:
         """Read a saved state of this class (its ``state_dict``, keys without prefix; other keys
@@ -503,12 +508,13 @@ class Stat(PinnedDtypeModule):
         The class's own keys, load checks and read-outs decide (``std`` from ``var``), so a
         reader of checkpoints repeats none of them. Read in float64, nothing is rounded.
         """
-        proto = cls(1)
+        proto = cls(2)
         saved = proto.state_dict()
         own = {k: state[k] for k in saved if isinstance(state.get(k), Tensor)}
         if any(own[k].is_floating_point() != saved[k].is_floating_point() for k in own):
             return None  # e.g. a float `count`: someone else's buffers under the same names
-        ref = next((own[k] for k in own if saved[k].dim() > 0), None)
+        # A feature-shaped state tells the saved feature shape.
+        ref = next((own[k] for k in own if saved[k].shape == proto.shape), None)
         if ref is None or ref.dim() == 0 or ref.numel() == 0:
             return None
         try:
@@ -540,11 +546,6 @@ class Stat(PinnedDtypeModule):
         self, state_dict: dict[str, Any], prefix: str, version: int | None
     ) -> str | None:
         """Why ``state_dict`` cannot be this stat's state (None when it can)."""
-        if isinstance(version, int) and version > self._version:
-            return (
-                f"the state was saved at version {version}, newer than this statplug's "
-                f"{type(self).__name__} (version {self._version}); upgrade statplug"
-            )
         own = self._persistent_names()
         foreign = [
             k
@@ -563,6 +564,11 @@ class Stat(PinnedDtypeModule):
             return (
                 f"missing key(s) {', '.join(map(repr, missing))}: a {type(self).__name__} "
                 "needs all of its state (was it saved by another class under the same name?)"
+            )
+        if isinstance(version, int) and version > self._version:
+            return (
+                f"the state was saved at version {version}, newer than this statplug's "
+                f"{type(self).__name__} (version {self._version}); upgrade statplug"
             )
         values: dict[str, Tensor] = {}
         for name in own:
@@ -594,105 +600,6 @@ class Stat(PinnedDtypeModule):
                     f"{values[name].item()!r}"
                 )
         return None
-
-    def _after_load(self, local_metadata: dict[str, Any] | None = None) -> None:
-        # Loading is not a hot path: reading the frozen flag on the host is fine here. A meta
-        # flag holds no value (a meta model loaded without assign=True): configuration stays.
-        if self.frozen_flag.device.type != "meta":
-            self._frozen = bool(self.frozen_flag)
-        self.settle_()
-
-    def adopt_state_(self) -> Stat:
-        """Treat the current buffers as a freshly loaded state: read ``frozen_flag`` back and
-        settle (:meth:`settle_`). For code that writes a stat's buffers directly (a broadcast, a
-        copy between stats) and wants the stat to behave as after ``load_state_dict``."""
-        self._after_load(None)
-        return self
-
-    def settle_(self) -> Stat:
-        """Make the current state the agreed state, as a save and reload would.
-
-        A loaded state is what every rank agrees on: a later sync contributes only data added
-        after it. Equivalent to ``stat.load_state_dict(stat.state_dict())``, cheaper.
-        """
-        with torch.no_grad():
-            for name in self._sum_states():
-                self._agree(f"_base_{name}", name)
-            self._settle_agreed()
-        return self
-
-    def _agree(self, agreed_name: str, name: str) -> None:
-        """Copy buffer ``name`` into the agreed buffer ``agreed_name`` -- as a new tensor when
-        they differ in device, dtype or shape (a load with ``assign=True``, say into a model
-        built on the meta device, replaces the saved buffers but not the hidden ones)."""
-        agreed, value = self._buffers[agreed_name], self._buffers[name]
-        assert agreed is not None and value is not None
-        if (agreed.device, agreed.dtype, agreed.shape) == (value.device, value.dtype, value.shape):
-            agreed.copy_(value)
-        else:
-            self._buffers[agreed_name] = value.detach().clone()
-
-    def _settle_agreed(self) -> None:
-        """Copy the subclass's own agreed state from its current state (subclasses)."""
-
-    # ----------------------------------------------------------------------------- sync hooks
-    # Class-level and batched: one call handles every stat of a batch (see
-    # statplug.stats.syncing) with a constant number of tensor ops and returns named float64
-    # payloads, which the engine packs with every other batch's into one collective per round.
-
-    @classmethod
-    def sync_checksum(cls, batch: SyncBatch) -> Tensor:
-        """A float64 ``[4]`` exact fingerprint of the batch's agreed state: equal on ranks that
-        agree bit for bit."""
-        return batch.checksum()
-
-    @classmethod
-    def sync_phase1(cls, batch: SyncBatch) -> tuple[StateSums, Extrema | None]:
-        """The first SUM payload and the MAX payload (None: no min/max state).
-
-        Sum states send what was added since the agreed state; min/max states send their values
-        and a NaN flag per element, so a NaN on any rank reaches every rank. Subclasses extend
-        the sums with their own fields (``StateSums`` subclasses, built from this one's
-        :meth:`~SyncPayload.fields_dict`).
-        """
-        proto = batch.stats[0]
-        names = tuple(proto._sum_states())
-        sums = StateSums(names, torch.stack([batch.added(n) for n in names]))
-        extrema = [(n, r) for n, r in proto._reduces.items() if r in ("min", "max")]
-        if not extrema:
-            return sums, None
-        return sums, Extrema.of_batch(batch, [n for n, _ in extrema], [r for _, r in extrema])
-
-    @classmethod
-    def sync_phase2(cls, batch: SyncBatch, sums: StateSums) -> SyncPayload | None:
-        """The second SUM payload, given the reduced first one; None: no second round.
-
-        The choice must follow from ``sums`` alone, which is the same on every rank."""
-        return None
-
-    @classmethod
-    def sync_apply(
-        cls,
-        batch: SyncBatch,
-        sums: StateSums,
-        maxes: Extrema | None,
-        sums2: SyncPayload | None,
-    ) -> None:
-        """Write the reduced payloads back; afterwards every rank holds the global state, and
-        it is the agreed state."""
-        for name in sums.names:
-            total = sums.of(name)
-            # Counts travel as float64: sums of integers, exact below 2**53. A count no rank
-            # added to (n_skipped, usually) needs no write: every rank already holds it.
-            if name != "count" and not bool(total.any()):
-                continue
-            batch.scatter_agreed(name, batch.stack(f"_base_{name}") + total.to(torch.int64))
-        if maxes is not None:
-            for name in maxes.names:
-                batch.scatter(name, maxes.value(name))
-
-    def _sum_states(self) -> list[str]:
-        return [n for n, r in self._reduces.items() if r == "sum"]
 
     def extra_repr(self) -> str:
         extra = f"shape={self.shape}, accumulator_dtype={self.accumulator_dtype}"

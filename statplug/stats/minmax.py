@@ -13,26 +13,6 @@ from statplug.stats.base import NanPolicy, Stat
 
 __all__ = ["RunningMinMax"]
 
-# Narrower batches are reduced as interleaved row groups of this width (measurements:
-# docs/design-notes.md, "Column min/max").
-_WIDE_ENOUGH = 64
-_ROW_DTYPES = (torch.float32, torch.float64)
-
-
-def _column_min_max(x: Tensor) -> tuple[Tensor, Tensor]:
-    n, f = x.shape
-    if f >= _WIDE_ENOUGH // 2:
-        return x.amin(0), x.amax(0)
-    g = 1
-    while g * f < _WIDE_ENOUGH and n % (2 * g) == 0:
-        g *= 2
-    if g == 1 or not x.is_contiguous():
-        lo, hi = torch.aminmax(x, dim=0)
-        return lo, hi
-    y = x.view(n // g, g * f)
-    return y.amin(0).view(g, f).amin(0), y.amax(0).view(g, f).amax(0)
-
-
 class RunningMinMax(Stat):
     r"""Running per-feature minimum and maximum, exact and merged with MIN/MAX reductions.
 
@@ -41,7 +21,7 @@ class RunningMinMax(Stat):
 
     Args:
         shape: feature shape.
-        accumulator_dtype: Default: ``torch.float32``.
+        accumulator_dtype: Default: ``torch.float32`` (an extreme of float32 data is exact in it).
         nan_policy: ``"raise"``, ``"skip"`` or ``"propagate"`` (a NaN then sticks). Default:
             ``"raise"``.
 
@@ -71,43 +51,40 @@ class RunningMinMax(Stat):
             shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
         )
         acc = accumulator_dtype
-        self.add_state("min", torch.full(self.shape, math.inf, dtype=acc), reduce="min")
-        self.add_state("max", torch.full(self.shape, -math.inf, dtype=acc), reduce="max")
+        self.add_state("min", torch.full(self.shape, math.inf, dtype=acc, device="cpu"), reduce="min")
+        self.add_state("max", torch.full(self.shape, -math.inf, dtype=acc, device="cpu"), reduce="max")
 
     def update(self, x: Tensor) -> None:
         """Add the samples in ``x`` (shape ``[..., *shape]``) to the extremes.
 
-        One pass over ``x`` (a column minimum and maximum) and two small in-place ops. Never
-        builds a graph; never reads a tensor on the host except with ``nan_policy="raise"``.
+        One pass over ``x`` (column minimum and maximum) and two small in-place ops. Never
+        builds a graph.
         """
-        self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
-        if self._plain_rows(x, _ROW_DTYPES):  # the common case (a hook on activations)
-            self._update(x, self.nan_policy == "raise")
-        else:
-            Stat.update(self, x)
+        rows = self._rows(x)
+        if rows is None:
+            return
+        with self._updating():
+            weight = self._skip_weights(rows)
+            n = rows.shape[0] if weight is None else weight.sum().to(torch.int64)
+            if weight is not None:  # rows left out hold +inf for the min, -inf for the max
+                keep = weight.unsqueeze(1) > 0
+                lo = torch.where(keep, rows, math.inf).amin(0)
+                hi = torch.where(keep, rows, -math.inf).amax(0)
+            else:
+                lo, hi = torch.aminmax(rows, dim=0)
+            # inf * 0 and NaN * 0 are NaN: finite unless an extreme is not.
+            keep_batch = self._nan_check(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+            if keep_batch is not None:
+                lo = torch.where(keep_batch, lo, math.inf)
+                hi = torch.where(keep_batch, hi, -math.inf)
+                n = torch.where(keep_batch, n, 0)
+            self._fold(lo.to(self.min.dtype), hi.to(self.max.dtype))
+            self.count.add_(n)
 
     def _fold(self, lo: Tensor, hi: Tensor) -> None:
         flat_min, flat_max = self.min.view(-1), self.max.view(-1)
         torch.minimum(flat_min, lo, out=flat_min)
         torch.maximum(flat_max, hi, out=flat_max)
-
-    def _update(self, x: Tensor, check: bool) -> None:
-        lo, hi = _column_min_max(x)
-        if check:
-            # NaN unless every extreme is finite (inf * 0 and NaN * 0 are NaN; a huge finite
-            # range is no reason to raise).
-            self._check_finite(torch.cat([lo, hi]).mul_(0).sum())
-        self._fold(lo, hi)
-        self.count.add_(x.shape[0])
-
-    def _update_skip(self, x: Tensor) -> None:
-        ok = torch.isfinite(x).all(dim=1, keepdim=True)
-        n_ok = ok.sum()
-        lo = torch.where(ok, x, math.inf).amin(0)
-        hi = torch.where(ok, x, -math.inf).amax(0)
-        self._fold(lo, hi)
-        self.count.add_(n_ok)
-        self.n_skipped.add_(x.shape[0] - n_ok)
 
     def _value_problem(self, prefix: str, values: dict[str, Tensor]) -> str | None:
         problem = super()._value_problem(prefix, values)

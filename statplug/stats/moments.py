@@ -2,64 +2,49 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from statplug.stats._kernels import GROUP_ROWS, batch_moments
-from statplug.stats.base import NanPolicy, Stat, _host_count, real_number
-from statplug.stats.syncing import Extrema, StateSums, SyncBatch, SyncPayload
+from statplug.stats.base import NanPolicy, Stat, real_number
+from statplug.stats.merge import Moments, batch_moments, chan_merge
 
 __all__ = ["EMAMoments", "RunningMoments"]
 
 _F64 = torch.float64
-_F32_ONLY = (torch.float32,)
 
 
-class _MomentsWork:
-    """What :class:`RunningMoments`' sync hooks carry from one phase to the next (float64,
-    element layout)."""
-
-    __slots__ = ("k", "m2", "m2_base", "m2_new", "mean", "n", "n_base")
-
-    def __init__(self, batch: SyncBatch) -> None:
-        self.k = batch.gather("_base_mean").to(_F64)  # the agreed mean: the centre K
-        self.n = batch.per_element(batch.stack("count").to(_F64))
-        self.n_base = batch.per_element(batch.stack("_base_count").to(_F64))
-        self.mean = batch.gather("mean").to(_F64)
-        self.m2 = batch.gather("m2").to(_F64)
-        self.m2_base = batch.gather("_base_m2").to(_F64)
-        self.m2_new: Tensor | None = None  # M2 of the new data, when one phase sufficed
-
-    def squares_around(self, c: Tensor) -> Tensor:
-        """Sum over this rank's new samples of ``(x - c)**2``: everything seen, minus the
-        agreed part, each about ``c`` -- no sum of squares far from the data."""
-        return (self.m2 - self.m2_base) + self.n * (self.mean - c).square() - self.n_base * (
-            self.k - c
-        ).square()
+def _dropped(batch: Moments, keep: Tensor | None) -> Moments:
+    """``batch``, or an empty batch where ``keep`` (a 0-dim bool tensor) is False."""
+    if keep is None:
+        return batch
+    return Moments(
+        torch.where(keep, batch.n, 0.0),
+        torch.where(keep, batch.mean, 0.0),
+        torch.where(keep, batch.m2, 0.0),
+    )
 
 
 class RunningMoments(Stat):
     r"""Exact running mean and variance over every sample seen (Welford/Chan merging).
 
-    State (``state_dict`` keys): ``count`` (int64), ``mean`` and ``m2`` (sum of squared deviations)
-    in ``accumulator_dtype``, plus ``n_skipped`` and ``frozen_flag``. These buffers are current
-    after every call, like ``nn.BatchNorm``'s running statistics.
+    State (``state_dict`` keys): ``count`` (int64), ``mean`` and ``m2`` (sum of squared
+    deviations) in ``accumulator_dtype``, plus ``n_skipped`` and ``frozen_flag``. These buffers
+    are current after every call, like ``nn.BatchNorm``'s running statistics.
 
-    Each update takes the batch's column means and variances from torch's fused batch-norm
-    statistics kernel (by interleaved groups of rows for large batches, see
-    ``statplug.stats._kernels``) and merges them into ``count``/``mean``/``m2`` with Chan's
-    formula: one pass over the batch and a handful of ``shape``-sized ops, no device sync. The state
-    agreed across ranks at the last sync or load is kept aside (non-persistent ``_base_*``
-    buffers) so that a sync sends only what was added since and never double counts.
+    Each update takes the batch's column moments in one pass (torch's fused batch-norm
+    statistics kernel on the CPU) and merges them into ``count``/``mean``/``m2`` with Chan's
+    formula (:func:`statplug.stats.merge.chan_merge`), with no host read except the raise
+    policy's on the CPU.
 
     Args:
         shape: feature shape (int or tuple). Leading dims of an update are samples.
-        accumulator_dtype: dtype of the saved state and read-outs. Default: ``torch.float32``.
+        accumulator_dtype: dtype of the saved state and read-outs. Default: ``torch.float64``
+            (a float32 mean fed one sample at a time stops moving after ~1e7 samples).
         nan_policy: ``"raise"``, ``"skip"`` or ``"propagate"``. Default: ``"raise"``.
+        device: where to create the buffers. Default: the default device.
 
     Shape:
         - update input: :math:`(*, \text{shape})`
@@ -71,33 +56,28 @@ class RunningMoments(Stat):
         >>> m = RunningMoments(2)
         >>> m.update(torch.tensor([[1.0, 10.0], [3.0, 30.0]]))
         >>> m.update(torch.tensor([[5.0, 50.0]]))
-        >>> m.count.item(), m.mean.tolist(), m.var.tolist()
-        (3, [3.0, 30.0], [2.6666667461395264, 266.6666564941406])
+        >>> m.count.item(), m.mean.tolist(), [round(v, 4) for v in m.var.tolist()]
+        (3, [3.0, 30.0], [2.6667, 266.6667])
     """
 
     _version = 1
     mean: Tensor
     m2: Tensor
-    _base_count: Tensor
-    _base_mean: Tensor
-    _base_m2: Tensor
 
     def __init__(
         self,
         shape: int | Sequence[int],
         *,
-        accumulator_dtype: torch.dtype = torch.float32,
+        accumulator_dtype: torch.dtype = torch.float64,
         nan_policy: NanPolicy = "raise",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
             shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
         )
-        acc = accumulator_dtype
-        self.add_state("mean", torch.zeros(self.shape, dtype=acc), reduce="custom")
-        self.add_state("m2", torch.zeros(self.shape, dtype=acc), reduce="custom")
-        self._hidden("_base_mean", torch.zeros(self.shape, dtype=acc))
-        self._hidden("_base_m2", torch.zeros(self.shape, dtype=acc))
+        zeros = torch.zeros(self.shape, dtype=accumulator_dtype, device="cpu")
+        self.add_state("mean", zeros, reduce="moments", agreed=True)
+        self.add_state("m2", zeros.clone(), reduce="moments", agreed=True)
 
     # ------------------------------------------------------------------ read-outs
     @property
@@ -115,110 +95,57 @@ class RunningMoments(Stat):
         """Population standard deviation."""
         return self.var.sqrt()
 
-    # ------------------------------------------------------------------ update
+    # ------------------------------------------------------------------ update and merge
     def update(self, x: Tensor) -> None:
         """Add the samples in ``x`` (shape ``[..., *shape]``) to the statistic.
 
-        One pass over ``x`` (torch's fused batch-norm statistics kernel) and a few small ops
-        that merge it into the saved state (five on the CPU, where the count is read from
-        memory; eight on accelerators and under ``torch.compile``, which never wait for the
-        device). Never builds a graph; ``nan_policy="raise"`` reads the device once per update.
+        One pass over ``x`` and a few ``shape``-sized ops; never builds a graph.
         """
-        self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
-        if self._plain_rows(x, _F32_ONLY):  # the common case, checked inline
-            if x.shape[0] <= GROUP_ROWS:
-                mb, vb = torch.batch_norm_update_stats(x, None, None, 0.0)
-            else:
-                mb, vb = batch_moments(x)
-            if self.nan_policy == "raise":  # NaN/Inf raise; large offsets are refined
-                mb, vb = self._checked_moments(x, mb, vb)
-            self._merge_batch(mb, vb, x.shape[0])
-        else:
-            Stat.update(self, x)
-
-    def _update(self, x: Tensor, check: bool) -> None:
-        mb, vb = batch_moments(x)
-        if check:  # one host read refuses NaN/Inf and refines large offsets
-            mb, vb = self._checked_moments(x, mb, vb)
-        self._merge_batch(mb, vb, x.shape[0])
-
-    def _merge_batch(self, mb: Tensor, vb: Tensor, n: int) -> None:
-        """Chan's merge of a batch of ``n`` samples with column means ``mb`` and population
-        variances ``vb`` (flat) into ``count``/``mean``/``m2``, in place."""
-        b = self._buffers
-        count, mean, m2 = b["count"], b["mean"], b["m2"]
-        if self._n_dims != 1:
-            mean, m2 = mean.view(-1), m2.view(-1)  # type: ignore[union-attr]
-        if _host_count(count):  # type: ignore[arg-type]
-            # On the CPU the count is read from memory (no device to wait for), so the weights
-            # are Python numbers and the merge is five ops.
-            c = int(count)  # type: ignore[arg-type]
-            total = c + n
-            d = torch.sub(mb, mean)  # type: ignore[arg-type]
-            mean.add_(d, alpha=n / total)  # type: ignore[union-attr]
-            m2.addcmul_(d, d, value=n * c / total)  # type: ignore[union-attr]
-            m2.add_(vb, alpha=n)  # type: ignore[union-attr]
-            count.fill_(total)  # type: ignore[union-attr]
+        rows = self._rows(x)
+        if rows is None:
             return
-        # On accelerators and under torch.compile the weights stay on the device: eight ops.
-        count.add_(n)  # type: ignore[union-attr]
-        # q = count / n, correctly rounded: exactly 1 for a first batch, whose mean is then
-        # stored exactly and adds nothing but n * vb to m2.
-        q = count.div(n) if self.accumulator_dtype is torch.float32 else count.to(_F64).div_(n)  # type: ignore[union-attr]
-        d = mb - mean  # type: ignore[operator]
-        step = d / q
-        mean.add_(step)  # type: ignore[union-attr]
-        # Chan: m2 += n * vb + n * (1 - n / count) * d**2, with d * (1 - n / count) = d - step.
-        m2.addcmul_(d, d - step, value=n)  # type: ignore[union-attr]
-        m2.add_(vb, alpha=n)  # type: ignore[union-attr]
+        with self._updating():
+            batch = batch_moments(rows, self.accumulator_dtype, self._skip_weights(rows))
+            self._merge_moments(_dropped(batch, self._nan_check(batch.finite())))
 
-    def _update_skip(self, x: Tensor) -> None:
-        x = x.to(_F64)
-        ok = torch.isfinite(x).all(dim=1, keepdim=True)
-        n_ok = ok.sum()
-        n1 = n_ok.clamp(min=1).to(_F64)
-        xz = torch.where(ok, x, 0.0)
-        mb = xz.sum(0) / n1
-        m2b = ((xz - mb) * ok).square().sum(0)
-        self._absorb(n_ok, mb, m2b)
-        self.count.add_(n_ok)
-        self.n_skipped.add_(x.shape[0] - n_ok)
-
-    def _absorb(self, n_b: Tensor, mean_b: Tensor, m2_b: Tensor) -> None:
-        """Chan's merge of ``n_b`` samples with mean ``mean_b`` and squared deviations ``m2_b``
-        (flat) into ``mean``/``m2``, in float64; ``count`` is the caller's to add."""
-        n_a = self.count.to(_F64)
-        n_b = n_b.to(_F64)
-        frac = n_b / (n_a + n_b).clamp(min=1)
+    def _merge_moments(self, b: Moments) -> None:
+        """Chan's merge of the batch moments ``b`` into ``count``/``mean``/``m2``, in place."""
+        acc = self.accumulator_dtype
         mean, m2 = self.mean.view(-1), self.m2.view(-1)
-        d = mean_b.to(_F64) - mean
-        new_m2 = m2 + m2_b + d.square() * (n_a * frac)
-        mean.copy_(mean + d * frac)
-        m2.copy_(new_m2)
+        merged = chan_merge(self.count.to(acc), mean, m2, b.n.to(acc), b.mean.to(acc), b.m2.to(acc))
+        mean.copy_(merged.mean)
+        m2.copy_(merged.m2)
+        self.count.add_(b.n.round().to(torch.int64))
 
     def _merge_from(self, other: Any) -> None:
-        self._absorb(other.count, other.mean.reshape(-1), other.m2.reshape(-1))
+        acc = self.accumulator_dtype
+        n = other.count.to(acc)
+        self._merge_moments(Moments(n, other.mean.reshape(-1), other.m2.reshape(-1)))
+        self.count.sub_(other.count)  # merge_ adds the counts
 
-    # ------------------------------------------------------------------ agreed state
-    def agreed_names(self) -> list[str]:
-        return [*super().agreed_names(), "_base_mean", "_base_m2"]
+    # ------------------------------------------------------------------ sync hooks
+    def sync_new_data(self) -> tuple[Moments, Tensor]:
+        # The data since the agreed state (n_a, K, m2_a), from the current (n, mean, m2). About
+        # the agreed mean K: sum((x - K)**2) over all data is m2 + n (mean - K)**2, over the
+        # agreed data m2_a; the new data's is the difference.
+        n, n_a = self.count.to(_F64), self.agreed("count").to(_F64)
+        k = self.agreed("mean").reshape(-1).to(_F64)
+        mean, m2 = self.mean.reshape(-1).to(_F64), self.m2.reshape(-1).to(_F64)
+        n_b = n - n_a
+        mean_b = k + (mean - k) * (n / n_b.clamp(min=1))
+        sq_k = (m2 - self.agreed("m2").reshape(-1).to(_F64)) + n * (mean - k).square()
+        m2_b = (sq_k - n_b * (mean_b - k).square()).clamp(min=0)
+        return Moments(n_b, mean_b, m2_b), k
 
-    def _settle_agreed(self) -> None:
-        self._agree("_base_mean", "mean")
-        self._agree("_base_m2", "m2")
+    def sync_absorb(self, new: Moments) -> None:
+        acc = self.accumulator_dtype
+        n_a = self.agreed("count").to(_F64)
+        k, m2_a = self.agreed("mean").reshape(-1), self.agreed("m2").reshape(-1)
+        merged = chan_merge(n_a, k.to(_F64), m2_a.to(_F64), new.n, new.mean, new.m2)
+        self.mean.view(-1).copy_(merged.mean.to(acc))
+        self.m2.view(-1).copy_(merged.m2.to(acc))
 
     # ------------------------------------------------------------------ checks
-    def _prospective_state(
-        self, mean: Tensor, var: Tensor, n: int
-    ) -> list[tuple[Tensor, Tensor]]:
-        count = float(self.count)
-        now_mean, now_m2 = self.mean.reshape(-1).to(_F64), self.m2.reshape(-1).to(_F64)
-        d = mean.to(_F64) - now_mean
-        total = count + n
-        new_mean = now_mean + d * (n / total)
-        new_m2 = now_m2 + var.to(_F64) * n + d.square() * (n * count / total)
-        return [(new_mean, self.mean.reshape(-1)), (new_m2, self.m2.reshape(-1))]
-
     def _value_problem(self, prefix: str, values: dict[str, Tensor]) -> str | None:
         problem = super()._value_problem(prefix, values)
         if problem is not None:
@@ -236,80 +163,6 @@ class RunningMoments(Stat):
             )
         return None
 
-    # ------------------------------------------------------------------ sync hooks
-    # Every rank's new data is summed around the agreed mean K, which all ranks share (checked
-    # by a checksum sent with the layout fingerprint): n, sum(x - K) and S2 = sum((x - K)**2),
-    # each taken from the running state minus the agreed state. Then the new data's
-    # M2 = S2 - N (g - K)**2 (g: its global mean). That subtraction loses log2(S2 / M2) bits:
-    # when M2 >= S2 / 2**10 for every element -- the usual case once a first sync has set K --
-    # at most 10 of float64's 53, and the sync ends there. Otherwise (a first sync of data far
-    # from 0, say) phase 2 sums the squared deviations around g itself: Chan's two-phase merge.
-    _ONE_PHASE_RATIO = 2.0**-10
-
-    @classmethod
-    def sync_phase1(cls, batch: SyncBatch) -> tuple[StateSums, Extrema | None]:
-        base, maxes = super().sync_phase1(batch)
-        w = batch.work = _MomentsWork(batch)
-        # Sum over the new data of (x - K) (the agreed part sums to 0), and of (x - K)**2.
-        sums = MomentsSums(**base.fields_dict(), dev=w.n * (w.mean - w.k), sq=w.squares_around(w.k))
-        return sums, maxes
-
-    @classmethod
-    def sync_phase2(cls, batch: SyncBatch, sums: StateSums) -> SyncPayload | None:
-        assert isinstance(sums, MomentsSums)
-        w: _MomentsWork = batch.work
-        gk = sums.dev / batch.per_element(sums.count).clamp(min=1)  # g - K
-        m2_new = torch.addcmul(sums.sq, gk, sums.dev, value=-1.0)
-        if bool((m2_new >= sums.sq * cls._ONE_PHASE_RATIO).all()):  # False for NaN
-            w.m2_new = m2_new
-            return None
-        w.m2_new = None
-        return MomentsSquares(w.squares_around(w.k + gk))
-
-    @classmethod
-    def sync_apply(
-        cls,
-        batch: SyncBatch,
-        sums: StateSums,
-        maxes: Extrema | None,
-        sums2: SyncPayload | None,
-    ) -> None:
-        # Chan's merge of the agreed state with the new global data.
-        assert isinstance(sums, MomentsSums)
-        w: _MomentsWork = batch.work
-        batch.work = None
-        if w.m2_new is not None:
-            m2_new = w.m2_new
-        else:
-            assert isinstance(sums2, MomentsSquares)
-            m2_new = sums2.sq
-        n_new = batch.per_element(sums.count)
-        total = (w.n_base + n_new).clamp(min=1)
-        gk = sums.dev / n_new.clamp(min=1)
-        mean = w.k + sums.dev / total
-        m2 = w.m2_base + m2_new + gk.square() * (w.n_base * n_new / total)
-        batch.scatter_agreed("mean", mean)  # the agreed state is the saved state, bit for bit
-        batch.scatter_agreed("m2", m2)
-        super().sync_apply(batch, sums, maxes, sums2)
-
-
-@dataclasses.dataclass(eq=False)
-class MomentsSums(StateSums):
-    """:class:`RunningMoments`' first round: the base sums, then per element the sums over
-    each rank's new data of ``x - K`` (``dev``) and ``(x - K)**2`` (``sq``), ``K`` the agreed
-    mean."""
-
-    dev: Tensor
-    sq: Tensor
-
-
-@dataclasses.dataclass(eq=False)
-class MomentsSquares(SyncPayload):
-    """:class:`RunningMoments`' second round: the sum of squared deviations around the new
-    data's global mean."""
-
-    sq: Tensor
-
 
 class EMAMoments(Stat):
     r"""Bias-corrected exponential moving mean and variance of batches.
@@ -318,15 +171,20 @@ class EMAMoments(Stat):
     ``1 - m`` per step. State is normalised by the running weight ``weight = 1 - (1 - m)**t``,
     so the read-outs are bias corrected from the first step (no warm-up towards zero). The
     variance is the exponentially weighted variance of the samples (within-batch spread plus the
-    spread of batch means), merged exactly per step.
+    spread of batch means).
 
-    State: ``count`` (int64, samples seen), ``weight``, ``mean``, ``var`` in ``accumulator_dtype``.
+    A sync merges the ranks' summaries weighted by the samples each saw since the last sync
+    (Chan's merge of their weights, means and variances).
+
+    State: ``count`` (int64, samples seen), ``weight`` (shape ``(1,)``), ``mean``, ``var`` in
+    ``accumulator_dtype``.
 
     Args:
         shape: feature shape.
         momentum: weight of the newest batch, in (0, 1]. Default: 0.01.
         accumulator_dtype: Default: ``torch.float32``.
         nan_policy: Default: ``"raise"``.
+        device: where to create the buffers. Default: the default device.
 
     Example:
         >>> import torch
@@ -340,8 +198,9 @@ class EMAMoments(Stat):
         3.3333
     """
 
-    _version = 1
-    _base_count: Tensor
+    # Version 2: `weight` has shape (1,) (0-dim float64 buffers lose in-place updates under
+    # torch.compile in torch 2.13).
+    _version = 2
     weight: Tensor
     mean: Tensor
     var: Tensor
@@ -364,154 +223,89 @@ class EMAMoments(Stat):
         )
         self.momentum = momentum
         acc = accumulator_dtype
-        self.add_state("weight", torch.zeros((), dtype=acc), reduce="custom")
-        self.add_state("mean", torch.zeros(self.shape, dtype=acc), reduce="custom")
-        self.add_state("var", torch.zeros(self.shape, dtype=acc), reduce="custom")
+        self.add_state(
+            "weight", torch.zeros(1, dtype=acc, device="cpu"), reduce="moments", agreed=True
+        )
+        self.add_state("mean", torch.zeros(self.shape, dtype=acc, device="cpu"), reduce="moments", agreed=True)
+        self.add_state("var", torch.zeros(self.shape, dtype=acc, device="cpu"), reduce="moments")
 
     @property
     def std(self) -> Tensor:
         """Exponentially weighted standard deviation."""
         return self.var.clamp(min=0).sqrt()
 
-    def _step(self, mb: Tensor, vb: Tensor, n: Tensor | int) -> None:
-        """One EMA step with batch mean ``mb`` and population variance ``vb`` (flat)."""
-        m = self.momentum
-        mean = self.mean.view(-1)
-        var = self.var.view(-1)
-        self.weight.mul_(1.0 - m).add_(m)
-        r = m / self.weight
-        delta = mb - mean
-        mean.addcmul_(delta, r)
-        var.lerp_(vb + delta * (mb - mean), r)
-        self.count.add_(n)
+    def update(self, x: Tensor) -> None:
+        """One EMA step with the samples in ``x`` (shape ``[..., *shape]``)."""
+        rows = self._rows(x)
+        if rows is None:
+            return
+        with self._updating():
+            b = batch_moments(rows, self.accumulator_dtype, self._skip_weights(rows))
+            keep = self._nan_check(b.finite())
+            # A batch left out, or whose rows were all skipped, is no step at all.
+            step = b.n > 0 if keep is None else keep & (b.n > 0)
+            m = self.momentum
+            weight = torch.where(step, self.weight * (1.0 - m) + m, self.weight)
+            r = torch.where(step, m / weight.clamp(min=1e-30), 0.0)
+            mean, var = self.mean.view(-1), self.var.view(-1)
+            mb = torch.where(step, b.mean, mean)  # a left-out batch may hold NaN
+            vb = torch.where(step, b.m2 / b.n.clamp(min=1), var)
+            delta = mb - mean
+            new_mean = mean + delta * r
+            var.copy_(torch.lerp(var, vb + delta * (mb - new_mean), r))
+            mean.copy_(new_mean)
+            self.weight.copy_(weight)
+            self.count.add_(torch.where(step, b.n, 0.0).round().to(torch.int64))
 
-    def _update(self, x: Tensor, check: bool) -> None:
-        mb, vb = batch_moments(x)
-        if check:
-            mb, vb = self._checked_moments(x, mb, vb)
-        acc = self.accumulator_dtype
-        self._step(mb.to(acc), vb.to(acc), x.shape[0])
-
-    def _update_skip(self, x: Tensor) -> None:
-        x = x.to(_F64)
-        ok = torch.isfinite(x).all(dim=1, keepdim=True)
-        n_ok = ok.sum()
-        n1 = n_ok.clamp(min=1)
-        xz = torch.where(ok, x, 0.0)
-        mb = xz.sum(0) / n1
-        vb = (((xz - mb) * ok) ** 2).sum(0) / n1
-        self.n_skipped.add_(x.shape[0] - n_ok)
-        # A batch whose rows were all skipped is no step at all.
-        any_ok = n_ok > 0
-        acc = self.accumulator_dtype
-        before = (self.weight.clone(), self.mean.clone(), self.var.clone())
-        self._step(mb.to(acc), vb.to(acc), n_ok)
-        for buf, old in zip((self.weight, self.mean, self.var), before, strict=True):
-            buf.copy_(torch.where(any_ok, buf, old))
-
-    def _prospective_state(
-        self, mean: Tensor, var: Tensor, n: int
-    ) -> list[tuple[Tensor, Tensor]]:
-        # The step of `_step` in float64, with each value it writes or forms in the accumulator.
-        now_mean, now_var = self.mean.reshape(-1).to(_F64), self.var.reshape(-1).to(_F64)
-        weight = float(self.weight) * (1.0 - self.momentum) + self.momentum
-        r = self.momentum / weight
-        mb = mean.to(_F64)
-        delta = mb - now_mean
-        new_mean = now_mean + delta * r
-        target = var.to(_F64) + delta * (mb - new_mean)
-        new_var = now_var + (target - now_var) * r
-        return [
-            (mb, now_mean), (delta, now_mean), (new_mean, now_mean),
-            (target, now_var), (new_var, now_var),
-        ]
+    def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
+        # Version 1 saved `weight` 0-dim.
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, Tensor) and weight.dim() == 0:
+            state_dict[prefix + "weight"] = weight.reshape(1)
 
     def _value_problem(self, prefix: str, values: dict[str, Tensor]) -> str | None:
         problem = super()._value_problem(prefix, values)
         if problem is not None:
             return problem
         weight, var = values["weight"].double(), values["var"].double()
-        if not bool((weight >= 0) & (weight <= 1)):  # NaN too
-            return f"{prefix + 'weight'!r} must be in [0, 1], got {weight.item()!r}"
+        if not bool(((weight >= 0) & (weight <= 1)).all()):  # NaN too
+            return f"{prefix + 'weight'!r} must be in [0, 1], got {weight.tolist()!r}"
         if bool((var < 0).any()):
             return f"{prefix + 'var'!r} must be >= 0, got {var.min().item()!r}"
-        if int(values["count"]) == 0 and bool(weight != 0 or values["mean"].any() or var.any()):
+        if int(values["count"]) == 0 and bool(weight.any() or values["mean"].any() or var.any()):
             return (
                 f"an empty state (count 0) must have zero {prefix + 'weight'!r}, "
                 f"{prefix + 'mean'!r} and {prefix + 'var'!r}"
             )
         return None
 
+    def _summary(self, n: Tensor) -> Moments:
+        """The stat as ``n`` samples of mean ``[weight, *mean]`` and squared deviations
+        ``[0, *var * n]`` (float64): how it merges, with the weight as one more feature."""
+        n = n.to(_F64)
+        mean = torch.cat([self.weight.to(_F64), self.mean.reshape(-1).to(_F64)])
+        m2 = torch.cat([torch.zeros_like(n).reshape(1), self.var.reshape(-1).to(_F64) * n])
+        return Moments(n, mean, m2)
+
+    def _set_summary(self, merged: Moments) -> None:
+        """Hold the merged summary (left unchanged where it holds no sample)."""
+        ok = merged.n > 0
+        acc = self.accumulator_dtype
+        var = merged.m2[1:] / merged.n.clamp(min=1e-300)
+        self.weight.copy_(torch.where(ok, merged.mean[:1].to(acc), self.weight))
+        self.mean.view(-1).copy_(torch.where(ok, merged.mean[1:].to(acc), self.mean.view(-1)))
+        self.var.view(-1).copy_(torch.where(ok, var.to(acc), self.var.view(-1)))
+
     def _merge_from(self, other: Any) -> None:
         # Count-weighted: the EMA summaries of two disjoint streams, weighted by their samples.
-        n_s = self.count.to(_F64)  # counts are added after this
-        n_o = other.count.to(_F64)
-        self._weighted_merge(n_s, n_o, other.weight, other.mean, other.var)
+        a, b = self._summary(self.count), other._summary(other.count)
+        self._set_summary(chan_merge(a.n, a.mean, a.m2, b.n, b.mean, b.m2))
 
-    def _weighted_merge(
-        self, w_s: Tensor, w_o: Tensor, weight_o: Tensor, mean_o: Tensor, var_o: Tensor
-    ) -> None:
-        tot = (w_s + w_o).clamp(min=1e-300)
-        a, b = w_s / tot, w_o / tot
-        acc = self.accumulator_dtype
-        mean = a * self.mean.to(_F64) + b * mean_o.to(_F64)
-        var = a * (self.var.to(_F64) + (self.mean.to(_F64) - mean) ** 2) + b * (
-            var_o.to(_F64) + (mean_o.to(_F64) - mean) ** 2
-        )
-        self.weight.copy_((a * self.weight.to(_F64) + b * weight_o.to(_F64)).to(acc))
-        self.mean.copy_(mean.to(acc))
-        self.var.copy_(var.to(acc))
+    # ------------------------------------------------------------------ sync hooks
+    def sync_new_data(self) -> tuple[Moments, Tensor]:
+        # Each rank's summary counts with the samples it saw since the last sync.
+        centre = torch.cat([self.agreed("weight"), self.agreed("mean").reshape(-1)]).to(_F64)
+        return self._summary(self.count - self.agreed("count")), centre
 
-    @classmethod
-    def sync_phase1(cls, batch: SyncBatch) -> tuple[StateSums, Extrema | None]:
-        base, maxes = super().sync_phase1(batch)
-        # Weight of each rank's summary: its samples since the last sync (ties: equal weights).
-        w = base.count + 1e-9
-        sums = EMASums(
-            **base.fields_dict(),
-            weight_total=w,
-            weight_sum=w * batch.stack("weight").to(_F64),
-            mean_sum=batch.per_element(w) * batch.gather("mean").to(_F64),
-        )
-        return sums, maxes
-
-    @classmethod
-    def sync_phase2(cls, batch: SyncBatch, sums: StateSums) -> SyncPayload | None:
-        assert isinstance(sums, EMASums)
-        w_el = batch.per_element(batch.added("count") + 1e-9)  # as in phase 1, per rank
-        g = sums.mean_sum / batch.per_element(sums.weight_total)
-        mean = batch.gather("mean").to(_F64)
-        return EMAVarSum(w_el * (batch.gather("var").to(_F64) + (mean - g) ** 2))
-
-    @classmethod
-    def sync_apply(
-        cls,
-        batch: SyncBatch,
-        sums: StateSums,
-        maxes: Extrema | None,
-        sums2: SyncPayload | None,
-    ) -> None:
-        assert isinstance(sums, EMASums) and isinstance(sums2, EMAVarSum)
-        w_el = batch.per_element(sums.weight_total)
-        batch.scatter("weight", sums.weight_sum / sums.weight_total)
-        batch.scatter("mean", sums.mean_sum / w_el)
-        batch.scatter("var", sums2.var_sum / w_el)
-        super().sync_apply(batch, sums, maxes, sums2)
-
-
-@dataclasses.dataclass(eq=False)
-class EMASums(StateSums):
-    """:class:`EMAMoments`' first round: the base sums, each rank's weight (its samples since
-    the last sync), and the weighted sums of its ``weight`` and ``mean``."""
-
-    weight_total: Tensor
-    weight_sum: Tensor
-    mean_sum: Tensor
-
-
-@dataclasses.dataclass(eq=False)
-class EMAVarSum(SyncPayload):
-    """:class:`EMAMoments`' second round: the weighted sum of each rank's variance around the
-    global mean."""
-
-    var_sum: Tensor
+    def sync_absorb(self, new: Moments) -> None:
+        self._set_summary(new)

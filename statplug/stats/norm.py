@@ -5,26 +5,28 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
-from statplug.stats.base import NanPolicy, _host_count, real_number
+from statplug.stats.base import NanPolicy, real_number
+from statplug.stats.merge import host_reads_free
 from statplug.stats.moments import RunningMoments
 
 __all__ = ["RunningNorm"]
 
-_LOW = (torch.float16, torch.bfloat16)
 _FINITE_MAX = sys.float_info.max
-_F32 = torch.float32
+_EPS_ON = ("var", "std")
 
 
 class RunningNorm(PinnedDtypeModule):
     r"""Normalise inputs by an exact running mean and population variance.
 
-    ``y = (x - mean) / sqrt(var + eps)``, then clipped to ``[-clip, clip]`` when ``clip`` is set.
+    ``y = (x - mean) / sqrt(var + eps)`` (or ``/ (std + eps)`` with ``eps_on="std"``, as rsl_rl
+    does), then clipped to ``[-clip, clip]`` when ``clip`` is set. ``var`` is the population
+    variance (ddof=0). A feature whose ``var + eps`` is 0 (constant, with ``eps=0``) maps to 0.
     In ``train()`` mode :meth:`forward` updates the statistics with ``x`` and then normalises; in
     ``eval()`` mode it only normalises. Before two samples have been seen it returns ``x``
     unchanged. The statistics live in the submodule ``moments`` (a :class:`RunningMoments`), so
@@ -32,10 +34,12 @@ class RunningNorm(PinnedDtypeModule):
 
     Args:
         shape: feature shape.
-        eps: added to the variance. Default: 1e-8.
+        eps: added to the variance (or the std). Default: 1e-8.
         clip: clip the output to ``[-clip, clip]``. Default: None (no clipping).
-        accumulator_dtype: Default: ``torch.float32``.
+        accumulator_dtype: Default: ``torch.float64``.
         nan_policy: Default: ``"raise"``.
+        eps_on: ``"var"`` or ``"std"``: where ``eps`` is added. Default: ``"var"``.
+        device: where to create the buffers. Default: the default device.
 
     Shape:
         - Input: :math:`(*, \text{shape})`; Output: same shape and dtype as the input.
@@ -55,9 +59,8 @@ class RunningNorm(PinnedDtypeModule):
     """
 
     _version = 1
-    # Host-side constants, never state: `fixed`'s (mean, m2) kept to survive reset_parameters(),
-    # and the identity's 0 and 1 - eps per dtype and device.
-    _statplug_unregistered_ok = ("_fixed", "_constants")
+    # Host-side constants, never state: `fixed`'s (mean, m2) kept to survive reset_parameters().
+    _statplug_unregistered_ok = ("_fixed",)
 
     def __init__(
         self,
@@ -65,11 +68,15 @@ class RunningNorm(PinnedDtypeModule):
         *,
         eps: float = 1e-8,
         clip: float | None = None,
-        accumulator_dtype: torch.dtype = torch.float32,
+        accumulator_dtype: torch.dtype = torch.float64,
         nan_policy: NanPolicy = "raise",
+        eps_on: Literal["var", "std"] = "var",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        if eps_on not in _EPS_ON:
+            raise ValueError(f"RunningNorm: `eps_on` must be one of {_EPS_ON}, got {eps_on!r}")
+        self.eps_on = eps_on
         self.eps = real_number(
             "RunningNorm", "eps", eps, low=0.0, high=_FINITE_MAX, expected="a finite number >= 0"
         )
@@ -83,8 +90,6 @@ class RunningNorm(PinnedDtypeModule):
         self.moments = RunningMoments(
             shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
         )
-        # Constants of the identity before two samples, per (dtype, device): never state.
-        self._constants: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
         # Named after the normaliser in messages until a model walk gives it its qualified name.
         self.moments.stat_name = "RunningNorm.moments"
 
@@ -96,7 +101,7 @@ class RunningNorm(PinnedDtypeModule):
         *,
         eps: float = 0.0,
         clip: float | None = None,
-        accumulator_dtype: torch.dtype = torch.float32,
+        accumulator_dtype: torch.dtype = torch.float64,
     ) -> RunningNorm:
         """A frozen normaliser from known constants, e.g. an image data set's mean and std.
 
@@ -212,98 +217,66 @@ class RunningNorm(PinnedDtypeModule):
     def frozen(self) -> bool:
         return self.moments.frozen
 
-    def _affine(self) -> tuple[Tensor, Tensor]:
-        """(shift, scale) with identity before two samples, decided on the device."""
+    def _affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool | Tensor]:
+        """(shift, variance) in ``dtype`` such that ``(x - shift) / sqrt(variance + eps')``
+        normalises (``eps'`` is :attr:`_kernel_eps`), and whether two samples were seen: the
+        identity before, decided on the host when that is free and on the device otherwise. A zero ``var + eps`` becomes
+        an infinite variance, so a constant feature maps to 0 instead of NaN."""
         m = self.moments
         m._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise, never use them
-        ready = m.count >= 2
-        scale = torch.where(ready, torch.rsqrt(m.var + self.eps), 1.0)
-        shift = torch.where(ready, m.mean, 0.0)
-        return shift, scale
+        mean, var = m.mean, m.var
+        if self.eps_on == "std":
+            var = (var.sqrt() + self.eps).square()
+        var = torch.where(var + self._kernel_eps == 0, math.inf, var)
+        count = m.count
+        ready: bool | Tensor
+        if host_reads_free(count):
+            ready = int(count) >= 2
+            if not ready:
+                mean, var = torch.zeros_like(mean), torch.full_like(var, 1.0 - self._kernel_eps)
+        else:
+            ready = count >= 2
+            mean = torch.where(ready, mean, 0.0)
+            var = torch.where(ready, var, 1.0 - self._kernel_eps)
+        # Fresh tensors: autograd may save them, never the buffers the next update writes.
+        return mean.to(dtype, copy=True), var.to(dtype), ready
 
-    def _identity_constants(self, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
-        """0 and ``1 - eps`` for the identity's mean and variance: 0-dim tensors made once per
-        dtype and device (``torch.where`` takes them faster than Python numbers), plain numbers
-        under ``torch.compile``, where they are folded into the graph."""
-        if torch.compiler.is_compiling():
-            return 0.0, 1.0 - self.eps
-        key = (like.dtype, like.device)
-        pair = self._constants.get(key)
-        if pair is None:
-            pair = self._constants[key] = (
-                torch.zeros((), dtype=like.dtype, device=like.device),
-                torch.full((), 1.0 - self.eps, dtype=like.dtype, device=like.device),
-            )
-        return pair
+    @property
+    def _kernel_eps(self) -> float:
+        return self.eps if self.eps_on == "var" else 0.0
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x``; in ``train()`` mode update the statistics with it first.
 
-        One fused kernel normalises (torch's batch-norm in inference mode, fed the running mean
+        One fused kernel normalises (torch's batch norm in inference mode, fed the running mean
         and population variance), as ``nn.BatchNorm`` does. Returns the input's dtype for
         floating inputs; integer inputs come back in the accumulator dtype.
         """
-        m = cast(RunningMoments, self._modules["moments"])  # skips nn.Module.__getattr__
+        m = self.moments
         if self.training:
             m.update(x)
-        else:
-            m._check_pinned_dtypes()  # eval never updates: check before normalising with them
-        b = cast(dict[str, Tensor], m._buffers)
-        mean, m2, count = b["mean"], b["m2"], b["count"]
-        ok: Tensor | None = None
-        # Ready (2+ samples): read on the CPU (a memory read), else known on the host right
-        # after an update with 2+ rows, else decided on the device below.
-        if _host_count(count):
-            ready = int(count) >= 2
-        else:  # rows skipped for NaN may leave fewer than two samples: decide on the device
-            ready = (
-                self.training
-                and not m._frozen
-                and m.nan_policy != "skip"
-                and x.numel() >= 2 * m.n_features
-            )
-        if ready:
-            var = m2 / count
-            if x.requires_grad and torch.is_grad_enabled():
-                # Autograd saves the kernel's mean: never the buffer the next update writes in
-                # place (a second call before backward would fail it).
-                mean = mean.clone()
-        else:
-            # Identity until two samples: mean 0 and var + eps == 1 exactly make the kernel
-            # return x. Decided on the device (no host read on accelerators or when compiled).
-            ok = count >= 2
-            zero, one = self._identity_constants(mean)
-            mean = torch.where(ok, mean, zero)
-            var = torch.where(ok, m2 / count, one)
-        acc = m.accumulator_dtype
-        same = x.dtype is acc or (acc is _F32 and x.dtype in _LOW)
-        if x.dim() == 2 and m._n_dims == 1 and same:
-            # The common case: one call into torch's fused kernel, no reshapes.
-            y = torch.batch_norm(x, None, None, mean, var, False, 0.0, self.eps, False)
-        else:
-            work = x if x.is_floating_point() and x.dtype in (acc, *_LOW) else x.to(acc)
-            if acc is not _F32 and work.dtype in _LOW:
-                work = work.to(acc)
-            rows = work.reshape(-1, m.n_features)
-            y = torch.batch_norm(
-                rows, None, None, mean.reshape(-1), var.reshape(-1), False, 0.0, self.eps, False
-            ).view(x.shape)
-        if self.clip is not None:
-            if ok is None:
-                y = y.clamp_(-self.clip, self.clip)
-            else:  # no clipping either while the normaliser is still the identity
-                bound = torch.where(ok, self.clip, math.inf).to(y.dtype)
-                y = torch.clamp(y, -bound, bound)
-        return y.to(x.dtype) if x.is_floating_point() and y.dtype is not x.dtype else y
+        work = x if x.is_floating_point() else x.to(m.accumulator_dtype)
+        # float16/bfloat16 inputs normalise with float32 statistics (the kernel's mixed mode).
+        low = work.dtype in (torch.float16, torch.bfloat16)
+        shift, var, ready = self._affine(torch.float32 if low else work.dtype)
+        rows = work.reshape(-1, m.n_features)
+        y = torch.batch_norm(rows, None, None, shift.reshape(-1), var.reshape(-1), False, 0.0,
+                             self._kernel_eps, False).view(work.shape)
+        if self.clip is not None and ready is not False:  # never clip the identity
+            bound = self.clip if ready is True else torch.where(ready, self.clip, math.inf)
+            y = torch.clamp(y, -bound, bound)
+        return y
 
     def inverse(self, y: Tensor) -> Tensor:
         """Undo :meth:`forward` (up to clipping): ``x = y * sqrt(var + eps) + mean``."""
-        shift, scale = self._affine()
-        out = y.to(shift.dtype) / scale + shift
+        acc = self.moments.accumulator_dtype
+        shift, var, _ = self._affine(acc)
+        out = y.to(acc) * (var + self._kernel_eps).sqrt().nan_to_num(posinf=0.0) + shift
         return out.to(y.dtype) if y.is_floating_point() else out
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, clip={self.clip}"
+        eps_on = "" if self.eps_on == "var" else f", eps_on={self.eps_on!r}"
+        return f"eps={self.eps}, clip={self.clip}{eps_on}"
 
 
 def _constants(name: str, value: Any) -> Tensor:

@@ -11,8 +11,8 @@ visible, so these tests make them fail loudly instead, in two layers:
   ``nonzero``, ``masked_select``, boolean-mask indexing, ``unique``, ...), which also catches
   reads that bypass the Python methods.
 
-``nan_policy="raise"`` is allowed one host read per update (it must look to raise), so it is only
-used here to check that the guard does fire.
+``nan_policy="raise"`` reads nothing on the device path either: a bad batch is left out on the
+device and reported at the next host read (a sync, ``state_dict``, ``Stat.check``).
 
 On the CPU the update and the normaliser read ``count`` on the host on purpose (a memory read,
 no device to wait for: it makes the merge's weights Python numbers). The guard switches that
@@ -96,8 +96,8 @@ class _NoSyncMode(TorchDispatchMode):
 def no_host_sync() -> Iterator[None]:
     """Every host read of a tensor inside the block raises :class:`HostSyncError`."""
     with pytest.MonkeyPatch.context() as mp:
-        for module in ("statplug.stats.moments", "statplug.stats.norm"):
-            mp.setattr(f"{module}._host_count", lambda count: False)  # the accelerator path
+        for module in ("statplug.stats.merge", "statplug.stats.base", "statplug.stats.norm"):
+            mp.setattr(f"{module}.host_reads_free", lambda t: False)  # the accelerator path
         for name in _PATCHED_METHODS:
             mp.setattr(torch.Tensor, name, _raiser(name))
         with _NoSyncMode():
@@ -134,13 +134,26 @@ def test_guard_catches_host_reads(read: Callable[[torch.Tensor], Any]) -> None:
         read(t)
 
 
-def test_guard_catches_the_raise_policy_check() -> None:
-    """``nan_policy="raise"`` looks once per update: the guard must see that look."""
-    for n in (256, 5000):
-        m = RunningMoments(64)
-        x = torch.randn(n, 64)
-        with no_host_sync(), pytest.raises(HostSyncError):
-            m.update(x)
+@pytest.mark.parametrize("cls", [RunningMoments, EMAMoments, RunningMinMax])
+def test_raise_policy_on_the_device_path_reads_nothing_and_reports_at_check(cls: type) -> None:
+    """On an accelerator ``nan_policy="raise"`` must not stall the stream: a batch with a NaN
+    is left out on the device and its error surfaces at the next host read (here
+    :meth:`Stat.check`; a sync and ``state_dict`` call it too), naming the stat."""
+    good, bad = torch.randn(256, 8), torch.randn(256, 8)
+    bad[3, 2] = math.nan
+    stat, ref = cls(8), cls(8)
+    ref.update(good)
+    with no_host_sync():
+        stat.update(good)
+        stat.update(bad)  # left out, no host read
+        stat.update(good)
+    ref.update(good)
+    stat.stat_name = "encoder.stat"
+    with pytest.raises(ValueError, match=r"encoder\.stat: input contains NaN or Inf"):
+        stat.check()
+    stat.check()  # reported once
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(stat.state_dict()[name], value, rtol=1e-6, atol=1e-6)
 
 
 def test_guard_lets_device_only_work_through() -> None:
@@ -153,7 +166,7 @@ def test_guard_lets_device_only_work_through() -> None:
 
 
 # --------------------------------------------------------------------------- RunningMoments
-@pytest.mark.parametrize("policy", ["skip", "propagate"])
+@pytest.mark.parametrize("policy", ["raise", "skip", "propagate"])
 @pytest.mark.parametrize("n", [1, 256, 1024, 1025, 4096, 5000])
 @pytest.mark.parametrize("offset", [0.0, 1e4], ids=["mean0", "mean1e4"])
 def test_running_moments_update(policy: str, n: int, offset: float) -> None:
@@ -171,7 +184,7 @@ def test_running_moments_update(policy: str, n: int, offset: float) -> None:
         np.testing.assert_allclose(m.var.double().numpy(), ref_var, rtol=1e-3)
 
 
-@pytest.mark.parametrize("policy", ["skip", "propagate"])
+@pytest.mark.parametrize("policy", ["raise", "skip", "propagate"])
 def test_running_moments_mixed_inputs(policy: str) -> None:
     """Every update branch: small, grouped, odd sizes, N-D, float64/float16, non-contiguous."""
     m = RunningMoments((4, 16), nan_policy=policy)  # type: ignore[arg-type]
@@ -196,7 +209,7 @@ def test_running_moments_mixed_inputs(policy: str) -> None:
     np.testing.assert_allclose(m.var.double().reshape(-1).numpy(), ref_var, rtol=1e-3)
 
 
-@pytest.mark.parametrize("policy", ["skip", "propagate"])
+@pytest.mark.parametrize("policy", ["raise", "skip", "propagate"])
 @pytest.mark.parametrize("n", [1, 256, 5000])
 def test_running_moments_non_finite_input(policy: str, n: int) -> None:
     x = torch.randn(n, 8)
@@ -208,12 +221,16 @@ def test_running_moments_non_finite_input(policy: str, n: int) -> None:
     if policy == "skip":
         assert int(m.n_skipped) == 1
         assert int(m.count) == 2 * n - 1
+    elif policy == "raise":  # the bad batch was left out, and is reported now
+        assert int(m.count) == n
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            m.check()
     else:
         assert math.isnan(float(m.mean[3]))
 
 
 # --------------------------------------------------------------------------- RunningMinMax, EMA
-@pytest.mark.parametrize("policy", ["skip", "propagate"])
+@pytest.mark.parametrize("policy", ["raise", "skip", "propagate"])
 @pytest.mark.parametrize("n", [1, 256, 5000])
 def test_running_min_max_update(policy: str, n: int) -> None:
     batches = _batches([n, n, 3], 32)
@@ -227,7 +244,7 @@ def test_running_min_max_update(policy: str, n: int) -> None:
     assert int(mm.count) == data.shape[0]
 
 
-@pytest.mark.parametrize("policy", ["skip", "propagate"])
+@pytest.mark.parametrize("policy", ["raise", "skip", "propagate"])
 @pytest.mark.parametrize("n", [1, 256, 5000])
 def test_ema_moments_update(policy: str, n: int) -> None:
     batches = _batches([n, n, 3], 32, offset=5.0)
@@ -264,9 +281,10 @@ def _filled(cls: type, policy: str, n: int, seed: int) -> Any:
 def test_merge(cls: type, policy: str, n_a: int, n_b: int) -> None:
     a = _filled(cls, policy, n_a, seed=1)
     b = _filled(cls, policy, n_b, seed=2)
+    empty = _filled(cls, policy, 0, seed=3)  # built on the host: construction is no hot path
     with no_host_sync():
         a.merge_(b)
-        a.merge_(_filled(cls, policy, 0, seed=3))
+        a.merge_(empty)
     assert int(a.count) == n_a + n_b
     if cls is RunningMoments and n_a + n_b:
         batches = [_batches([n], 16, offset=3.0, seed=s)[0] for n, s in ((n_a, 1), (n_b, 2)) if n]
@@ -291,7 +309,7 @@ def test_merge_then_update_then_merge() -> None:
 
 
 # --------------------------------------------------------------------------- RunningNorm
-@pytest.mark.parametrize("policy", ["skip", "propagate"])
+@pytest.mark.parametrize("policy", ["raise", "skip", "propagate"])
 @pytest.mark.parametrize("clip", [None, 3.0])
 def test_running_norm_forward_train_and_eval(policy: str, clip: float | None) -> None:
     norm = RunningNorm(32, clip=clip, nan_policy=policy)  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from state_reference import as_rows, reference_for, same_bits
 from torch import nn
 
 from statplug import EMAMoments, RunningMinMax, RunningMoments, RunningNorm, StatplugError
-from statplug.stats._kernels import GROUP_ROWS
+from statplug.stats.merge import GROUP_ROWS
 
 SETTINGS = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True

@@ -1,0 +1,153 @@
+"""The moments of a batch and Chan's merge: the two pure functions every moment stat uses.
+
+:func:`chan_merge` is the one place Chan's formula is written: an update merges a batch into a
+stat with it, :meth:`~statplug.Stat.merge_` merges two stats with it, and the sync merges the
+ranks' new data into the agreed state with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from statplug._compat import is_functorch_wrapped
+
+__all__ = ["GROUP_ROWS", "Moments", "batch_moments", "chan_merge", "host_reads_free"]
+
+# At most this many rows are summed per column in float32 by the CPU kernel: with mean 1e4 and
+# std 1, 65536 rows in one sum give 5e-3 relative variance error, 1024 rows ~1e-4.
+GROUP_ROWS = 1024
+# A batch is recomputed in float64 when the kernel's float32 sums may be off by more than this
+# fraction of a column's variance (measurements: docs/design-notes.md).
+REFINE_TOLERANCE = 1e-3
+
+
+@dataclass
+class Moments:
+    """``n`` samples (a count or a total weight), their column ``mean`` and ``m2`` (sum of
+    squared deviations from the mean)."""
+
+    n: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    def finite(self) -> Tensor:
+        """A 0-dim bool tensor: every mean and m2 is finite (decided on the device)."""
+        return torch.isfinite(self.mean).all() & torch.isfinite(self.m2).all()
+
+    def to(self, dtype: torch.dtype) -> Moments:
+        return Moments(self.n.to(dtype), self.mean.to(dtype), self.m2.to(dtype))
+
+
+def chan_merge(
+    n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor, m2_b: Tensor
+) -> Moments:
+    """Chan et al.'s exact merge of two sets of moments (``n`` float, 0-dim or per element).
+
+    Either side may be empty (``n == 0``): the result is then the other side, bit for bit.
+
+    Example:
+        >>> import torch
+        >>> t = torch.tensor
+        >>> m = chan_merge(t(2.0), t([2.0]), t([2.0]), t(1.0), t([5.0]), t([0.0]))
+        >>> m.n.item(), m.mean.tolist(), m.m2.tolist()   # the moments of [1, 3, 5]
+        (3.0, [3.0], [8.0])
+    """
+    n = n_a + n_b
+    frac = n_b / _positive(n)  # 0 for an empty b, 1 for an empty a
+    d = mean_b - mean_a
+    mean = mean_a + d * frac
+    m2 = m2_a + m2_b + d * (d * (n_a * frac))  # d * 0 first: no inf * 0 for an empty a
+    return Moments(n, mean, m2)
+
+
+def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> Moments:
+    """The moments of the rows of ``x`` (``[n, F]``, float), in the accumulator dtype ``acc``.
+
+    With ``weight`` (``[n]``, >= 0; rows of weight 0 may hold anything, NaN included) the
+    weighted moments. Eager on the CPU it uses torch's fused batch-norm statistics kernel (one
+    pass; by groups of at most :data:`GROUP_ROWS` rows for float32), and recomputes in float64
+    around a pivot a batch far from 0 against its spread, or whose result is not finite (values
+    near the float32 maximum). Elsewhere
+    -- accelerators, ``torch.compile``, tracing -- one ``var_mean`` in ``acc``, which never
+    overflows for float32 input and has a fake kernel for dynamic shapes.
+    """
+    if weight is not None:
+        return _weighted(x, weight, acc)
+    n = torch.tensor(float(x.shape[0]), dtype=acc, device=x.device)
+    if not host_reads_free(x):
+        var, mean = torch.var_mean(x.to(acc), dim=0, correction=0)
+        return Moments(n, mean, var * n)
+    mean, var = _cpu_stats(x)
+    # The kernel's column sums carry ~sqrt(rows) ulps of the mean; the variance inherits that
+    # error squared. One host read (free on the CPU) keeps the result when that stays below
+    # REFINE_TOLERANCE of every column's variance, and the result is finite.
+    rows = min(x.shape[0], GROUP_ROWS)
+    k = rows * torch.finfo(x.dtype).eps ** 2 / REFINE_TOLERANCE
+    score = torch.addcmul(var, mean, mean, value=-k)
+    if not bool((score.isfinite() & ((score >= 0) | (var == 0))).all()) and bool(
+        torch.isfinite(x).all()
+    ):  # data far from 0 against their spread, or near the float32 maximum
+        pivot = x[0].to(torch.float64)
+        mean, var = _cpu_stats(x.to(torch.float64) - pivot)
+        mean = mean + pivot
+    return Moments(n, mean.to(acc), var.to(acc) * n)
+
+
+def _positive(n: Tensor) -> Tensor:
+    """``n``, with 0 raised to the dtype's smallest normal number: ``x / _positive(n)`` is 0,
+    not NaN, for an empty side (counts and weights are never that small otherwise)."""
+    return n.clamp(min=torch.finfo(n.dtype).tiny)
+
+
+def host_reads_free(t: Tensor) -> bool:
+    """Whether reading ``t`` on the host costs nothing: a plain CPU tensor (a memory read) in
+    eager mode -- not under ``torch.compile``, ``torch.jit.trace`` (which would bake the value
+    in) or functorch transforms. Elsewhere every decision stays on the device."""
+    return (
+        type(t) is Tensor
+        and t.is_cpu
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not is_functorch_wrapped(t)
+    )
+
+
+def _cpu_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Column mean and population variance by torch's fused kernel; float32 batches larger
+    than :data:`GROUP_ROWS` are reduced as interleaved groups (one pass over memory) and the
+    groups combined in float64."""
+    n, f = x.shape
+    if n <= GROUP_ROWS or x.dtype is torch.float64:
+        return torch.batch_norm_update_stats(x, None, None, 0.0)
+    g = 1
+    while n // g > GROUP_ROWS:
+        g *= 2
+    rows = n // g
+    main = rows * g
+    mean, var = torch.batch_norm_update_stats(x[:main].reshape(rows, g * f), None, None, 0.0)
+    means, m2s = mean.view(g, f).double(), var.view(g, f).double() * rows
+    total = Moments(
+        torch.tensor(float(main), dtype=torch.float64),
+        means.mean(0),
+        m2s.sum(0) + rows * (means - means.mean(0)).square().sum(0),
+    )
+    if main < n:
+        t_mean, t_var = torch.batch_norm_update_stats(x[main:], None, None, 0.0)
+        k = torch.tensor(float(n - main), dtype=torch.float64)
+        total = chan_merge(total.n, total.mean, total.m2, k, t_mean.double(), t_var.double() * k)
+    return total.mean, total.m2 / n
+
+
+def _weighted(x: Tensor, weight: Tensor, acc: torch.dtype) -> Moments:
+    """Weighted moments in ``acc``; rows of weight 0 are zeroed first so a NaN there is no
+    NaN here. Two passes (mean, then squared deviations): exact for data far from 0."""
+    w = weight.to(acc)
+    keep = (w > 0).unsqueeze(1)
+    xz = torch.where(keep, x.to(acc), 0.0)
+    n = w.sum()
+    mean = (w @ xz) / _positive(n)
+    d = torch.where(keep, xz - mean, 0.0)
+    return Moments(n, mean, w @ (d * d))
