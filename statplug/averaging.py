@@ -119,7 +119,7 @@ def copy_stats_(dst: nn.Module, src: nn.Module) -> list[str]:
         >>> int(averaged.module[0].count), torch.equal(averaged.module[0].mean, model[0].mean)
         (32, True)
         >>> names[:2]
-        ['0.moments.count', '0.moments._base_count']
+        ['0.moments.count', '0.moments._agreed_count']
     """
     dst_root, src_root = _unwrap(dst), _unwrap(src)
     copied: list[str] = []

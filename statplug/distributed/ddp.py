@@ -38,7 +38,7 @@ def exclude_from_ddp_broadcast(module: nn.Module) -> list[str]:
         >>> model = nn.Sequential(nn.Linear(3, 3), RunningMoments(3))
         >>> names = exclude_from_ddp_broadcast(model)
         >>> names[:3], len(names) == len(list(model[1].buffers()))
-        (['1.count', '1._base_count', '1.n_skipped'], True)
+        (['1.count', '1._agreed_count', '1.n_skipped'], True)
     """
     if isinstance(module, DistributedDataParallel):
         raise StatplugError(

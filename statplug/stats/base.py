@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
-from statplug.errors import CheckpointMismatchError, StatplugError
+from statplug.errors import CheckpointMismatchError
 from statplug.stats.merge import Moments, host_reads_free
 
 __all__ = ["NanPolicy", "Reduce", "Stat", "StateSummary", "real_number", "state_lock"]
@@ -187,12 +187,12 @@ class Stat(PinnedDtypeModule):
         # Frozen-ness is configuration, like `training` (an update returns without touching the
         # device), and saved in `frozen_flag`, which every load reads back.
         self._frozen = False
-        int64 = torch.int64
-        self.add_state("count", torch.zeros((), dtype=int64, device="cpu"), reduce="sum", agreed=True)
-        self.add_state("n_skipped", torch.zeros((), dtype=int64, device="cpu"), reduce="sum", agreed=True)
-        self.add_state("frozen_flag", torch.zeros((), dtype=torch.bool, device="cpu"))
+        zero = torch.zeros((), dtype=torch.int64, device="cpu")
+        self.add_state("count", zero, reduce="sum", agreed=True)
+        self.add_state("n_skipped", zero.clone(), reduce="sum", agreed=True)
+        self.add_state("frozen_flag", zero.to(torch.bool))
         # Batches the raise policy left out on the device, reported at the next host read.
-        self.add_state("_refused", torch.zeros((), dtype=int64, device="cpu"), persistent=False)
+        self.add_state("_refused", zero.clone(), persistent=False)
 
     # ----------------------------------------------------------------------------- declaration
     def add_state(

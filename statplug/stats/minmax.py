@@ -50,9 +50,9 @@ class RunningMinMax(Stat):
         super().__init__(
             shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
         )
-        acc = accumulator_dtype
-        self.add_state("min", torch.full(self.shape, math.inf, dtype=acc, device="cpu"), reduce="min")
-        self.add_state("max", torch.full(self.shape, -math.inf, dtype=acc, device="cpu"), reduce="max")
+        inf = torch.full(self.shape, math.inf, dtype=accumulator_dtype, device="cpu")
+        self.add_state("min", inf, reduce="min")
+        self.add_state("max", -inf, reduce="max")
 
     def update(self, x: Tensor) -> None:
         """Add the samples in ``x`` (shape ``[..., *shape]``) to the extremes.

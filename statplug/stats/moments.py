@@ -125,17 +125,16 @@ class RunningMoments(Stat):
 
     # ------------------------------------------------------------------ sync hooks
     def sync_new_data(self) -> tuple[Moments, Tensor]:
-        # The data since the agreed state (n_a, K, m2_a), from the current (n, mean, m2). About
-        # the agreed mean K: sum((x - K)**2) over all data is m2 + n (mean - K)**2, over the
-        # agreed data m2_a; the new data's is the difference.
+        # The data since the agreed state (n_a, K, m2_a): Chan's merge solved for its second
+        # part. mean_b - K = (mean - K) n / n_b, and m2 = m2_a + m2_b + (mean - K)**2 n n_a / n_b.
         n, n_a = self.count.to(_F64), self.agreed("count").to(_F64)
         k = self.agreed("mean").reshape(-1).to(_F64)
         mean, m2 = self.mean.reshape(-1).to(_F64), self.m2.reshape(-1).to(_F64)
         n_b = n - n_a
-        mean_b = k + (mean - k) * (n / n_b.clamp(min=1))
-        sq_k = (m2 - self.agreed("m2").reshape(-1).to(_F64)) + n * (mean - k).square()
-        m2_b = (sq_k - n_b * (mean_b - k).square()).clamp(min=0)
-        return Moments(n_b, mean_b, m2_b), k
+        ratio = n / n_b.clamp(min=1)
+        mean_b = k + (mean - k) * ratio
+        m2_b = m2 - self.agreed("m2").reshape(-1).to(_F64) - (mean - k).square() * (n_a * ratio)
+        return Moments(n_b, mean_b, m2_b.clamp(min=0)), k
 
     def sync_absorb(self, new: Moments) -> None:
         acc = self.accumulator_dtype
@@ -222,12 +221,10 @@ class EMAMoments(Stat):
             shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
         )
         self.momentum = momentum
-        acc = accumulator_dtype
-        self.add_state(
-            "weight", torch.zeros(1, dtype=acc, device="cpu"), reduce="moments", agreed=True
-        )
-        self.add_state("mean", torch.zeros(self.shape, dtype=acc, device="cpu"), reduce="moments", agreed=True)
-        self.add_state("var", torch.zeros(self.shape, dtype=acc, device="cpu"), reduce="moments")
+        zeros = torch.zeros(self.shape, dtype=accumulator_dtype, device="cpu")
+        self.add_state("weight", zeros.new_zeros(1), reduce="moments", agreed=True)
+        self.add_state("mean", zeros, reduce="moments", agreed=True)
+        self.add_state("var", zeros.clone(), reduce="moments")
 
     @property
     def std(self) -> Tensor:

@@ -171,6 +171,11 @@ class RunningNorm(PinnedDtypeModule):
         """Update the statistics with ``x`` without normalising (as in ``train()`` mode)."""
         self.moments.update(x)
 
+    def check(self) -> RunningNorm:
+        """Raise now a bad batch the raise policy left out on the device (see ``Stat.check``)."""
+        self.moments.check()
+        return self
+
     def merge_(self, other: RunningNorm) -> RunningNorm:
         """Merge another normaliser's statistics (same shape) exactly."""
         if not isinstance(other, RunningNorm):
@@ -220,8 +225,8 @@ class RunningNorm(PinnedDtypeModule):
     def _affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool | Tensor]:
         """(shift, variance) in ``dtype`` such that ``(x - shift) / sqrt(variance + eps')``
         normalises (``eps'`` is :attr:`_kernel_eps`), and whether two samples were seen: the
-        identity before, decided on the host when that is free and on the device otherwise. A zero ``var + eps`` becomes
-        an infinite variance, so a constant feature maps to 0 instead of NaN."""
+        identity before, decided on the host when that is free and on the device otherwise. A
+        zero ``var + eps`` becomes an infinite variance: a constant feature maps to 0, not NaN."""
         m = self.moments
         m._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise, never use them
         mean, var = m.mean, m.var
@@ -263,8 +268,11 @@ class RunningNorm(PinnedDtypeModule):
         y = torch.batch_norm(rows, None, None, shift.reshape(-1), var.reshape(-1), False, 0.0,
                              self._kernel_eps, False).view(work.shape)
         if self.clip is not None and ready is not False:  # never clip the identity
-            bound = self.clip if ready is True else torch.where(ready, self.clip, math.inf)
-            y = torch.clamp(y, -bound, bound)
+            if ready is True:
+                y = y.clamp(-self.clip, self.clip)
+            else:
+                bound = torch.where(ready, self.clip, math.inf).to(y.dtype)
+                y = torch.clamp(y, -bound, bound)
         return y
 
     def inverse(self, y: Tensor) -> Tensor:

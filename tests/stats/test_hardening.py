@@ -15,7 +15,6 @@ import torch
 from state_reference import same_bits
 from torch import nn
 
-import statplug.stats.base
 from statplug import (
     CheckpointMismatchError,
     EMAMoments,

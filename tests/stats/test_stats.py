@@ -447,7 +447,8 @@ def test_running_norm_integer_input_is_not_truncated():
 
 def test_running_norm_fixed_keeps_small_std_exact():
     norm = RunningNorm.fixed([1e4], [1e-3])
-    torch.testing.assert_close(norm.std, torch.tensor([1e-3], dtype=torch.float64), rtol=1e-6, atol=0)
+    f64 = torch.float64
+    torch.testing.assert_close(norm.std, torch.tensor([1e-3], dtype=f64), rtol=1e-6, atol=0)
     torch.testing.assert_close(norm.mean, torch.tensor([1e4], dtype=torch.float64))
 
 
