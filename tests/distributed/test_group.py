@@ -47,6 +47,7 @@ def _undefined(rank: int, world: int) -> str:
 def test_group_device_of_a_group_without_a_backend_name() -> None:
     for res in run_distributed(_undefined, 2):
         backend, device = res.split()
+        assert backend == "undefined"
         assert device == ("cuda:0" if torch.cuda.is_available() else "cpu"), res
 
 
