@@ -7,7 +7,6 @@ with nothing to sync (no torchmetrics metric logged), and sampler padding counte
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -23,9 +23,9 @@ from lit_models import QUIET, TinyModel, make_data
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from dist_utils import guard_collectives  # noqa: E402
+from dist_utils import guard_collectives
 
-from statplug import ActivationStats, AuditBuffers, SyncStats  # noqa: E402
+from statplug import ActivationStats, AuditBuffers, SyncStats
 
 ROWS = 4001
 
