@@ -77,7 +77,7 @@ def find_metrics(metrics: MetricsLike) -> list[tuple[str, Metric]]:
 class TorchmetricsParts:
     """The pieces of torchmetrics the sync uses."""
 
-    metric_cls: type[Metric]
+    metric_cls: Any  # torchmetrics.Metric (abstract: mypy refuses type[Metric] for it)
     reduce_names: dict[Callable[..., Any], str]  # its dim_zero_* functions by name
     cat: Callable[..., Tensor]  # dim_zero_cat
     default_available: Callable[..., bool]  # the default ``distributed_available_fn``
@@ -204,7 +204,8 @@ def plan_metrics(named: Named) -> MetricsPlan:
         lists[kind].append((name, m))
         if kind == "coalesced":
             for slot in slots:
-                plan.slots[slot.route].append(slot)  # type: ignore[index]
+                if slot.route is not None:  # always, for a coalesced metric
+                    plan.slots[slot.route].append(slot)
         cls = type(m)
         states = ", ".join(slot.describe() for slot in slots)
         plan.layout.append(f"{name}: {cls.__module__}.{cls.__qualname__} {kind} [{states}]")
