@@ -1,4 +1,4 @@
-"""Run a function in real ``torch.distributed`` processes (gloo on CPU), never a mock.
+"""Run a function in real ``torch.distributed`` processes (gloo on CPU, NCCL on GPUs), never a mock.
 
 Example:
     def _body(rank: int, world_size: int, out: dict) -> None:
@@ -47,6 +47,7 @@ def _worker(
     out_dir: str,
     guard: bool,
     group_timeout: float | None,
+    backend: str,
 ) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -54,7 +55,9 @@ def _worker(
     options: dict[str, Any] = {}
     if group_timeout is not None:  # a hang becomes an error on the rank that waits
         options["timeout"] = datetime.timedelta(seconds=group_timeout)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, **options)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)  # one GPU per rank, as a launcher sets it
+    dist.init_process_group(backend, rank=rank, world_size=world_size, **options)
     path = os.path.join(out_dir, f"rank{rank}.pkl")
     try:
         with guard_collectives() if guard else nullcontext():
@@ -78,6 +81,7 @@ def run_distributed(
     timeout: float = 120.0,
     guard: bool = True,
     group_timeout: float | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
 
@@ -85,12 +89,13 @@ def run_distributed(
     any rank is re-raised here as ``RuntimeError`` carrying that rank's traceback. With ``guard``
     every collective runs under :func:`guard_collectives`; ``group_timeout`` (seconds) is the
     process group's own timeout, so a rank waiting for a collective its peers skip fails there.
+    ``backend="nccl"`` (CUDA tests) gives rank ``r`` the GPU ``r``.
     """
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, port, fn, args, out_dir, guard, group_timeout),
+            args=(world_size, port, fn, args, out_dir, guard, group_timeout, backend),
             nprocs=world_size,
             join=False,
             start_method="spawn",

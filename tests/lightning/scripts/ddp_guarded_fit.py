@@ -6,7 +6,8 @@ contiguous). 4001 training rows on 2 ranks; the training step logs no torchmetri
 ``SyncStats(metrics=True)``, ``ActivationStats`` and ``AuditBuffers``.
 
 TAG ``padded``: Lightning's own DistributedSampler (it repeats one row). ``unpadded``: the
-user's ``DistributedSampler(drop_last=True)`` with ``use_distributed_sampler=False``.
+user's ``DistributedSampler(drop_last=True)`` with ``use_distributed_sampler=False``. ``gpu``
+(the cuda tests): on up to 2 GPUs with NCCL, the training step logging a ``MeanMetric``.
 Each rank writes OUT_DIR/TAG_rank{r}.pt.
 """
 
@@ -43,19 +44,35 @@ class PaddedData(TinyModel):
         return DataLoader(data, batch_size=500, shuffle=False)
 
 
+class LoggedMetric(PaddedData):
+    def __init__(self, tag: str) -> None:
+        super().__init__(tag)
+        from torchmetrics import MeanMetric
+
+        self.train_mean = MeanMetric()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.train_mean.update(batch[1])
+        self.log("train_mean", self.train_mean, on_step=False, on_epoch=True)
+        return loss
+
+
 def fit(out_dir: str, tag: str) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    model = PaddedData(tag)
+    model = LoggedMetric(tag) if tag == "gpu" else PaddedData(tag)
     callbacks: list[Any] = [SyncStats(metrics=True), ActivationStats(["net.0"]), AuditBuffers()]
+    kwargs: dict[str, Any] = {**QUIET, "devices": 2}
+    if tag == "gpu":
+        kwargs.update(accelerator="gpu", devices=min(2, torch.cuda.device_count()))
     trainer = pl.Trainer(
-        devices=2,
         strategy="ddp",
         max_epochs=1,
-        use_distributed_sampler=tag == "padded",
+        use_distributed_sampler=tag != "unpadded",
         callbacks=callbacks,
         default_root_dir=os.path.join(out_dir, tag),
-        **QUIET,
+        **kwargs,
     )
     with warnings.catch_warnings(record=True) as caught, guard_collectives() as calls:
         warnings.simplefilter("always")
@@ -69,6 +86,11 @@ def fit(out_dir: str, tag: str) -> None:
             "n_collectives": len(calls),
             "metrics_report": str(callbacks[0].last_metrics_report),
             "audit": [r.codes() for r in callbacks[2].reports],
+            "devices": sorted({str(b.device) for b in model.buffers()}
+                              | {str(b.device) for s in callbacks[1].all_stats()
+                                 for b in s.buffers()}),
+            "logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "world_size": trainer.world_size,
         },
         os.path.join(out_dir, f"{tag}_rank{trainer.global_rank}.pt"),
     )
