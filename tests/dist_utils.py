@@ -47,7 +47,7 @@ def _worker(
     out_dir: str,
     guard: bool,
     group_timeout: float | None,
-    backend: str,
+    backend: str | None,
 ) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -81,7 +81,7 @@ def run_distributed(
     timeout: float = 120.0,
     guard: bool = True,
     group_timeout: float | None = None,
-    backend: str = "gloo",
+    backend: str | None = "gloo",
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
 
@@ -89,7 +89,7 @@ def run_distributed(
     any rank is re-raised here as ``RuntimeError`` carrying that rank's traceback. With ``guard``
     every collective runs under :func:`guard_collectives`; ``group_timeout`` (seconds) is the
     process group's own timeout, so a rank waiting for a collective its peers skip fails there.
-    ``backend="nccl"`` (CUDA tests) gives rank ``r`` the GPU ``r``.
+    ``backend="nccl"`` (CUDA tests) gives rank ``r`` the GPU ``r``; None gives torch's defaults.
     """
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:

@@ -39,13 +39,12 @@ def test_group_device_of_gloo_groups_is_the_cpu() -> None:
 
 
 def _undefined(rank: int, world: int) -> str:
-    # A group made without a backend reports "undefined" (torch 2.13), not "gloo".
-    group = dist.new_group(list(range(world)))
-    return f"{dist.get_backend(group)} {group_device(group)}"
+    # init_process_group() without a backend reports "undefined" (torch 2.13), not "gloo".
+    return f"{dist.get_backend()} {group_device()}"
 
 
 def test_group_device_of_a_group_without_a_backend_name() -> None:
-    for res in run_distributed(_undefined, 2):
+    for res in run_distributed(_undefined, 2, backend=None):
         backend, device = res.split()
         assert backend == "undefined"
         assert device == ("cuda:0" if torch.cuda.is_available() else "cpu"), res
@@ -89,3 +88,25 @@ def test_the_guard_fails_a_collective_inside_callback_setup() -> None:
     # The check comes before the collective, so no process group is needed to see it fail.
     with guard_collectives(), pytest.raises(CollectiveMisuse, match=r"Early\.setup"):
         Early().setup(None, None, "fit")
+
+
+def _off_device(rank: int, world: int) -> dict[str, str]:
+    from statplug import RunningMoments, StatplugError
+    from statplug.distributed.group import require_group_device
+
+    out = {}
+    stats = [RunningMoments(2), RunningMoments(2, device="meta")]
+    stats[1].stat_name = "encoder.norm"
+    try:
+        require_group_device(stats, None, "SyncStats")
+    except StatplugError as err:
+        out["error"] = str(err)
+    require_group_device(stats[:1], None, "SyncStats")  # on the group's device: fine
+    return out
+
+
+def test_a_stat_off_the_groups_device_is_named_before_any_collective() -> None:
+    for res in run_distributed(_off_device, 2):
+        message = res["error"]
+        assert message.startswith("SyncStats: stat `encoder.norm` is on meta")
+        assert "collectives run on cpu" in message and ".to('cpu')" in message
