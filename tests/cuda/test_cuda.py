@@ -73,11 +73,9 @@ def test_sync_stats_and_sync_metrics_under_nccl() -> None:
 
 def test_lightning_ddp_fit_on_gpus_with_metrics_and_activation_stats(tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lightning"))
-    from lit_models import run_script
+    from lit_models import run_ranks
 
-    run_script("ddp_guarded_fit.py", str(tmp_path), "gpu", timeout=600)
-    results = [torch.load(tmp_path / f"gpu_rank{r}.pt", weights_only=True)
-               for r in range(_world())]
+    results = run_ranks("ddp_guarded_fit.py", tmp_path, "gpu", world=_world(), timeout=600)["gpu"]
     for res in results:
         assert res["world_size"] == _world()
         assert all(d.startswith("cuda") for d in res["devices"]), res["devices"]

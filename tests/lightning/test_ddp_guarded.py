@@ -10,18 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
-from lit_models import run_script
+from lit_models import run_ranks
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    out = tmp_path_factory.mktemp("guarded")
-    run_script("ddp_guarded_fit.py", str(out), "padded", "unpadded", timeout=300)
-    return {
-        tag: [torch.load(out / f"{tag}_rank{r}.pt", weights_only=True) for r in (0, 1)]
-        for tag in ("padded", "unpadded")
-    }
+    return run_ranks("ddp_guarded_fit.py", tmp_path_factory.mktemp("guarded"), "padded",
+                     "unpadded")
 
 
 def _padding_warnings(res: dict[str, Any]) -> list[str]:

@@ -12,19 +12,14 @@ from typing import Any
 
 import pytest
 import torch
-from lit_models import run_script
+from lit_models import run_ranks
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    out = tmp_path_factory.mktemp("metrics_fit")
-    run_script("metrics_fit.py", str(out), "metrics", "plain", timeout=300)
-    return {
-        tag: [torch.load(out / f"{tag}_rank{r}.pt", weights_only=True) for r in (0, 1)]
-        for tag in ("metrics", "plain")
-    }
+    return run_ranks("metrics_fit.py", tmp_path_factory.mktemp("metrics_fit"), "metrics", "plain")
 
 
 def test_logged_epoch_values_equal_lightnings_own_sync(fits):
