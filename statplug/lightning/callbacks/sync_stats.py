@@ -14,8 +14,8 @@ so or a step-based ``ModelCheckpoint`` is about to save.
 With ``metrics=True`` it also syncs the torchmetrics metrics logged as ``Metric`` objects
 (``self.log(name, metric)``) where Lightning would compute them -- the end of each training epoch,
 and the end of the last batch of each validation and test run (Lightning computes their epoch
-values right after it, before the ``on_*_epoch_end`` hooks) -- together with the stats, in at
-most 4 collectives in all (see :func:`~statplug.distributed.sync_metrics`). It computes them
+values right after it, before the ``on_*_epoch_end`` hooks) -- right after the stats, in at most
+4 collectives of their own (see :func:`~statplug.distributed.sync_metrics`). It computes them
 while they hold their global state, so Lightning logs the cached global values and never runs
 torchmetrics' per-metric sync; then every metric is back to its local state, as after
 torchmetrics' own compute.
@@ -74,6 +74,14 @@ class SyncStats(SyncSchedule):
     rank 0's buffers over every other rank before each training forward, and each rank's own data
     is lost before it can be merged. Stats created later (in ``configure_model``) are added to the
     wrapped model's ignore set in ``on_fit_start``. Syncs go over the strategy's process group.
+
+    It makes no collective in ``setup``: Lightning calls it before the strategy moves the model to
+    its device, and NCCL refuses CPU tensors. Its first collective, a
+    :func:`~statplug.distributed.broadcast_stats` that makes rank 0's pre-run stats the agreed
+    state, runs in ``on_fit_start`` (or at the start of ``validate``/``test``/``predict``). A stat
+    not on the process group's device then raises, naming it. With ``DistributedSampler`` padding
+    the training set (its length not a multiple of the world size) it warns once, on rank zero,
+    naming the rows counted twice.
 
     Lightning's ``WeightAveraging`` and ``EMAWeightAveraging`` average or overwrite stats and
     masks: with one of them in the ``Trainer``, ``fit`` stops in ``setup`` (or ``on_fit_start``)
