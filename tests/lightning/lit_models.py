@@ -116,7 +116,9 @@ def run_script(name: str, *args: str, timeout: float = 240.0) -> None:
 
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
+    # The scripts import lit_models (here) and dist_utils (tests/).
+    parts = [here, os.path.dirname(here), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(parts)
     env.setdefault("OMP_NUM_THREADS", "1")
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -20,11 +20,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from dist_utils import guard_collectives
 from lit_models import QUIET, TinyModel, make_data
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from dist_utils import guard_collectives
 
 from statplug import ActivationStats, AuditBuffers, SyncStats
 
