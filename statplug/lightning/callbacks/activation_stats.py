@@ -494,9 +494,9 @@ def _tensors(stat: Stat) -> dict[str, Tensor]:
 def _load(stat: Stat, tensors: dict[str, Tensor], version: int | None) -> None:
     """Load a saved stat with the version it was saved at, as torch's metadata carries it in a
     model's state dict; older checkpoints have none (the stat loads an unversioned dict)."""
-    state: dict[str, Any] = OrderedDict(tensors)
+    state: Any = OrderedDict(tensors)  # torch reads the version from its `_metadata`
     if version is not None:
-        state._metadata = {"": {"version": int(version)}}  # type: ignore[attr-defined]
+        state._metadata = {"": {"version": int(version)}}
     stat.load_state_dict(state)
 
 

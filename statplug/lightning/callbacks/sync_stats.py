@@ -329,7 +329,8 @@ def sampler_padding(trainer: pl.Trainer) -> int:
     for loader in leaves(trainer.train_dataloader):
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
-            repeated += sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
+            dataset: Any = sampler.dataset  # sized: DistributedSampler took its len()
+            repeated += sampler.total_size - len(dataset)
     return repeated
 
 
