@@ -120,21 +120,38 @@ def _raise_layout_error(plan: MetricsPlan, n_stats: int, group: Any, stats_agree
     )
 
 
-def _exchange(plan: MetricsPlan, group: Any, stats: list[Stat] | None) -> _Exchanged:
-    """The collectives of one group: the check, the stats' sync (``stats`` not None), then SUM,
-    MAX and the gather together. Every rank makes the same calls: a rank with nothing to send
-    still joins the check, and the rest follow from the reduced check alone."""
+@dataclass(frozen=True)
+class _Stats:
+    """The ``stats=`` argument as given (a module keeps its stats' qualified names for
+    :func:`sync_stats`), and how many stats it holds."""
+
+    given: nn.Module | Iterable[Stat] | None
+    count: int
+
+    @classmethod
+    def of(cls, stats: nn.Module | Iterable[Stat] | None) -> _Stats:
+        if stats is None:
+            return cls(None, 0)
+        found = find_stats(stats)
+        # An iterator is used up by find_stats: hand sync_stats the list it found.
+        return cls(stats if isinstance(stats, nn.Module) else found, len(found))
+
+
+def _exchange(plan: MetricsPlan, group: Any, stats: _Stats) -> _Exchanged:
+    """The collectives of one group: the check, the stats' sync (when every rank has some), then
+    SUM, MAX and the gather together. Every rank makes the same calls: a rank with nothing to
+    send still joins the check, and the rest follow from the reduced check alone."""
     device, world, rank = group_device(group), dist.get_world_size(group), dist.get_rank(group)
     payload = pack(plan, device)
-    n_stats = len(stats or ())
+    n_stats = stats.count
     check = check_vector(plan, n_stats, payload.n_blob_words, rank, world, device)
     dist.all_reduce(check, op=dist.ReduceOp.MAX, group=group)
     agreed = read_check(check)
     if not (agreed.layouts_agree and agreed.stats_agree):
         _raise_layout_error(plan, n_stats, group, agreed.stats_agree)
     out = _Exchanged(n_collectives=1, n_bytes=check.numel() * 8)
-    if stats:
-        report = sync_stats(stats, group=group)
+    if n_stats and stats.given is not None:
+        report = sync_stats(stats.given, group=group)
         out.n_collectives += report.n_collectives
         out.n_bytes += report.n_bytes
     works = []
@@ -272,11 +289,10 @@ def sync_metrics(
     """
     start = time.perf_counter()
     named = find_metrics(metrics)
-    stat_list = None if stats is None else find_stats(stats)
     state = _Entered()
     try:
         with torch.no_grad():
-            report = _sync_and_enter(named, group, stat_list, state)
+            report = _sync_and_enter(named, group, _Stats.of(stats), state)
     except BaseException:
         _leave(state)  # no metric stays half synced
         raise
@@ -288,11 +304,13 @@ def sync_metrics(
 
 
 def _sync_and_enter(
-    named: Named, group: Any, stat_list: list[Stat] | None, state: _Entered
+    named: Named, group: Any, stats: _Stats, state: _Entered
 ) -> MetricsSyncReport:
-    n_stats = len(stat_list or ())
+    n_stats = stats.count
     if not _distributed(group):
-        report = sync_stats(stat_list or [], group=group)  # its own no-op, or a group of one
+        if stats.given is None:
+            return MetricsSyncReport(len(named), 0, 0, 0, 0.0)
+        report = sync_stats(stats.given, group=group)  # its own no-op, or a group of one
         return MetricsSyncReport(len(named), n_stats, report.n_collectives, report.n_bytes, 0.0)
     coalesced: list[Metric] = []
     results: Results = []
@@ -307,7 +325,7 @@ def _sync_and_enter(
             state.hold_local(m for _, m in bucket)
             continue
         plan = plan_metrics(bucket)
-        ex = _exchange(plan, g, stat_list if i == 0 else None)
+        ex = _exchange(plan, g, stats if i == 0 else _Stats(None, 0))
         n_coll, n_bytes = n_coll + ex.n_collectives, n_bytes + ex.n_bytes
         coalesced += [m for _, m in plan.coalesced]
         results += ex.results
