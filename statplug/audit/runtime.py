@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,7 @@ from statplug._buffers import (
     named_statplug_modules,
 )
 from statplug.audit.report import Finding
+from statplug.distributed.group import group_device
 from statplug.distributed.layout import layout_fingerprint
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
 from statplug.masks import CausalMask, RandomMask
@@ -329,7 +330,7 @@ class _StatVector:
 
 
 def _stat_vector(stats: list[tuple[str, Stat]], device: torch.device) -> _StatVector:
-    parts: list[Tensor] = []
+    parts: list[Tensor] = [torch.zeros(0, dtype=_F64, device=device)]
     owners: list[tuple[int, str | None]] = []
     for i, (_, stat) in enumerate(stats):
         sd = stat.state_dict(keep_vars=True)  # the saved buffers, as a checkpoint holds them
@@ -344,14 +345,41 @@ def _stat_vector(stats: list[tuple[str, Stat]], device: torch.device) -> _StatVe
     return _StatVector(torch.cat(parts), owners)
 
 
-def _diverged(fps: _StatVector, group: dist.ProcessGroup | None, rtol: float) -> list[bool]:
-    """Per entry: does it differ across ranks? One MAX all-reduce of ``[v, -v]``."""
-    vec = fps.vector
+def _max_and_min(vec: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
+    """Per entry, the maximum and the minimum over ranks: one MAX all-reduce of ``[v, -v]``."""
     both = torch.cat((vec, -vec))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     n = vec.numel()
-    hi, lo = both[:n], -both[n:]
+    return both[:n], -both[n:]
+
+
+def _same_layout(stats: list[tuple[str, Stat]], group: dist.ProcessGroup | None) -> bool:
+    """Do all ranks hold the same number and layout of stats? A fixed-size exchange, so a rank
+    with no stats meets its peers in the same collective (and none waits for another)."""
+    n = float(len(stats))
+    vec = torch.tensor([n, *layout_fingerprint(s for _, s in stats)], dtype=_F64,
+                       device=group_device(group))
+    hi, lo = _max_and_min(vec, group)
+    return bool(torch.equal(hi, lo))
+
+
+def _diverged(fps: _StatVector, group: dist.ProcessGroup | None, rtol: float) -> list[bool]:
+    """Per entry: does it differ across ranks?"""
+    hi, lo = _max_and_min(fps.vector, group)
     return ((hi - lo) > rtol * torch.maximum(hi.abs(), lo.abs())).tolist()  # type: ignore[no-any-return]
+
+
+def _layout_finding(stats: list[tuple[str, Stat]], group: dist.ProcessGroup | None) -> Finding:
+    counts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(counts, len(stats), group=group)  # error path only
+    return Finding.of(
+        "rank-divergence",
+        "<stat layout>",
+        f"ranks hold different stats: {counts} stats per rank, or the same number with other "
+        "classes, shapes or dtypes (expected one layout on every rank); build the same model on "
+        "every rank, and call `statplug.sync_stats(model)` there, which names the first "
+        "differing stat",
+    )
 
 
 def _divergence_finding(name: str, stat: Stat, states_bad: list[str | None], world: int) -> Finding:
@@ -375,11 +403,13 @@ def check_rank_divergence(
     """``rank-divergence`` findings: stats whose state differs across the ranks of ``group``.
 
     Call it on every rank at the same point, right after :func:`statplug.sync_stats`, when every
-    rank should hold the same global statistics. It is a collective: exactly one MAX all-reduce of
-    a float64 vector on the stats' device (NCCL-safe), whatever the number of stats, and it
-    requires the same stat layout on every rank (which ``sync_stats`` checks). Every rank returns
-    the same findings. A no-op returning ``[]`` when ``torch.distributed`` is not initialised,
-    the group has one rank, or the model has no stats; stats on the meta device are skipped.
+    rank should hold the same global statistics. It is a collective of two MAX all-reduces on
+    ``group_device(group)`` (NCCL-safe), whatever the number of stats: a fixed-size one of the
+    stat count and layout, which every rank joins even with no stats (ranks holding different
+    layouts get one ``rank-divergence`` finding naming the counts, never a hang), then one of
+    every state's fingerprint. Every rank returns the same findings. A no-op returning ``[]``
+    when ``torch.distributed`` is not initialised or the group has one rank; stats on the meta
+    device are skipped.
 
     Args:
         model: a module (every :class:`~statplug.stats.Stat` in it) or an iterable of stats.
@@ -390,10 +420,12 @@ def check_rank_divergence(
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
         return []
     stats = _stats(model)
-    if not stats:
-        return []
     with torch.no_grad():
-        fps = _stat_vector(stats, next(stats[0][1].buffers()).device)
+        if not _same_layout(stats, group):
+            return [_layout_finding(stats, group)]
+        if not stats:  # no rank holds one: all agree
+            return []
+        fps = _stat_vector(stats, group_device(group))
         flags = _diverged(fps, group, rtol)
     bad: dict[int, list[str | None]] = {}
     for flag, (i, state) in zip(flags, fps.owners, strict=True):

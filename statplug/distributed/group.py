@@ -8,10 +8,15 @@ has a backend for CUDA at all, and every collective statplug builds puts its ten
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["group_device", "has_cuda_backend"]
+from statplug.errors import StatplugError
+from statplug.stats.base import Stat
+
+__all__ = ["group_device", "has_cuda_backend", "require_group_device"]
 
 
 def has_cuda_backend(backend: str) -> bool:
@@ -40,3 +45,23 @@ def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
     if has_cuda_backend(str(dist.get_backend(group))) and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def require_group_device(
+    stats: Iterable[Stat], group: dist.ProcessGroup | None, caller: str
+) -> None:
+    """Raise naming the first stat not on ``group_device(group)``: never hand it to NCCL.
+
+    A no-op without an initialised process group (nothing is communicated then).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    expected = group_device(group)
+    for stat in stats:
+        device = next(stat.buffers()).device
+        if device != expected:
+            raise StatplugError(
+                f"{caller}: stat `{stat.stat_name}` is on {device}, but the process group's "
+                f"collectives run on {expected} (expected every stat there); move the model "
+                f"with `.to({str(expected)!r})` before syncing, or sync over a group of that device"
+            )

@@ -61,12 +61,12 @@ def checkpoint_due_after_batch(trainer: pl.Trainer) -> bool:
 _RESUME_WARNED: weakref.WeakKeyDictionary[pl.Trainer, object] = weakref.WeakKeyDictionary()
 
 
-def _leaves(loaders: Any) -> list[Any]:
+def leaves(loaders: Any) -> list[Any]:
     """The dataloaders in what ``trainer.train_dataloader`` returns (one, or a collection)."""
     if isinstance(loaders, Mapping):
-        return [leaf for v in loaders.values() for leaf in _leaves(v)]
+        return [leaf for v in loaders.values() for leaf in leaves(v)]
     if isinstance(loaders, list | tuple):
-        return [leaf for v in loaders for leaf in _leaves(v)]
+        return [leaf for v in loaders for leaf in leaves(v)]
     return [] if loaders is None else [loaders]
 
 
@@ -93,7 +93,7 @@ def warn_if_resumed_mid_epoch(trainer: pl.Trainer, pl_module: nn.Module, owner: 
     total = trainer.num_training_batches
     if not (isinstance(total, int) and 0 < done < total):
         return  # saved at an epoch end (or an iterable without length): nothing runs twice
-    loaders = _leaves(trainer.train_dataloader)
+    loaders = leaves(trainer.train_dataloader)
     if all(hasattr(dl, "state_dict") and hasattr(dl, "load_state_dict") for dl in loaders):
         return  # Lightning restores the loaders' position
     from statplug.lightning.callbacks.activation_stats import ActivationStats

@@ -349,9 +349,29 @@ def test_rank_divergence() -> None:
     code, _, message = r0["before"][0]
     assert code == "rank-divergence" and CODES[code] == "error"
     assert "`mean`" in message and "`m2`" in message and "sync_stats" in message
-    assert r0["n_calls"] == 1 and "MAX" in r0["ops"][0].upper()
+    # The layout (fixed size, joined by every rank), then the fingerprints.
+    assert r0["n_calls"] == 2 and all("MAX" in op.upper() for op in r0["ops"])
     assert r0["after"] == [] and r1["after"] == [] and r0["after_audit"] == []
     assert r0["tampered"] == r1["tampered"] == [("rank-divergence", "encoder.minmax")]
+
+
+def _stat_less_rank_body(rank: int, world_size: int) -> dict:
+    """Rank 1 holds no stats. It must still join the collective rank 0 enters: before, it
+    returned early and rank 0 waited until the group's timeout."""
+    model = Model() if rank == 0 else nn.Linear(2, 2)
+    lonely = [(f.code, f.name, f.message) for f in check_rank_divergence(model)]
+    none = check_rank_divergence(nn.Linear(2, 2))  # no rank holds a stat
+    return {"lonely": lonely, "none": none}
+
+
+@pytest.mark.slow
+def test_a_rank_without_stats_joins_the_rank_check_and_nobody_hangs() -> None:
+    r0, r1 = run_distributed(_stat_less_rank_body, 2, timeout=60, group_timeout=10)
+    assert r0 == r1
+    ((code, name, message),) = r0["lonely"]
+    assert code == "rank-divergence" and name == "<stat layout>"
+    assert "[4, 0] stats per rank" in message
+    assert r0["none"] == []
 
 
 # ------------------------------------------------------------------------------------ the report

@@ -225,8 +225,7 @@ def _cycles(rank: int, world: int) -> list[dict[str, Any]]:
 
 
 def _combined(rank: int, world: int) -> dict[str, Any]:
-    """Stats and metrics in the same collectives; the stats' first sync of data far from 0
-    needs Chan's second phase, and the gathered data then rides in it."""
+    """Stats and metrics synced together equal each synced alone."""
     from torchmetrics import CatMetric, SumMetric
 
     from statplug import RunningMinMax, RunningMoments, sync_metrics, sync_stats
@@ -323,10 +322,36 @@ def _mismatch(rank: int, world: int) -> dict[str, str]:
     return out
 
 
+def _nothing(rank: int, world: int) -> dict[str, Any]:
+    """Nothing to sync is a no-op (on every rank); metrics on one rank only raise, no hang."""
+    from torchmetrics import SumMetric
+
+    from statplug import RunningMoments, StatLayoutError, sync_metrics
+
+    plain = nn.Sequential(nn.Linear(2, 2))
+    stat = RunningMoments(2)
+    stat.update(torch.full((3 + rank, 2), float(rank)))
+    out: dict[str, Any] = {}
+    for case, metrics, stats in (("dict", {}, None), ("list", [], None), ("model", plain, None),
+                                 ("with_stats", {}, [stat])):
+        with counting() as n, sync_metrics(metrics, stats=stats) as report:
+            pass
+        out[case] = (report.n_metrics, report.n_stats, n[0] == report.n_collectives)
+    out["stat"] = (int(stat.count), stat.mean.tolist())
+    lonely = {"sum": SumMetric()} if rank == 0 else {}
+    try:
+        with sync_metrics(lonely):
+            pass
+    except StatLayoutError as err:
+        out["lonely"] = str(err)
+    return out
+
+
 def _body(rank: int, world: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     return {"cycles": _cycles(rank, world), "combined": _combined(rank, world),
-            "special": _special(rank, world), "mismatch": _mismatch(rank, world)}
+            "special": _special(rank, world), "mismatch": _mismatch(rank, world),
+            "nothing": _nothing(rank, world)}
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
@@ -398,19 +423,16 @@ def test_local_states_come_back_after_the_block(runs):
             _assert_same(cycle["cached"], cycle["got"]["top"], "cached")
 
 
-def test_stats_and_metrics_share_at_most_four_collectives(runs):
+def test_stats_and_metrics_sync_together(runs):
     _, results = runs
     for res in results:
         for phase, c in res["combined"].items():
-            assert c["n"] <= 4, (phase, c["n"])
+            # The stats' own sync plus the metrics' check, SUM (SumMetric) and gather (CatMetric).
+            assert c["n"] == c["stats_n"] + 3 == c["report"].n_collectives, (phase, c["n"])
             assert c["report"].n_stats == 2 and c["report"].n_metrics == 2
             _assert_same(c["got"], c["want"], f"combined {phase}")
             for sd, ref in zip(c["stats"], c["stats_ref"], strict=True):
                 _assert_same(sd, ref, f"stats {phase}")
-        # The first sync needs the stats' second phase (4 collectives alone: check, SUM, MAX,
-        # second SUM): the metrics' gathered data rode in it rather than adding a fifth.
-        assert res["combined"]["first"]["stats_n"] == 4
-        assert res["combined"]["second"]["stats_n"] == 3
 
 
 def test_fallback_skip_and_own_group(runs):
@@ -440,6 +462,20 @@ def test_layout_mismatch_raises_on_every_rank(runs):
         assert set(msg) == {"metrics", "stats"}
         assert "acc" in msg["metrics"] and "different metric layouts" in msg["metrics"]
         assert "different stat layouts" in msg["stats"]
+
+
+def test_nothing_to_sync_is_a_no_op(runs):
+    world, results = runs
+    n_rows = sum(3 + r for r in range(world))
+    mean = sum(r * (3 + r) for r in range(world)) / n_rows
+    for res in results:
+        nothing = res["nothing"]
+        for case in ("dict", "list", "model"):
+            assert nothing[case] == (0, 0, True), case
+        assert nothing["with_stats"] == (0, 1, True)
+        count, means = nothing["stat"]  # the stats were still merged
+        assert count == n_rows and means == pytest.approx([mean, mean], rel=1e-6)
+        assert "different metric layouts" in nothing["lonely"] and "sum" in nothing["lonely"]
 
 
 def test_docstring_example_runs():

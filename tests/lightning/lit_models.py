@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -115,7 +116,9 @@ def run_script(name: str, *args: str, timeout: float = 240.0) -> None:
 
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
+    # The scripts import lit_models (here) and dist_utils (tests/).
+    parts = [here, os.path.dirname(here), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(parts)
     env.setdefault("OMP_NUM_THREADS", "1")
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -136,3 +139,15 @@ def run_script(name: str, *args: str, timeout: float = 240.0) -> None:
             f"{name} {' '.join(args)} exited with {proc.returncode}\n"
             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
         )
+
+
+def run_ranks(
+    name: str, out_dir: Path, *tags: str, world: int = 2, timeout: float = 300.0
+) -> dict[str, list[dict[str, Any]]]:
+    """Run a DDP script (:func:`run_script`) for ``tags``; load what each rank wrote to
+    ``out_dir/TAG_rank{r}.pt``, by tag."""
+    run_script(name, str(out_dir), *tags, timeout=timeout)
+    return {
+        tag: [torch.load(out_dir / f"{tag}_rank{r}.pt", weights_only=True) for r in range(world)]
+        for tag in tags
+    }

@@ -298,6 +298,47 @@ def test_activation_stats_state_roundtrip_recreates_stats(tmp_path: Path) -> Non
     assert int(resumed.layer_stats["conv"][0].count) == 2 * 24 * 16
 
 
+def _recorded_activation_stats() -> ActivationStats:
+    cb = ActivationStats(["0"])
+    model = nn.Sequential(nn.Linear(3, 4))
+    cb.attach(model)
+    with cb.recording():
+        model(torch.randn(5, 3) + 2.0)
+    return cb
+
+
+def test_activation_stats_restored_after_setup_land_on_the_model_device() -> None:
+    # FSDP, DeepSpeed and ModelParallel restore after on_fit_start, with the model on its device
+    # already ("meta" stands in for a GPU here: any device other than the CPU).
+    state = _recorded_activation_stats().state_dict()
+    late = ActivationStats(["0"])
+    model = nn.Sequential(nn.Linear(3, 4)).to("meta")
+    late.attach(model)
+    late.load_state_dict(state)
+    assert {b.device.type for s in late.all_stats() for b in s.buffers()} == {"meta"}
+
+
+def test_activation_stats_save_each_stat_with_its_version() -> None:
+    from statplug import RunningMinMax
+
+    cb = _recorded_activation_stats()
+    state = cb.state_dict()
+    assert "version" not in state  # one version scheme: each stat's own `_version`
+    (entry,) = state["layers"]
+    assert entry["versions"] == {"moments": RunningMoments._version,
+                                 "minmax": RunningMinMax._version}
+    # The stat's own version check runs: a state from a newer statplug is refused.
+    newer = {**state, "layers": [{**entry, "versions": {"moments": RunningMoments._version + 1}}]}
+    with pytest.raises(CheckpointMismatchError, match="newer"):
+        ActivationStats(["0"]).load_state_dict(newer)
+    # An older checkpoint (a callback-wide version, no per-stat versions) still loads.
+    older = {"version": 1, **state, "layers": [{k: v for k, v in entry.items() if k != "versions"}]}
+    fresh = ActivationStats(["0"])
+    fresh.load_state_dict(older)
+    (moments, _), (want, _) = fresh.layer_stats["0"], cb.layer_stats["0"]
+    assert torch.equal(moments.mean, want.mean) and torch.equal(moments.count, want.count)
+
+
 def test_activation_stats_warns_on_a_checkpoint_without_its_state(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, [])
     trainer.fit(TinyModel(), loader(*make_data(16)))

@@ -12,19 +12,14 @@ from typing import Any
 
 import pytest
 import torch
-from lit_models import run_script
+from lit_models import run_ranks
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    out = tmp_path_factory.mktemp("metrics_fit")
-    run_script("metrics_fit.py", str(out), "metrics", "plain", timeout=300)
-    return {
-        tag: [torch.load(out / f"{tag}_rank{r}.pt", weights_only=True) for r in (0, 1)]
-        for tag in ("metrics", "plain")
-    }
+    return run_ranks("metrics_fit.py", tmp_path_factory.mktemp("metrics_fit"), "metrics", "plain")
 
 
 def test_logged_epoch_values_equal_lightnings_own_sync(fits):
@@ -39,13 +34,16 @@ def test_logged_epoch_values_equal_lightnings_own_sync(fits):
         assert fits["plain"][rank]["logged"] == plain
 
 
-def test_each_epoch_end_costs_at_most_four_collectives_with_the_stats(fits):
+def test_each_epoch_end_costs_at_most_eight_collectives_with_the_stats(fits):
     for rank in (0, 1):
         windows = fits["metrics"][rank]["windows"]
         assert [w for w, _ in windows] == ["sanity", "validation", "train", "validation", "train"]
-        assert all(n <= 4 for _, n in windows), windows
+        # The stats' sync (at most 4), then the metrics' own (at most 4).
+        assert all(n <= 8 for _, n in windows), windows
         # Lightning's own per-metric sync: a barrier and gathers per state of every metric.
-        assert all(n > 4 for _, n in fits["plain"][rank]["windows"])
+        plain = fits["plain"][rank]["windows"]
+        assert all(n_plain > n for (_, n), (_, n_plain) in zip(windows, plain, strict=True)), (
+            windows, plain)
 
 
 def test_stats_unchanged_by_the_extra_syncs(fits):

@@ -36,14 +36,17 @@ zero (the values are global, so there is no ``sync_dist`` warning), into
 
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -60,6 +63,7 @@ from typing_extensions import override
 
 from statplug._buffers import dtype_name
 from statplug.distributed import SyncReport, sync_stats
+from statplug.distributed.group import group_device
 from statplug.lightning._logging import DriftTracker, LogBatch, emit, readout
 from statplug.lightning._utils import matches, process_group
 from statplug.lightning.callbacks._sync_schedule import SyncPoint, SyncSchedule
@@ -69,7 +73,6 @@ __all__ = ["ActivationStats"]
 
 log = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
 _CHANNEL_FIRST_TYPES = (
     _ConvNd,
     _BatchNorm,
@@ -90,6 +93,10 @@ class _LayerStats:
 
     def stats(self) -> list[Stat]:
         return [self.moments] if self.minmax is None else [self.moments, self.minmax]
+
+    def to(self, device: torch.device) -> None:
+        for s in self.stats():
+            s.to(device)
 
 
 class ActivationStats(SyncSchedule):
@@ -178,6 +185,7 @@ class ActivationStats(SyncSchedule):
         self.prefix = prefix
         self._layers: dict[str, _LayerStats] = {}
         self._handles: list[RemovableHandle] = []
+        self._model: weakref.ref[nn.Module] | None = None  # the hooked model: where stats live
         self._recording = False
         self._skipped: set[str] = set()
         self._last: Callable[[], Tensor | None] = _none
@@ -213,6 +221,7 @@ class ActivationStats(SyncSchedule):
     def attach(self, model: nn.Module) -> None:
         """Register forward hooks on the submodules of ``model`` matching ``patterns``."""
         self.detach()
+        self._model = weakref.ref(model)
         for name, mod in model.named_modules():
             if name and matches(name, self.patterns):
                 self._handles.append(mod.register_forward_hook(self._make_hook(name)))
@@ -258,6 +267,8 @@ class ActivationStats(SyncSchedule):
         layer = self._layers.get(name)
         if layer is None:
             layer = self._create(name, module, output)
+        if layer.moments.count.device != output.device:  # the model moved after a restore
+            layer.to(output.device)
         x = output.detach()
         if layer.feature_dim == 1 and x.dim() >= 3:
             x = x.movedim(1, -1)
@@ -317,10 +328,22 @@ class ActivationStats(SyncSchedule):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Stats restored from a checkpoint were built on the CPU.
+        # A checkpoint restored before the strategy setup (DDP) was loaded while the model was
+        # still on the CPU: follow it to its device.
+        self._to_model_device()
+
+    def _model_device(self) -> torch.device:
+        """The device of the hooked model (its first parameter or buffer), else the CPU."""
+        model = None if self._model is None else self._model()
+        if model is not None:
+            for t in itertools.chain(model.parameters(), model.buffers()):
+                return t.device
+        return torch.device("cpu")
+
+    def _to_model_device(self) -> None:
+        device = self._model_device()
         for layer in self._layers.values():
-            for s in layer.stats():
-                s.to(pl_module.device)
+            layer.to(device)
 
     @override
     def on_train_batch_start(
@@ -355,14 +378,17 @@ class ActivationStats(SyncSchedule):
         if point.periodic or point.event == "train_epoch_end":
             self._log(trainer)
 
-    def sync(self, trainer: pl.Trainer | None = None, *, settle_after: bool = True) -> SyncReport:
-        """Merge the stats across ranks (every rank must call this together).
-
-        ``settle_after`` changes nothing since stats keep their whole state in their saved
-        buffers; it is accepted so that existing calls keep working.
-        """
+    def sync(self, trainer: pl.Trainer | None = None) -> SyncReport:
+        """Merge the stats across ranks (every rank must call this together), over the
+        trainer's process group (the default group without a trainer)."""
         group = process_group(trainer) if trainer is not None else None
-        report = sync_stats(self.all_stats(), group=group)
+        stats = self.all_stats()
+        if dist.is_available() and dist.is_initialized():
+            device = group_device(group)  # the callback owns these stats: move, never refuse
+            for s in stats:
+                if s.count.device != device:
+                    s.to(device)
+        report = sync_stats(stats, group=group)
         self.last_report = report
         log.debug(
             "ActivationStats: synced %d stats with %d collectives (%d bytes, %.2f ms)",
@@ -405,10 +431,12 @@ class ActivationStats(SyncSchedule):
                     "n_features": int(layer.moments.shape[0]),
                     "moments": _tensors(layer.moments),
                     "minmax": None if layer.minmax is None else _tensors(layer.minmax),
+                    # Each stat's own `_version`: its migration reads it on load, as in a model.
+                    "versions": {"moments": type(layer.moments)._version}
+                    | ({} if layer.minmax is None else {"minmax": type(layer.minmax)._version}),
                 }
             )
         return {
-            "version": _STATE_VERSION,
             "accumulator_dtype": dtype_name(self.accumulator_dtype),
             "layers": layers,
         }
@@ -428,16 +456,20 @@ class ActivationStats(SyncSchedule):
             layer = self._new_layer(
                 entry["name"], int(entry["feature_dim"]), int(entry["n_features"]), "cpu"
             )
-            layer.moments.load_state_dict(entry["moments"])
+            versions = entry.get("versions", {})
+            _load(layer.moments, entry["moments"], versions.get("moments"))
             if layer.minmax is not None:
                 if entry.get("minmax") is not None:
-                    layer.minmax.load_state_dict(entry["minmax"])
+                    _load(layer.minmax, entry["minmax"], versions.get("minmax"))
                 else:
                     rank_zero_warn(
                         f"ActivationStats: the checkpoint has no min/max for layer "
                         f"{entry['name']!r}; they start empty."
                     )
             self._layers[entry["name"]] = layer
+        # FSDP, DeepSpeed and ModelParallel restore after on_fit_start, with the model already
+        # on its device: the stats go there too, or the first activation meets CPU buffers.
+        self._to_model_device()
 
     @override
     def on_load_checkpoint(
@@ -457,6 +489,15 @@ def _none() -> None:
 
 def _tensors(stat: Stat) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in stat.state_dict().items()}
+
+
+def _load(stat: Stat, tensors: dict[str, Tensor], version: int | None) -> None:
+    """Load a saved stat with the version it was saved at, as torch's metadata carries it in a
+    model's state dict; older checkpoints have none (the stat loads an unversioned dict)."""
+    state: Any = OrderedDict(tensors)  # torch reads the version from its `_metadata`
+    if version is not None:
+        state._metadata = {"": {"version": int(version)}}
+    stat.load_state_dict(state)
 
 
 class _Recording:

@@ -14,8 +14,8 @@ so or a step-based ``ModelCheckpoint`` is about to save.
 With ``metrics=True`` it also syncs the torchmetrics metrics logged as ``Metric`` objects
 (``self.log(name, metric)``) where Lightning would compute them -- the end of each training epoch,
 and the end of the last batch of each validation and test run (Lightning computes their epoch
-values right after it, before the ``on_*_epoch_end`` hooks) -- together with the stats, in at
-most 4 collectives in all (see :func:`~statplug.distributed.sync_metrics`). It computes them
+values right after it, before the ``on_*_epoch_end`` hooks) -- right after the stats, in at most
+4 collectives of their own (see :func:`~statplug.distributed.sync_metrics`). It computes them
 while they hold their global state, so Lightning logs the cached global values and never runs
 torchmetrics' per-metric sync; then every metric is back to its local state, as after
 torchmetrics' own compute.
@@ -35,7 +35,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from typing_extensions import override
 
 from statplug._compat import lightning_epoch_results, lightning_last_eval_batch
@@ -45,12 +47,14 @@ from statplug.distributed import (
     broadcast_stats,
     exclude_from_ddp_broadcast,
     exclude_from_fsdp_buffer_cast,
+    find_stats,
     stat_buffer_names,
     sync_metrics,
     sync_stats,
 )
+from statplug.distributed.group import require_group_device
 from statplug.errors import IncompatibleCallbackError
-from statplug.lightning._utils import process_group, warn_if_resumed_mid_epoch
+from statplug.lightning._utils import leaves, process_group, warn_if_resumed_mid_epoch
 from statplug.lightning.callbacks._sync_schedule import SyncPoint, SyncSchedule
 from statplug.lightning.callbacks.stats_weight_averaging import stock_averaging_error
 
@@ -70,6 +74,14 @@ class SyncStats(SyncSchedule):
     rank 0's buffers over every other rank before each training forward, and each rank's own data
     is lost before it can be merged. Stats created later (in ``configure_model``) are added to the
     wrapped model's ignore set in ``on_fit_start``. Syncs go over the strategy's process group.
+
+    It makes no collective in ``setup``: Lightning calls it before the strategy moves the model to
+    its device, and NCCL refuses CPU tensors. Its first collective, a
+    :func:`~statplug.distributed.broadcast_stats` that makes rank 0's pre-run stats the agreed
+    state, runs in ``on_fit_start`` (or at the start of ``validate``/``test``/``predict``). A stat
+    not on the process group's device then raises, naming it. With ``DistributedSampler`` padding
+    the training set (its length not a multiple of the world size) it warns once, on rank zero,
+    naming the rows counted twice.
 
     Lightning's ``WeightAveraging`` and ``EMAWeightAveraging`` average or overwrite stats and
     masks: with one of them in the ``Trainer``, ``fit`` stops in ``setup`` (or ``on_fit_start``)
@@ -115,6 +127,7 @@ class SyncStats(SyncSchedule):
         self.every_n_train_steps = every_n_train_steps
         self.metrics = metrics
         self.excluded: list[str] = []
+        self._broadcast_pending = False
         self.n_syncs = 0
         self.last_report: SyncReport | None = None
         self.last_metrics_report: MetricsSyncReport | None = None
@@ -144,20 +157,19 @@ class SyncStats(SyncSchedule):
         pl_module: pl.LightningModule,
         event: str,
         *,
-        checkpoint_point: bool = True,
         metrics: bool = False,
     ) -> SyncReport:
         """Sync ``pl_module``'s stats now (every rank must call this together).
 
-        With ``metrics``, the logged metrics Lightning is about to compute are synced in the
-        same collectives and computed. ``checkpoint_point`` (whether a checkpoint may follow)
-        changes nothing since stats keep their whole state in their saved buffers; it is
-        accepted so that existing calls keep working.
+        With ``metrics``, the logged metrics Lightning is about to compute are synced right
+        after the stats and computed.
         """
+        group = process_group(trainer)
+        require_group_device(find_stats(pl_module), group, "SyncStats")
         if metrics:
             report = self._sync_with_metrics(trainer, pl_module)
         else:
-            report = sync_stats(pl_module, group=process_group(trainer))
+            report = sync_stats(pl_module, group=group)
         self.n_syncs += 1
         self.last_report = report
         log.debug(
@@ -195,18 +207,35 @@ class SyncStats(SyncSchedule):
         # wraps the model in DDP, which reads its ignore list only when it is built.
         self.excluded = exclude_from_ddp_broadcast(pl_module)
         log.debug("SyncStats: %d stat buffers excluded from DDP broadcast", len(self.excluded))
-        # What the stats hold before the run (warmed up, or copied by a spawn launcher) is one
-        # copy of the same data on every rank: rank 0's becomes the agreed state, counted once.
-        broadcast_stats(pl_module, group=process_group(trainer))
+        # No collective here: the strategy moves the model to its device only after this hook
+        # (an NCCL group refuses the CPU tensors). The first broadcast waits for the stage start.
+        self._broadcast_pending = True
+
+    def _broadcast_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """What the stats hold before the run (warmed up, or copied by a spawn launcher) is one
+        copy of the same data on every rank: rank 0's becomes the agreed state, counted once.
+
+        Runs at the stage's first hook after the strategy setup (``on_fit_start`` for a fit).
+        A checkpoint restored later (FSDP, DeepSpeed: ``restore_checkpoint_after_setup``) makes
+        its loaded state the agreed one when it loads, so nothing is counted twice either way.
+        """
+        if not self._broadcast_pending:
+            return
+        self._broadcast_pending = False
+        group = process_group(trainer)
+        require_group_device(find_stats(pl_module), group, "SyncStats")
+        broadcast_stats(pl_module, group=group)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         warn_if_resumed_mid_epoch(trainer, pl_module, "SyncStats")
+        warn_if_sampler_pads(trainer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _refuse_stock_averaging(trainer, pl_module)  # stats built in configure_model count too
+        self._broadcast_once(trainer, pl_module)
         wrapped = trainer.strategy.model
         # The strategy has wrapped the model; a checkpoint is restored only after this hook, and
         # FSDP casts buffers at its first forward or load: the one moment to keep stats out.
@@ -244,7 +273,16 @@ class SyncStats(SyncSchedule):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:  # trainer.validate(): no on_fit_start ran
             self._exclude_from_fsdp_cast(trainer.strategy.model or pl_module)
+        self._broadcast_once(trainer, pl_module)
         super().on_validation_start(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._broadcast_once(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._broadcast_once(trainer, pl_module)
 
     # Lightning computes the epoch values logged in validation/test steps right after the last
     # batch, before any on_*_epoch_end hook: the last batch's end is the last hook before that.
@@ -279,3 +317,33 @@ def _refuse_stock_averaging(trainer: pl.Trainer, pl_module: pl.LightningModule) 
     message = stock_averaging_error(trainer, pl_module)
     if message is not None:
         raise IncompatibleCallbackError(f"SyncStats: {message}")
+
+
+def sampler_padding(trainer: pl.Trainer) -> int:
+    """Rows a ``DistributedSampler`` of the training data repeats per epoch (over all ranks).
+
+    ``DistributedSampler(drop_last=False)``, Lightning's default, pads the dataset to a multiple
+    of the world size by repeating its first rows; every stat counts them like new data.
+    """
+    repeated = 0
+    for loader in leaves(trainer.train_dataloader):
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+            dataset: Any = sampler.dataset  # sized: DistributedSampler took its len()
+            repeated += sampler.total_size - len(dataset)
+    return repeated
+
+
+def warn_if_sampler_pads(trainer: pl.Trainer) -> None:
+    """Warn (rank zero) when the training sampler repeats rows the stats will count."""
+    repeated = sampler_padding(trainer) if trainer.world_size > 1 else 0
+    if repeated:
+        rank_zero_warn(
+            f"SyncStats: the training set's length is not a multiple of the world size "
+            f"({trainer.world_size}), so DistributedSampler repeats {repeated} row"
+            f"{'s' if repeated > 1 else ''} per epoch and every stat counts "
+            f"{'them' if repeated > 1 else 'it'} again. To count each row once, pass "
+            "`DistributedSampler(dataset, drop_last=True)` as the DataLoader's sampler with "
+            "`Trainer(use_distributed_sampler=False)` (Lightning's own sampler always pads), "
+            "or a sampler that does not pad."
+        )

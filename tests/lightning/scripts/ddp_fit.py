@@ -1,6 +1,7 @@
 """2-process DDP fit on CPU: ``ddp_fit.py OUT_DIR TAG [TAG ...]``, TAG in {sync, nosync, monitor}.
 
-Lightning's ``strategy="ddp"`` re-runs this script for rank 1. Each rank draws data of its own
+Lightning's ``strategy="ddp"`` re-runs this script for rank 1. Every collective runs under
+``dist_utils.guard_collectives`` (as strict as NCCL). Each rank draws data of its own
 distribution and size (rank 0: 40 samples ~ N(0, 1), batches of 8; rank 1: 30 samples ~ N(5, 2),
 batches of 6; the same number of steps). After each fit every rank dumps its stats to
 OUT_DIR/TAG_rank{r}.pt, and the checkpoint goes to OUT_DIR/TAG.ckpt.
@@ -18,6 +19,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from dist_utils import guard_collectives
 from lightning.pytorch.loggers import CSVLogger
 from lit_models import QUIET, TinyModel, ddp_rank_data, loader
 from torch.utils.data import DataLoader
@@ -57,7 +59,7 @@ def fit(out_dir: str, tag: str) -> None:
         default_root_dir=os.path.join(out_dir, tag),
         **kwargs,
     )
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, guard_collectives():
         warnings.simplefilter("always")
         trainer.fit(model)
     trainer.save_checkpoint(os.path.join(out_dir, f"{tag}.ckpt"))  # every rank calls it

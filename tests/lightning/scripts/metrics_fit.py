@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dist_utils import guard_collectives
 from lightning.pytorch.loggers.logger import Logger
 from lit_models import QUIET, TinyModel, ddp_rank_data, loader, make_data
 from torch.utils.data import DataLoader
@@ -157,7 +158,8 @@ def fit(out_dir: str, tag: str) -> None:
         enable_checkpointing=False,
         **{**QUIET, "logger": recorder},
     )
-    trainer.fit(model)
+    with guard_collectives():
+        trainer.fit(model)
     torch.save(
         {
             "logged": recorder.logged,
