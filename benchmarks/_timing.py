@@ -16,6 +16,7 @@ Each target is printed as one line starting with ``ratio`` so tests and readers 
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -23,11 +24,16 @@ from collections.abc import Callable
 Fn = Callable[[], object]
 
 
-def time_block(fn: Fn, reps: int) -> float:
-    """Seconds per call over ``reps`` back-to-back calls of ``fn``."""
+def time_block(fn: Fn, reps: int, max_s: float = math.inf) -> float:
+    """Seconds per call over ``reps`` back-to-back calls of ``fn`` (fewer past ``max_s``)."""
     t0 = time.perf_counter()
-    for _ in range(reps):
+    limit = t0 + max_s
+    for i in range(reps):
         fn()
+        # A loaded machine must not stretch one block without bound (a call calibrated at
+        # 30 us can take milliseconds when the thread pool is descheduled).
+        if time.perf_counter() > limit:
+            return (time.perf_counter() - t0) / (i + 1)
     return (time.perf_counter() - t0) / reps
 
 
@@ -45,7 +51,8 @@ def interleaved(fns: dict[str, Fn], rounds: int, target_s: float) -> dict[str, l
     """Per-call seconds of every function, one sample per round (interleaved blocks).
 
     The number of calls in a block is calibrated per function so one block takes about
-    ``target_s``; the garbage collector is off while timing (collected between rounds).
+    ``target_s`` (a block that overruns 4x that stops early); the garbage collector is off
+    while timing (collected between rounds).
     """
     reps = {name: calibrate(fn, target_s) for name, fn in fns.items()}
     names = list(fns)
@@ -56,7 +63,7 @@ def interleaved(fns: dict[str, Fn], rounds: int, target_s: float) -> dict[str, l
         for r in range(rounds):
             k = r % len(names)
             for name in names[k:] + names[:k]:
-                samples[name].append(time_block(fns[name], reps[name]))
+                samples[name].append(time_block(fns[name], reps[name], 4 * target_s))
             gc.collect()
     finally:
         if gc_was_enabled:

@@ -31,6 +31,9 @@ What is timed, per call, in interleaved blocks (median of blocks; ratio to gymna
   of the batch's moments), and the same plus the six ops that normalise. No target: they show
   what any torch implementation pays in per-op dispatch on tiny tensors.
 
+gymnasium 1.4's wrappers build their ``RunningMeanStd`` with the observation space's dtype, so they
+keep float32 state for float32 observations (numpy arithmetic); the count is a Python float.
+
 A check before timing feeds the same observations one at a time to a fresh ``RunningNorm`` and a
 fresh wrapper and prints the largest difference of their outputs, so both sides do the same work.
 """
