@@ -143,11 +143,6 @@ class PlainState:
         return ((xd - self.mean) * torch.rsqrt(self.m2 / self.count + GYM_EPS)).to(x.dtype)
 
 
-def cycling(items: list[Any]) -> Any:
-    """An endless iterator over ``items`` (the same sequence for every candidate)."""
-    return itertools.cycle(items)
-
-
 def check_same_work(obs: np.ndarray) -> str:
     """Feed ``obs`` one at a time to both normalisers; the largest output difference.
 
@@ -171,45 +166,45 @@ def check_same_work(obs: np.ndarray) -> str:
     )
 
 
-def single_rows(f: int, seed: int, rounds: int, target_s: float) -> list[str]:
-    """One observation per call: RunningNorm against the wrapper's ``observation``."""
-    obs = observations(1024, f, seed)
-    rows_np = list(obs)
-    rows_t = [torch.from_numpy(r).unsqueeze(0) for r in rows_np]  # 1xF views, not timed
-    wrapper = NormalizeObservation(single_env(obs), epsilon=GYM_EPS)
+def compare(case: str, baseline: str, gym_call: Any, inputs: np.ndarray, rounds: int,
+            target_s: float) -> list[str]:
+    """Time gymnasium's ``gym_call`` and RunningNorm on the same inputs, cycled in the same order.
+
+    ``inputs`` holds one observation or one batch per call (``[calls, rows, features]``); the
+    torch candidates get zero-copy tensor views of the same arrays.
+    """
+    f = inputs.shape[-1]
+    as_tensors = [torch.from_numpy(a) for a in inputs]  # views, made before timing
     norm = RunningNorm(f)
     plain, plain_n = PlainState(f), PlainState(f)
-    it_gym, it_ours, it_plain, it_plain_n = (cycling(rows_np), cycling(rows_t),
-                                            cycling(rows_t), cycling(rows_t))
+    it_gym = itertools.cycle([a[0] for a in inputs] if inputs.shape[1] == 1 else list(inputs))
+    it_ours, it_plain, it_plain_n = (itertools.cycle(as_tensors) for _ in range(3))
     fns = {
-        "gym": lambda: wrapper.observation(next(it_gym)),
+        "gym": lambda: gym_call(next(it_gym)),
         "ours": lambda: norm(next(it_ours)),
         "plain": lambda: plain.update(next(it_plain)),
         "plain_n": lambda: plain_n.update_and_normalise(next(it_plain_n)),
     }
-    return report(f"1x{f}", interleaved(fns, rounds, target_s), "NormalizeObservation")
+    return report(case, interleaved(fns, rounds, target_s), baseline)
+
+
+def single_rows(f: int, seed: int, rounds: int, target_s: float) -> list[str]:
+    """One observation per call: RunningNorm (1xF) against the wrapper's ``observation(obs)``."""
+    obs = observations(1024, f, seed)
+    wrapper = NormalizeObservation(single_env(obs), epsilon=GYM_EPS)
+    return compare(f"1x{f}", "NormalizeObservation", wrapper.observation, obs[:, None, :],
+                   rounds, target_s)
 
 
 def batch_rows(f: int, seed: int, rounds: int, target_s: float) -> list[str]:
     """A batch of 64 observations per call: RunningNorm against the vector wrapper."""
     obs = observations(BATCH * 32, f, seed)
-    batches_np = list(obs.reshape(32, BATCH, f))
-    batches_t = [torch.from_numpy(b) for b in batches_np]
     env = gym.vector.SyncVectorEnv([lambda: single_env(obs) for _ in range(BATCH)])
     wrapper = VectorNormalizeObservation(env, epsilon=GYM_EPS)
-    norm = RunningNorm(f)
-    plain, plain_n = PlainState(f), PlainState(f)
-    it_gym, it_ours, it_plain, it_plain_n = (cycling(batches_np), cycling(batches_t),
-                                            cycling(batches_t), cycling(batches_t))
-    fns = {
-        "gym": lambda: wrapper.observations(next(it_gym)),
-        "ours": lambda: norm(next(it_ours)),
-        "plain": lambda: plain.update(next(it_plain)),
-        "plain_n": lambda: plain_n.update_and_normalise(next(it_plain_n)),
-    }
-    samples = interleaved(fns, rounds, target_s)
+    rows = compare(f"{BATCH}x{f}", "vector NormalizeObservation", wrapper.observations,
+                   obs.reshape(32, BATCH, f), rounds, target_s)
     env.close()
-    return report(f"{BATCH}x{f}", samples, "vector NormalizeObservation")
+    return rows
 
 
 def report(case: str, samples: dict[str, list[float]], baseline: str) -> list[str]:
@@ -227,7 +222,7 @@ def report(case: str, samples: dict[str, list[float]], baseline: str) -> list[st
 
 def cartpole_step_rows(seed: int, rounds: int, target_s: float) -> list[str]:
     """Whole env steps (for information): the normalisers' cost next to CartPole's own."""
-    actions = cycling([int(a) for a in np.random.default_rng(seed).integers(2, size=4096)])
+    actions = itertools.cycle(np.random.default_rng(seed).integers(2, size=4096).tolist())
     bare, plain_env, wrapped = (gym.make("CartPole-v1") for _ in range(3))
     wrapped = NormalizeObservation(wrapped, epsilon=GYM_EPS)
     norm = RunningNorm(4)
