@@ -168,12 +168,16 @@ def _stats_case(k: int, rank: int, quick: bool) -> dict[str, Any]:
         for c in names[r % len(names):] + names[: r % len(names)]:
             times[c] += _time(cands[c], block, setup.get(c))
     buffer_bytes = sum(b.numel() * b.element_size() for b in buffers)
+    by_dtype: dict[torch.dtype, int] = {}
+    for b in buffers:
+        by_dtype[b.dtype] = by_dtype.get(b.dtype, 0) + b.numel() * b.element_size()
     return {
         **{c: {"ms": 1e3 * statistics.median(t), "reps": len(t)} for c, t in times.items()},
         "collectives": {n: reports[n].n_collectives for n in reports},
         "payload_bytes": {n: reports[n].n_bytes for n in reports},
         "ddp_buffer_bytes": buffer_bytes,
-        "ddp_buckets": max(1, math.ceil(buffer_bytes / DDP_BUCKET_BYTES)),
+        # torch buckets the tensors per dtype, each bucket one broadcast of up to 250 MiB
+        "ddp_buckets": sum(math.ceil(n / DDP_BUCKET_BYTES) for n in by_dtype.values() if n),
     }
 
 
@@ -196,7 +200,8 @@ def _print_stats(results: dict[str, Any]) -> None:
         print(f"{k:>4} {fed:13.3f} {idle:12.3f} {ddp:10.3f} {flat:9.3f} {fed / ddp:8.2f} "
               f"{idle / ddp:9.2f}  {colls:>24}  {pay}")
     print("DDP bcast: torch.distributed._broadcast_coalesced of all the module's buffers from "
-          "rank 0 (DDP's buffer sync, 250 MiB buckets; its collectives are buckets).")
+          "rank 0 (DDP's buffer sync, 250 MiB buckets, one bucket list per dtype; each bucket is "
+          "one broadcast).")
     print("flat a_r: one all_reduce of a float64 tensor of the first sync's payload size.")
     for k, r in results.items():
         target = K_TARGET if k == "256" else None

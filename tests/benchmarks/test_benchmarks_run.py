@@ -232,5 +232,5 @@ def test_sync_quick_run(tmp_path: Path) -> None:
     assert "target <= 2.5x" in lines["sync_stats after update / DDP buffer broadcast, K=256"]
     results = json.loads((tmp_path / "sync.json").read_text())
     assert set(results) == {"stats", "big", "metrics"}
-    assert results["stats"]["256"]["ddp_buckets"] == 1
+    assert results["stats"]["256"]["ddp_buckets"] >= 1
 
