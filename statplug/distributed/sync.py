@@ -125,7 +125,7 @@ def _check_ranks(
     stats = [s for _, s in named]
     fingerprint = torch.tensor(layout_fingerprint(stats, [n for n, _ in named]), dtype=_F64)
     same = torch.cat([fingerprint.to(comm.device), agreed_checksum(stats, comm.device)])
-    refused = [s._buffers["_refused"].to(comm.device, _F64) for s in stats]  # type: ignore[union-attr]
+    refused = [s.get_buffer("_refused").to(comm.device, _F64) for s in stats]
     n_refused = torch.stack(refused).sum().reshape(1) if refused else same[:1] * 0
     vector = torch.cat([same, -same, n_refused])
     (reduced,) = comm.all_reduce([vector], dist.ReduceOp.MAX)

@@ -34,12 +34,16 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def callbacks_of(trainer: pl.Trainer) -> list[pl.Callback]:
+    """The trainer's callbacks (``Trainer.callbacks`` is set in its constructor, untyped)."""
+    return list(trainer.callbacks)  # type: ignore[attr-defined]
+
+
 def process_group(trainer: pl.Trainer) -> dist.ProcessGroup | None:
     """The process group the strategy communicates over (None: the default world group)."""
     model = trainer.strategy.model
-    if isinstance(model, DistributedDataParallel):
-        return model.process_group  # type: ignore[no-any-return]
-    group = getattr(trainer.strategy, "process_group", None)
+    owner = model if isinstance(model, DistributedDataParallel) else trainer.strategy
+    group = getattr(owner, "process_group", None)
     return group if isinstance(group, dist.ProcessGroup) else None
 
 
@@ -99,7 +103,7 @@ def warn_if_resumed_mid_epoch(trainer: pl.Trainer, pl_module: nn.Module, owner: 
     from statplug.lightning.callbacks.activation_stats import ActivationStats
 
     has_stats = bool(named_statplug_modules(pl_module, Stat)) or any(
-        isinstance(cb, ActivationStats) for cb in trainer.callbacks  # type: ignore[attr-defined]
+        isinstance(cb, ActivationStats) for cb in callbacks_of(trainer)
     )
     if not has_stats:
         return

@@ -458,7 +458,7 @@ class Stat(PinnedDtypeModule):
             # No version: a state dict without torch's metadata (a filtered copy). It may lack
             # the bookkeeping buffers: they load as 0 skipped, not frozen.
             for key in ("n_skipped", "frozen_flag"):
-                default = torch.zeros_like(self._buffers[key])  # type: ignore[arg-type]
+                default = torch.zeros_like(getattr(self, key))
                 state_dict.setdefault(prefix + key, default)
         self._migrate(state_dict, prefix, version)
         # Atomic: every key is checked before any is copied; a misfit is refused whole.
@@ -533,9 +533,9 @@ class Stat(PinnedDtypeModule):
             frozen=stat.frozen,
             features={n: getattr(stat, n).reshape(-1) for n in cls._summary_features},
             scalars={
-                n: float(t)  # type: ignore[arg-type]
+                n: float(t)
                 for n in stat.state_names
-                if (t := b[n]) is not None and t.is_floating_point() and t.dim() == 0
+                if isinstance(t := b[n], Tensor) and t.is_floating_point() and t.dim() == 0
             },
         )
 

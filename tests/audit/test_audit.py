@@ -227,7 +227,7 @@ def test_low_precision_stat() -> None:
     model.encoder.ema._buffers["var"] = model.encoder.ema._buffers["var"].bfloat16()
     found = only(audit(model, torch.optim.SGD(model.parameters(), lr=0.1)), "low-precision-stat")
     assert [f.name for f in found] == ["encoder.norm", "encoder.ema"]
-    assert "torch.float16 (expected torch.float32)" in found[0].message
+    assert "torch.float16 (expected torch.float64)" in found[0].message
     assert all(f.severity == "warning" for f in found)
     # The pinned path is fine: .half() keeps accumulators in float32.
     assert audit(Model().half()).findings == []

@@ -40,7 +40,7 @@ from statplug.audit import (
     check_rank_divergence,
     snapshot_fixed_buffers,
 )
-from statplug.lightning._utils import process_group
+from statplug.lightning._utils import callbacks_of, process_group
 from statplug.lightning.callbacks.magnitude_pruning import MagnitudePruning
 from statplug.lightning.callbacks.stats_weight_averaging import stock_averaging_error
 from statplug.lightning.callbacks.sync_stats import SyncStats
@@ -115,7 +115,7 @@ class AuditBuffers(Callback):
             report = AuditReport([*report.findings, *averaging])
         self._handle(trainer, report, "before the first training step")
         self._snapshot = snapshot_fixed_buffers(pl_module)
-        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        for cb in callbacks_of(trainer):
             if isinstance(cb, SyncStats):
                 cb.add_listener(self._after_sync)
             elif isinstance(cb, MagnitudePruning):

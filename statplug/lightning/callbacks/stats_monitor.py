@@ -44,7 +44,7 @@ from typing_extensions import override
 from statplug._buffers import PinnedDtypeModule, named_statplug_modules
 from statplug.distributed import sync_stats
 from statplug.lightning._logging import DriftTracker, LogBatch, emit, readout
-from statplug.lightning._utils import process_group, pruning_masks
+from statplug.lightning._utils import callbacks_of, process_group, pruning_masks
 from statplug.lightning.callbacks.sync_stats import SyncStats
 from statplug.masks import RandomMask
 from statplug.stats import RunningNorm, Stat
@@ -136,7 +136,7 @@ class StatsMonitor(Callback):
                 "Trainer, or remove StatsMonitor to silence this warning."
             )
         if trainer.world_size > 1 and not any(
-            isinstance(cb, SyncStats) for cb in trainer.callbacks  # type: ignore[attr-defined]
+            isinstance(cb, SyncStats) for cb in callbacks_of(trainer)
         ):
             rank_zero_warn(
                 "StatsMonitor: under distributed training without SyncStats, DDP overwrites every "

@@ -38,7 +38,7 @@ from torch import nn
 from typing_extensions import override
 
 from statplug.averaging import copy_stats_, state_buffers
-from statplug.lightning._utils import pruning_masks
+from statplug.lightning._utils import callbacks_of, pruning_masks
 from statplug.lightning.callbacks.magnitude_pruning import MagnitudePruning
 
 __all__ = ["StatsWeightAveraging", "stock_averaging_error"]
@@ -195,7 +195,7 @@ class StatsWeightAveraging(WeightAveraging):
 def stock_averaging_error(trainer: pl.Trainer, pl_module: nn.Module) -> str | None:
     """The error for a Lightning weight-averaging callback in ``trainer`` that would average
     ``pl_module``'s statplug state (None when there is no such callback or no such state)."""
-    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    callbacks = callbacks_of(trainer)
     stock = [
         cb
         for cb in callbacks
