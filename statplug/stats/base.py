@@ -249,10 +249,28 @@ class Stat(PinnedDtypeModule):
         return buf
 
     # ----------------------------------------------------------------------------- update path
-    def _rows(self, x: Any) -> Tensor | None:
-        """Validate ``x`` and view it as ``[n_samples, n_features]`` (a float dtype the kernels
-        take); None when there is nothing to do (frozen, or no samples)."""
+    def _rows(
+        self, x: Any, mask: Tensor | None = None, weight: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """Validate ``x`` (and ``mask``/``weight``) and view it as ``[n_samples, n_features]`` in
+        a float dtype the kernels take, with one weight per row (None: every row counts once).
+        None when there is nothing to do (frozen, or no samples)."""
         self._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise before any change
+        self._check_input(x)
+        w = self._row_weights(x, mask, weight)
+        if self._frozen or x.numel() == 0:
+            return None
+        x = x.detach()  # never build a graph through the stat
+        if not x.is_floating_point():
+            x = x.to(self.accumulator_dtype)
+        elif x.dtype not in _ACCUMULATOR_DTYPES:  # float16, bfloat16, float8: no kernels
+            x = x.float()
+        rows = x.reshape(-1, self.n_features)
+        if w is not None and w.dtype is torch.bool and host_reads_free(w):
+            return rows[w], None  # on the CPU a mask selects its rows (one copy, no weights)
+        return rows, None if w is None else w.to(rows.dtype)
+
+    def _check_input(self, x: Any) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(
                 f"{self.stat_name}.update: expected a torch.Tensor, got {type(x).__name__}"
@@ -278,14 +296,45 @@ class Stat(PinnedDtypeModule):
                 f"{self.stat_name}.update: got a meta tensor (no data); materialise the input "
                 "(and the stat, with to_empty() and reset_parameters()) first"
             )
-        if self._frozen or x.numel() == 0:
+
+    def _row_weights(self, x: Tensor, mask: Any, weight: Any) -> Tensor | None:
+        """One flat weight per sample row from ``mask`` (bool: True keeps a row) and ``weight``
+        (>= 0, finite), each shaped like ``x``'s sample dims; a bool tensor when only a mask
+        was given. Bad values raise at once on the CPU; elsewhere they empty the batch and are
+        reported like the raise policy's refused batches (see :meth:`check`)."""
+        if mask is None and weight is None:
             return None
-        x = x.detach()  # never build a graph through the stat
-        if not x.is_floating_point():
-            x = x.to(self.accumulator_dtype)
-        elif x.dtype not in _ACCUMULATOR_DTYPES:  # float16, bfloat16, float8: no kernels
-            x = x.float()
-        return x.reshape(-1, self.n_features)
+        samples = tuple(x.shape[: x.dim() - len(self.shape)])
+        for arg, value, kind in (("mask", mask, "bool"), ("weight", weight, "floating")):
+            if value is None:
+                continue
+            if not isinstance(value, Tensor):
+                got = type(value).__name__
+            elif (value.dtype is torch.bool) != (kind == "bool") or value.is_complex() or (
+                kind == "floating" and not value.is_floating_point()
+            ) or tuple(value.shape) != samples or value.device != x.device:
+                got = f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+            else:
+                continue
+            raise ValueError(
+                f"{self.stat_name}.update: `{arg}` must be a {kind} tensor of the sample shape "
+                f"{samples} on {x.device} (the input's leading dims), got {got}"
+            )
+        keep = None if mask is None else mask.reshape(-1)
+        if weight is None:
+            return keep
+        w = weight.detach().reshape(-1)
+        valid = torch.isfinite(w).all() & (w >= 0).all()
+        if host_reads_free(w):
+            if not bool(valid):
+                raise ValueError(
+                    f"{self.stat_name}.update: `weight` must be finite and >= 0, got a weight "
+                    f"of {w[~(torch.isfinite(w) & (w >= 0))][0].item()!r}; the stat is unchanged"
+                )
+        else:
+            self._buffers["_refused"].add_(~valid)  # type: ignore[union-attr]
+            w = torch.where(valid, w, 0.0)
+        return w if keep is None else torch.where(keep, w, 0.0)
 
     @contextlib.contextmanager
     def _updating(self) -> Iterator[None]:
@@ -293,14 +342,22 @@ class Stat(PinnedDtypeModule):
         with state_lock(), torch.no_grad():
             yield
 
-    def _skip_weights(self, rows: Tensor) -> Tensor | None:
-        """The skip policy's row weights (1 keeps a row, 0 drops one with a non-finite value),
-        counting the dropped rows in ``n_skipped``; None for the other policies."""
+    def _skip_weights(self, rows: Tensor, weight: Tensor | None) -> Tensor | None:
+        """The row weights with the skip policy applied: a row holding a non-finite value gets
+        weight 0 and is counted in ``n_skipped`` (rows a mask or weight left out are not)."""
         if self.nan_policy != "skip":
-            return None
+            return weight
         keep = torch.isfinite(rows).all(dim=1)
-        self.n_skipped.add_(rows.shape[0] - keep.sum())
-        return keep.to(rows.dtype)
+        if weight is None:
+            self.n_skipped.add_(rows.shape[0] - keep.sum())
+            return keep.to(rows.dtype)
+        self.n_skipped.add_(((weight > 0) & ~keep).sum())
+        return torch.where(keep, weight, 0.0)
+
+    @staticmethod
+    def _rows_counted(rows: Tensor, weight: Tensor | None) -> Tensor | int:
+        """How many rows ``count`` gains: those of positive weight."""
+        return rows.shape[0] if weight is None else (weight > 0).sum()
 
     def _nan_check(self, finite: Tensor) -> Tensor | None:
         """Apply the raise policy to a batch whose statistics are ``finite`` (a 0-dim bool

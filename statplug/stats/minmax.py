@@ -54,26 +54,31 @@ class RunningMinMax(Stat):
         self.add_state("min", inf, reduce="min")
         self.add_state("max", -inf, reduce="max")
 
-    def update(self, x: Tensor) -> None:
-        """Add the samples in ``x`` (shape ``[..., *shape]``) to the extremes.
+    def update(
+        self, x: Tensor, mask: Tensor | None = None, weight: Tensor | None = None
+    ) -> None:
+        """Add the samples in ``x`` (shape ``[..., *shape]``) to the extremes; with ``mask`` or
+        ``weight`` (see :meth:`RunningMoments.update`) only rows of positive weight count.
 
         One pass over ``x`` (column minimum and maximum) and two small in-place ops. Never
         builds a graph.
         """
-        rows = self._rows(x)
-        if rows is None:
+        got = self._rows(x, mask, weight)
+        if got is None:
             return
+        rows, w = got
         with self._updating():
-            weight = self._skip_weights(rows)
-            n = rows.shape[0] if weight is None else weight.sum().to(torch.int64)
-            if weight is not None:  # rows left out hold +inf for the min, -inf for the max
-                keep = weight.unsqueeze(1) > 0
+            w = self._skip_weights(rows, w)
+            n = self._rows_counted(rows, w)
+            if w is not None:  # rows left out hold +inf for the min, -inf for the max
+                keep = w.unsqueeze(1) > 0
                 lo = torch.where(keep, rows, math.inf).amin(0)
                 hi = torch.where(keep, rows, -math.inf).amax(0)
             else:
                 lo, hi = torch.aminmax(rows, dim=0)
-            # inf * 0 and NaN * 0 are NaN: finite unless an extreme is not.
-            keep_batch = self._nan_check(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+            # Finite extremes, or the untouched +inf/-inf of a column without rows.
+            finite = (lo.isfinite() | (lo == math.inf)) & (hi.isfinite() | (hi == -math.inf))
+            keep_batch = self._nan_check(finite.all())
             if keep_batch is not None:
                 lo = torch.where(keep_batch, lo, math.inf)
                 hi = torch.where(keep_batch, hi, -math.inf)

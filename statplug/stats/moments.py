@@ -44,6 +44,10 @@ class RunningMoments(Stat):
         accumulator_dtype: dtype of the saved state and read-outs. Default: ``torch.float64``
             (a float32 mean fed one sample at a time stops moving after ~1e7 samples).
         nan_policy: ``"raise"``, ``"skip"`` or ``"propagate"``. Default: ``"raise"``.
+        weighted: accept per-row ``weight`` in :meth:`update` and keep their total in a
+            ``weight_sum`` buffer (float64, shape ``(1,)``) beside the row ``count``; the moments
+            are then the weighted mean and weighted population variance. Default: False (the
+            state and checkpoints of an unweighted stat have no such buffer).
         device: where to create the buffers. Default: the default device.
 
     Shape:
@@ -63,6 +67,7 @@ class RunningMoments(Stat):
     _version = 1
     mean: Tensor
     m2: Tensor
+    weight_sum: Tensor
 
     def __init__(
         self,
@@ -70,6 +75,7 @@ class RunningMoments(Stat):
         *,
         accumulator_dtype: torch.dtype = torch.float64,
         nan_policy: NanPolicy = "raise",
+        weighted: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
@@ -78,17 +84,25 @@ class RunningMoments(Stat):
         zeros = torch.zeros(self.shape, dtype=accumulator_dtype, device="cpu")
         self.add_state("mean", zeros, reduce="moments", agreed=True)
         self.add_state("m2", zeros.clone(), reduce="moments", agreed=True)
+        self.weighted = bool(weighted)
+        if self.weighted:  # (1,)-shaped: torch.compile loses updates of 0-dim float64 buffers
+            total = torch.zeros(1, dtype=torch.float64, device="cpu")
+            self.add_state("weight_sum", total, reduce="sum", agreed=True)
 
     # ------------------------------------------------------------------ read-outs
     @property
     def var(self) -> Tensor:
-        """Population variance (ddof=0); 0 before the first sample."""
+        """Population variance (ddof=0; weighted: ``m2`` over the total weight); 0 before the
+        first sample."""
+        if self.weighted:
+            return self.m2 / self.weight_sum.reshape(()).clamp(min=torch.finfo(_F64).tiny)
         return self.m2 / self.count.clamp(min=1)
 
     @property
     def sample_var(self) -> Tensor:
-        """Sample variance (ddof=1); 0 before the second sample."""
-        return self.m2 / (self.count - 1).clamp(min=1)
+        """Sample variance (ddof=1; weighted: frequency weights, ``m2 / (weight_sum - 1)``); 0
+        before the second sample."""
+        return self.m2 / (self._n() - 1).clamp(min=1)
 
     @property
     def std(self) -> Tensor:
@@ -96,38 +110,68 @@ class RunningMoments(Stat):
         return self.var.sqrt()
 
     # ------------------------------------------------------------------ update and merge
-    def update(self, x: Tensor) -> None:
+    def update(
+        self, x: Tensor, mask: Tensor | None = None, weight: Tensor | None = None
+    ) -> None:
         """Add the samples in ``x`` (shape ``[..., *shape]``) to the statistic.
 
         One pass over ``x`` and a few ``shape``-sized ops; never builds a graph.
-        """
-        rows = self._rows(x)
-        if rows is None:
-            return
-        with self._updating():
-            batch = batch_moments(rows, self.accumulator_dtype, self._skip_weights(rows))
-            self._merge_moments(_dropped(batch, self._nan_check(batch.finite())))
 
-    def _merge_moments(self, b: Moments) -> None:
-        """Chan's merge of the batch moments ``b`` into ``count``/``mean``/``m2``, in place."""
+        Args:
+            x: samples; every leading dim is a sample dim.
+            mask: bool, shaped like ``x``'s sample dims (``[B, T]`` for ``x`` ``[B, T, F]``):
+                True keeps a row (the inverse of ``key_padding_mask``). Default: None.
+            weight: non-negative floats shaped like the sample dims: weighted moments
+                (integer weights equal repeated rows). Needs ``weighted=True``. Default: None.
+        """
+        if weight is not None and not self.weighted:
+            raise ValueError(
+                f"{self.stat_name}.update: `weight` needs a weighted stat, built with "
+                f"{type(self).__name__}(..., weighted=True) (it keeps the total weight in "
+                "`weight_sum`); got weights for an unweighted one"
+            )
+        got = self._rows(x, mask, weight)
+        if got is None:
+            return
+        rows, w = got
+        with self._updating():
+            w = self._skip_weights(rows, w)
+            batch = batch_moments(rows, self.accumulator_dtype, w)
+            keep = self._nan_check(batch.finite())
+            n_rows = self._rows_counted(rows, w)
+            self._merge_moments(_dropped(batch, keep), n_rows if keep is None
+                                else torch.where(keep, n_rows, 0))
+
+    def _n(self) -> Tensor:
+        """The samples behind the moments: ``count``, or ``weight_sum`` when weighted."""
+        return self.weight_sum.reshape(()) if self.weighted else self.count
+
+    def _merge_moments(self, b: Moments, n_rows: Tensor | int) -> None:
+        """Chan's merge of the batch moments ``b`` (of ``n_rows`` rows) into the state."""
         acc = self.accumulator_dtype
         mean, m2 = self.mean.view(-1), self.m2.view(-1)
-        merged = chan_merge(self.count.to(acc), mean, m2, b.n.to(acc), b.mean.to(acc), b.m2.to(acc))
+        merged = chan_merge(self._n().to(acc), mean, m2, b.n.to(acc), b.mean.to(acc), b.m2.to(acc))
         mean.copy_(merged.mean)
         m2.copy_(merged.m2)
-        self.count.add_(b.n.round().to(torch.int64))
+        if self.weighted:
+            self.weight_sum.add_(b.n.to(self.weight_sum.dtype))
+        self.count.add_(n_rows)
 
     def _merge_from(self, other: Any) -> None:
-        acc = self.accumulator_dtype
-        n = other.count.to(acc)
-        self._merge_moments(Moments(n, other.mean.reshape(-1), other.m2.reshape(-1)))
-        self.count.sub_(other.count)  # merge_ adds the counts
+        if other.weighted != self.weighted:
+            raise ValueError(
+                f"{self.stat_name}.merge_: both stats must be weighted or both unweighted, got "
+                f"weighted={self.weighted} and weighted={other.weighted}"
+            )
+        n = other._n().to(self.accumulator_dtype)
+        self._merge_moments(Moments(n, other.mean.reshape(-1), other.m2.reshape(-1)), 0)
 
     # ------------------------------------------------------------------ sync hooks
     def sync_new_data(self) -> tuple[Moments, Tensor]:
         # The data since the agreed state (n_a, K, m2_a): Chan's merge solved for its second
         # part. mean_b - K = (mean - K) n / n_b, and m2 = m2_a + m2_b + (mean - K)**2 n n_a / n_b.
-        n, n_a = self.count.to(_F64), self.agreed("count").to(_F64)
+        agreed_n = self.agreed("weight_sum").reshape(()) if self.weighted else self.agreed("count")
+        n, n_a = self._n().to(_F64), agreed_n.to(_F64)
         k = self.agreed("mean").reshape(-1).to(_F64)
         mean, m2 = self.mean.reshape(-1).to(_F64), self.m2.reshape(-1).to(_F64)
         n_b = n - n_a
@@ -138,17 +182,26 @@ class RunningMoments(Stat):
 
     def sync_absorb(self, new: Moments) -> None:
         acc = self.accumulator_dtype
-        n_a = self.agreed("count").to(_F64)
+        agreed_n = self.agreed("weight_sum").reshape(()) if self.weighted else self.agreed("count")
+        n_a = agreed_n.to(_F64)
         k, m2_a = self.agreed("mean").reshape(-1), self.agreed("m2").reshape(-1)
         merged = chan_merge(n_a, k.to(_F64), m2_a.to(_F64), new.n, new.mean, new.m2)
         self.mean.view(-1).copy_(merged.mean.to(acc))
         self.m2.view(-1).copy_(merged.m2.to(acc))
 
     # ------------------------------------------------------------------ checks
+    def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
+        # An unweighted state loaded into a weighted stat: every row had weight 1.
+        count = state_dict.get(prefix + "count")
+        if self.weighted and prefix + "weight_sum" not in state_dict and isinstance(count, Tensor):
+            state_dict[prefix + "weight_sum"] = count.to(torch.float64).reshape(1)
+
     def _value_problem(self, prefix: str, values: dict[str, Tensor]) -> str | None:
         problem = super()._value_problem(prefix, values)
         if problem is not None:
             return problem
+        if self.weighted and not bool((values["weight_sum"] >= 0).all()):  # NaN too
+            return f"{prefix + 'weight_sum'!r} must be >= 0, got {values['weight_sum'].tolist()}"
         m2 = values["m2"].double()
         if bool((m2 < 0).any()):
             return (
@@ -231,14 +284,20 @@ class EMAMoments(Stat):
         """Exponentially weighted standard deviation."""
         return self.var.clamp(min=0).sqrt()
 
-    def update(self, x: Tensor) -> None:
-        """One EMA step with the samples in ``x`` (shape ``[..., *shape]``)."""
-        rows = self._rows(x)
-        if rows is None:
+    def update(
+        self, x: Tensor, mask: Tensor | None = None, weight: Tensor | None = None
+    ) -> None:
+        """One EMA step with the samples in ``x`` (shape ``[..., *shape]``), optionally
+        ``mask``-ed and ``weight``-ed per row (see :meth:`RunningMoments.update`)."""
+        got = self._rows(x, mask, weight)
+        if got is None:
             return
+        rows, w = got
         with self._updating():
-            b = batch_moments(rows, self.accumulator_dtype, self._skip_weights(rows))
+            w = self._skip_weights(rows, w)
+            b = batch_moments(rows, self.accumulator_dtype, w)
             keep = self._nan_check(b.finite())
+            n_rows = self._rows_counted(rows, w)
             # A batch left out, or whose rows were all skipped, is no step at all.
             step = b.n > 0 if keep is None else keep & (b.n > 0)
             m = self.momentum
@@ -252,7 +311,7 @@ class EMAMoments(Stat):
             var.copy_(torch.lerp(var, vb + delta * (mb - new_mean), r))
             mean.copy_(new_mean)
             self.weight.copy_(weight)
-            self.count.add_(torch.where(step, b.n, 0.0).round().to(torch.int64))
+            self.count.add_(torch.where(step, n_rows, 0))
 
     def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
         # Version 1 saved `weight` 0-dim.

@@ -39,6 +39,7 @@ class RunningNorm(PinnedDtypeModule):
         accumulator_dtype: Default: ``torch.float64``.
         nan_policy: Default: ``"raise"``.
         eps_on: ``"var"`` or ``"std"``: where ``eps`` is added. Default: ``"var"``.
+        weighted: accept per-row ``weight`` (see :class:`RunningMoments`). Default: False.
         device: where to create the buffers. Default: the default device.
 
     Shape:
@@ -71,6 +72,7 @@ class RunningNorm(PinnedDtypeModule):
         accumulator_dtype: torch.dtype = torch.float64,
         nan_policy: NanPolicy = "raise",
         eps_on: Literal["var", "std"] = "var",
+        weighted: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -88,7 +90,8 @@ class RunningNorm(PinnedDtypeModule):
         # reset_parameters() restores (kept off the device: to_empty() would leave garbage).
         self._fixed: tuple[Tensor, Tensor] | None = None
         self.moments = RunningMoments(
-            shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy, device=device
+            shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy,
+            weighted=weighted, device=device,
         )
         # Named after the normaliser in messages until a model walk gives it its qualified name.
         self.moments.stat_name = "RunningNorm.moments"
@@ -167,9 +170,11 @@ class RunningNorm(PinnedDtypeModule):
     def sample_var(self) -> Tensor:
         return self.moments.sample_var
 
-    def update(self, x: Tensor) -> None:
+    def update(
+        self, x: Tensor, mask: Tensor | None = None, weight: Tensor | None = None
+    ) -> None:
         """Update the statistics with ``x`` without normalising (as in ``train()`` mode)."""
-        self.moments.update(x)
+        self.moments.update(x, mask, weight)
 
     def check(self) -> RunningNorm:
         """Raise now a bad batch the raise policy left out on the device (see ``Stat.check``)."""
@@ -250,8 +255,12 @@ class RunningNorm(PinnedDtypeModule):
     def _kernel_eps(self) -> float:
         return self.eps if self.eps_on == "var" else 0.0
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalise ``x``; in ``train()`` mode update the statistics with it first.
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, weight: Tensor | None = None
+    ) -> Tensor:
+        """Normalise ``x``; in ``train()`` mode update the statistics with it first (only with
+        the rows ``mask`` keeps, weighted by ``weight``: see :meth:`RunningMoments.update`;
+        every row is normalised).
 
         One fused kernel normalises (torch's batch norm in inference mode, fed the running mean
         and population variance), as ``nn.BatchNorm`` does. Returns the input's dtype for
@@ -259,7 +268,7 @@ class RunningNorm(PinnedDtypeModule):
         """
         m = self.moments
         if self.training:
-            m.update(x)
+            m.update(x, mask, weight)
         work = x if x.is_floating_point() else x.to(m.accumulator_dtype)
         # float16/bfloat16 inputs normalise with float32 statistics (the kernel's mixed mode).
         low = work.dtype in (torch.float16, torch.bfloat16)
