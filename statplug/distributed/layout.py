@@ -16,7 +16,7 @@ from torch import Tensor
 from statplug._buffers import dtype_name
 from statplug.stats.base import Stat
 
-__all__ = ["agreed_checksum", "describe_stat", "layout_fingerprint"]
+__all__ = ["agreed_checksum", "describe_stat", "first_difference", "layout_fingerprint"]
 
 # Pieces of at most this many elements are checksummed at a time (bounded extra memory).
 _CHUNK = 1 << 22
@@ -69,3 +69,15 @@ def agreed_checksum(stats: Iterable[Stat], device: torch.device) -> Tensor:
         w = (i * i % _PRIME * 40503 + i * 9973).remainder_(_PRIME).add_(1)
         total += torch.stack((chunk.sum(), (chunk * w).sum()))
     return torch.cat((total >> 32, total & 0xFFFFFFFF)).to(torch.float64)
+
+
+def first_difference(layouts: list[list[str]], missing: str) -> tuple[int, str]:
+    """Where the ranks' layouts (one list of lines per rank) first differ: the index, and each
+    rank's line there (``missing`` where a rank has none), for an error message."""
+
+    def at(lines: list[str], i: int) -> str:
+        return lines[i] if i < len(lines) else missing
+
+    n_max = max((len(lines) for lines in layouts), default=0)
+    first = next((i for i in range(n_max) if len({at(lines, i) for lines in layouts}) > 1), 0)
+    return first, "; ".join(f"rank {r}: {at(lines, first)}" for r, lines in enumerate(layouts))

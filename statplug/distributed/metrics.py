@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from statplug.distributed.group import group_device
+from statplug.distributed.layout import first_difference
 from statplug.distributed.metrics_plan import (
     MetricsLike,
     MetricsPlan,
@@ -106,13 +107,7 @@ def _raise_layout_error(plan: MetricsPlan, n_stats: int, group: Any, stats_agree
             "stats (or none)"
         )
     lists = [layout for layout, _ in gathered]
-    n_max = max(len(lst) for lst in lists)
-
-    def at(lst: list[str], i: int) -> str:
-        return lst[i] if i < len(lst) else "<no metric>"
-
-    first = next((i for i in range(n_max) if len({at(lst, i) for lst in lists}) > 1), 0)
-    per_rank = "; ".join(f"rank {r}: {at(lst, first)}" for r, lst in enumerate(lists))
+    first, per_rank = first_difference(lists, "<no metric>")
     raise StatLayoutError(
         f"sync_metrics: ranks hold different metric layouts; first difference at metric "
         f"#{first}: {per_rank}. Every rank must build, log and sync the same metrics in the same "

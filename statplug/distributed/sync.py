@@ -29,7 +29,12 @@ from torch import Tensor, nn
 
 from statplug._buffers import named_statplug_modules
 from statplug.distributed.group import group_device
-from statplug.distributed.layout import agreed_checksum, describe_stat, layout_fingerprint
+from statplug.distributed.layout import (
+    agreed_checksum,
+    describe_stat,
+    first_difference,
+    layout_fingerprint,
+)
 from statplug.errors import StatLayoutError, StatplugError
 from statplug.stats.base import Stat, state_lock
 from statplug.stats.merge import Moments
@@ -149,13 +154,7 @@ def _raise_layout_error(layout: list[str], group: dist.ProcessGroup | None) -> N
     lists: list[list[str] | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(lists, layout, group=group)
     every = [lst or [] for lst in lists]
-
-    def at(lst: list[str], i: int) -> str:
-        return lst[i] if i < len(lst) else "<no stat>"
-
-    n_max = max(len(lst) for lst in every)
-    first = next((i for i in range(n_max) if len({at(lst, i) for lst in every}) > 1), 0)
-    per_rank = "; ".join(f"rank {r}: {at(lst, first)}" for r, lst in enumerate(every))
+    first, per_rank = first_difference(every, "<no stat>")
     raise StatLayoutError(
         f"sync_stats: ranks hold different stat layouts; first difference at stat #{first}: "
         f"{per_rank}. Every rank must build the same stats under the same names (same model "

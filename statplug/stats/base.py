@@ -267,7 +267,8 @@ class Stat(PinnedDtypeModule):
             x = x.float()
         rows = x.reshape(-1, self.n_features)
         if w is not None and w.dtype is torch.bool and host_reads_free(w):
-            return rows[w], None  # on the CPU a mask selects its rows (one copy, no weights)
+            rows = rows[w]  # on the CPU a mask selects its rows (one copy, no weights)
+            return (rows, None) if rows.shape[0] else None
         return rows, None if w is None else w.to(rows.dtype)
 
     def _check_input(self, x: Any) -> None:
@@ -404,7 +405,30 @@ class Stat(PinnedDtypeModule):
             self.update(x)
         return x
 
-    def update(self, x: Tensor) -> None:
+    def update(
+        self, x: Tensor, mask: Tensor | None = None, weight: Tensor | None = None
+    ) -> None:
+        """Add the samples in ``x`` (shape ``[..., *shape]``) to the statistic.
+
+        One pass over ``x`` and a few ``shape``-sized ops; never builds a graph.
+
+        Args:
+            x: samples; every leading dim is a sample dim.
+            mask: bool, shaped like ``x``'s sample dims (``[B, T]`` for ``x`` ``[B, T, F]``):
+                True keeps a row (the inverse of ``key_padding_mask``). Default: None.
+            weight: non-negative floats shaped like the sample dims (integer weights equal
+                repeated rows). Default: None.
+        """
+        got = self._rows(x, mask, weight)
+        if got is None:
+            return
+        rows, w = got
+        with self._updating():
+            w = self._skip_weights(rows, w)
+            self._absorb(rows, w, self._rows_counted(rows, w))
+
+    def _absorb(self, rows: Tensor, weight: Tensor | None, n_rows: Tensor | int) -> None:
+        """Merge the ``[n, F]`` ``rows`` (``n_rows`` of positive ``weight``) into the state."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------- lifecycle

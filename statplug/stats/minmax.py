@@ -54,37 +54,23 @@ class RunningMinMax(Stat):
         self.add_state("min", inf, reduce="min")
         self.add_state("max", -inf, reduce="max")
 
-    def update(
-        self, x: Tensor, mask: Tensor | None = None, weight: Tensor | None = None
-    ) -> None:
-        """Add the samples in ``x`` (shape ``[..., *shape]``) to the extremes; with ``mask`` or
-        ``weight`` (see :meth:`RunningMoments.update`) only rows of positive weight count.
-
-        One pass over ``x`` (column minimum and maximum) and two small in-place ops. Never
-        builds a graph.
-        """
-        got = self._rows(x, mask, weight)
-        if got is None:
-            return
-        rows, w = got
-        with self._updating():
-            w = self._skip_weights(rows, w)
-            n = self._rows_counted(rows, w)
-            if w is not None:  # rows left out hold +inf for the min, -inf for the max
-                keep = w.unsqueeze(1) > 0
-                lo = torch.where(keep, rows, math.inf).amin(0)
-                hi = torch.where(keep, rows, -math.inf).amax(0)
-            else:
-                lo, hi = torch.aminmax(rows, dim=0)
-            # Finite extremes, or the untouched +inf/-inf of a column without rows.
-            finite = (lo.isfinite() | (lo == math.inf)) & (hi.isfinite() | (hi == -math.inf))
-            keep_batch = self._nan_check(finite.all())
-            if keep_batch is not None:
-                lo = torch.where(keep_batch, lo, math.inf)
-                hi = torch.where(keep_batch, hi, -math.inf)
-                n = torch.where(keep_batch, n, 0)
-            self._fold(lo.to(self.min.dtype), hi.to(self.max.dtype))
-            self.count.add_(n)
+    def _absorb(self, rows: Tensor, weight: Tensor | None, n_rows: Tensor | int) -> None:
+        """Fold the batch's column extremes (of the rows of positive weight) in."""
+        if weight is not None:  # rows left out hold +inf for the min, -inf for the max
+            keep = weight.unsqueeze(1) > 0
+            lo = torch.where(keep, rows, math.inf).amin(0)
+            hi = torch.where(keep, rows, -math.inf).amax(0)
+        else:
+            lo, hi = torch.aminmax(rows, dim=0)
+        # Finite extremes, or the untouched +inf/-inf of a column without rows.
+        finite = (lo.isfinite() | (lo == math.inf)) & (hi.isfinite() | (hi == -math.inf))
+        keep_batch = self._nan_check(finite.all())
+        if keep_batch is not None:
+            lo = torch.where(keep_batch, lo, math.inf)
+            hi = torch.where(keep_batch, hi, -math.inf)
+            n_rows = torch.where(keep_batch, n_rows, 0)
+        self._fold(lo.to(self.min.dtype), hi.to(self.max.dtype))
+        self.count.add_(n_rows)
 
     def _fold(self, lo: Tensor, hi: Tensor) -> None:
         flat_min, flat_max = self.min.view(-1), self.max.view(-1)

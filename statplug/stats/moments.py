@@ -113,34 +113,22 @@ class RunningMoments(Stat):
     def update(
         self, x: Tensor, mask: Tensor | None = None, weight: Tensor | None = None
     ) -> None:
-        """Add the samples in ``x`` (shape ``[..., *shape]``) to the statistic.
-
-        One pass over ``x`` and a few ``shape``-sized ops; never builds a graph.
-
-        Args:
-            x: samples; every leading dim is a sample dim.
-            mask: bool, shaped like ``x``'s sample dims (``[B, T]`` for ``x`` ``[B, T, F]``):
-                True keeps a row (the inverse of ``key_padding_mask``). Default: None.
-            weight: non-negative floats shaped like the sample dims: weighted moments
-                (integer weights equal repeated rows). Needs ``weighted=True``. Default: None.
-        """
         if weight is not None and not self.weighted:
             raise ValueError(
                 f"{self.stat_name}.update: `weight` needs a weighted stat, built with "
                 f"{type(self).__name__}(..., weighted=True) (it keeps the total weight in "
                 "`weight_sum`); got weights for an unweighted one"
             )
-        got = self._rows(x, mask, weight)
-        if got is None:
-            return
-        rows, w = got
-        with self._updating():
-            w = self._skip_weights(rows, w)
-            batch = batch_moments(rows, self.accumulator_dtype, w)
-            keep = self._nan_check(batch.finite())
-            n_rows = self._rows_counted(rows, w)
-            self._merge_moments(_dropped(batch, keep), n_rows if keep is None
-                                else torch.where(keep, n_rows, 0))
+        super().update(x, mask, weight)
+
+    update.__doc__ = Stat.update.__doc__
+
+    def _absorb(self, rows: Tensor, weight: Tensor | None, n_rows: Tensor | int) -> None:
+        batch = batch_moments(rows, self.accumulator_dtype, weight)
+        keep = self._nan_check(batch.finite())
+        if keep is not None:
+            n_rows = torch.where(keep, n_rows, 0)
+        self._merge_moments(_dropped(batch, keep), n_rows)
 
     def _n(self) -> Tensor:
         """The samples behind the moments: ``count``, or ``weight_sum`` when weighted."""
@@ -284,34 +272,24 @@ class EMAMoments(Stat):
         """Exponentially weighted standard deviation."""
         return self.var.clamp(min=0).sqrt()
 
-    def update(
-        self, x: Tensor, mask: Tensor | None = None, weight: Tensor | None = None
-    ) -> None:
-        """One EMA step with the samples in ``x`` (shape ``[..., *shape]``), optionally
-        ``mask``-ed and ``weight``-ed per row (see :meth:`RunningMoments.update`)."""
-        got = self._rows(x, mask, weight)
-        if got is None:
-            return
-        rows, w = got
-        with self._updating():
-            w = self._skip_weights(rows, w)
-            b = batch_moments(rows, self.accumulator_dtype, w)
-            keep = self._nan_check(b.finite())
-            n_rows = self._rows_counted(rows, w)
-            # A batch left out, or whose rows were all skipped, is no step at all.
-            step = b.n > 0 if keep is None else keep & (b.n > 0)
-            m = self.momentum
-            weight = torch.where(step, self.weight * (1.0 - m) + m, self.weight)
-            r = torch.where(step, m / weight.clamp(min=1e-30), 0.0)
-            mean, var = self.mean.view(-1), self.var.view(-1)
-            mb = torch.where(step, b.mean, mean)  # a left-out batch may hold NaN
-            vb = torch.where(step, b.m2 / b.n.clamp(min=1), var)
-            delta = mb - mean
-            new_mean = mean + delta * r
-            var.copy_(torch.lerp(var, vb + delta * (mb - new_mean), r))
-            mean.copy_(new_mean)
-            self.weight.copy_(weight)
-            self.count.add_(torch.where(step, n_rows, 0))
+    def _absorb(self, rows: Tensor, weight: Tensor | None, n_rows: Tensor | int) -> None:
+        """One EMA step with the batch."""
+        b = batch_moments(rows, self.accumulator_dtype, weight)
+        keep = self._nan_check(b.finite())
+        # A batch left out, or whose rows were all masked or skipped, is no step at all.
+        step = b.n > 0 if keep is None else keep & (b.n > 0)
+        m = self.momentum
+        new_weight = torch.where(step, self.weight * (1.0 - m) + m, self.weight)
+        r = torch.where(step, m / new_weight.clamp(min=1e-30), 0.0)
+        mean, var = self.mean.view(-1), self.var.view(-1)
+        mb = torch.where(step, b.mean, mean)  # a left-out batch may hold NaN
+        vb = torch.where(step, b.m2 / b.n.clamp(min=torch.finfo(b.n.dtype).tiny), var)
+        delta = mb - mean
+        new_mean = mean + delta * r
+        var.copy_(torch.lerp(var, vb + delta * (mb - new_mean), r))
+        mean.copy_(new_mean)
+        self.weight.copy_(new_weight)
+        self.count.add_(torch.where(step, n_rows, 0))
 
     def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
         # Version 1 saved `weight` 0-dim.

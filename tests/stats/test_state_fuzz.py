@@ -1,7 +1,7 @@
 """State fuzz (issue 12): random call sequences on every stat, checked against float64 numpy.
 
 A seeded driver picks, for every stat class x nan policy x accumulator dtype, a random sequence of
-updates (batches of 1 to 3000 rows, so both sides of the 1024-row kernel split; float32, float64,
+updates (a third with a random padding mask; batches of 1 to 3000 rows, so both sides of the 1024-row kernel split; float32, float64,
 bfloat16 and int32 input; 1-D and 2-D feature shapes with extra sample dims; NaN/Inf rows), reads,
 ``state_dict``/``load_state_dict`` into a fresh stat, raw buffer copies into a fresh stat (the way
 averaging callbacks and swaps copy), ``.to(dtype)``, ``copy.deepcopy``, ``merge_``, freeze and
@@ -69,11 +69,21 @@ def batch(
     return torch.from_numpy(values).to(dtype)
 
 
-def _update(stat: nn.Module, x: torch.Tensor, train_forward: bool) -> torch.Tensor | None:
+def _update(
+    stat: nn.Module, x: torch.Tensor, train_forward: bool, mask: torch.Tensor | None = None
+) -> torch.Tensor | None:
     if isinstance(stat, RunningNorm) and train_forward:
-        return stat.train()(x)
-    stat.update(x)
+        return stat.train()(x, mask=mask)
+    stat.update(x, mask=mask)
     return None
+
+
+def _random_mask(rng: np.random.Generator, x: torch.Tensor, n_features: int) -> torch.Tensor | None:
+    """A padding mask over ``x``'s sample dims for a third of the updates (True keeps a row)."""
+    if rng.random() >= 0.3:
+        return None
+    samples = x.shape[: x.dim() - (1 if n_features == 3 else 2)]
+    return torch.from_numpy(rng.random(samples) < 0.7)
 
 
 def _check_norm_output(norm: RunningNorm, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -140,15 +150,18 @@ def _run_sequence(kind: str, policy: str, acc: torch.dtype, seed: int, steps: in
         if op == "update":
             x = batch(rng, shape, dirty=rng.random() < 0.2, f64=f64_only)
             forward = bool(rng.random() < 0.5)
+            mask = _random_mask(rng, x, ref.n_features)
             rows = as_rows(x, ref.n_features)
+            if mask is not None:  # the reference sees the kept rows only
+                rows = rows[mask.reshape(-1).numpy()]
             dirty = not np.isfinite(rows).all()
             if policy == "raise" and dirty and not frozen:
                 before = copy.deepcopy(stat)
                 with pytest.raises(ValueError, match="NaN or Inf"):
-                    _update(stat, x, forward)
+                    _update(stat, x, forward, mask)
                 assert same_bits(stat, before)  # unchanged, to the bit
                 continue
-            outs = [_update(s, x, forward) for s in (stat, twin) if s is not None]
+            outs = [_update(s, x, forward, mask) for s in (stat, twin) if s is not None]
             if not frozen:
                 ref.update(rows, policy)
             if outs[0] is not None and isinstance(stat, RunningNorm):
