@@ -12,13 +12,14 @@ fragments in order, then the recipe's own keys, then the command-line overrides.
 a key (values are parsed as YAML: ``3``, ``1e-3``, ``null``, ``[1, 2]``).
 
 Fragments are looked up in a ``configs/`` folder beside the recipe or beside its folder (so a
-project can keep its own), then in the configs shipped with statplug. The bundled recipes live in
-the package :mod:`statplug.recipes`, beside the models and data modules they build, with their
-fragments in its ``configs/`` folder.
+project can keep its own), then in the configs shipped with statplug. The bundled recipes are the
+repository's top-level ``recipes/`` (beside the models and data modules they build) and
+``configs/`` folders, installed as the packages :mod:`statplug.recipes` and ``statplug.configs``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,18 +104,25 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
-# The package `statplug.recipes`, found by path: importing it would import its models.
-_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+def _package_dir(name: str) -> Path | None:
+    """The folder of package ``name``, found without importing it (the recipes' package would
+    import their models); None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except ImportError:
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
 
 
 def bundled_configs_dir() -> Path:
-    """The ``configs/`` fragments shipped with statplug (``statplug/recipes/configs``)."""
-    return _RECIPES / "configs"
+    """The ``configs/`` fragments shipped with statplug (installed as ``statplug/configs``)."""
+    return _package_dir("statplug.configs") or Path("statplug/configs")
 
 
 def bundled_recipes_dir() -> Path:
-    """The folder of the recipes shipped with statplug (the package ``statplug.recipes``)."""
-    return _RECIPES
+    """The ``recipes/`` shipped with statplug (installed as the package ``statplug.recipes``)."""
+    return _package_dir("statplug.recipes") or Path("statplug/recipes")
 
 
 def bundled_recipes() -> dict[str, Path]:

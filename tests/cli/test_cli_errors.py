@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import REPO, run_inprocess, run_subprocess
 
-TABULAR = REPO / "statplug" / "recipes" / "tabular.yaml"
+TABULAR = REPO / "recipes" / "tabular.yaml"
 
 
 def _one_line_error(argv: list[str], cwd: Path) -> str:

@@ -9,8 +9,9 @@ from torch import Tensor, nn
 
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
 from statplug.masks import CausalMask
-from statplug.recipes.base import Classifier
 from statplug.stats import RunningMoments
+
+from .base import Classifier
 
 __all__ = ["TinyLM"]
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from statplug.recipes.base import Classifier
 from statplug.stats import RunningNorm
+
+from .base import Classifier
 
 __all__ = ["DigitsCNN"]
 
