@@ -163,8 +163,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     run = load_recipe(args.recipe, args.overrides, require=("model",), trust=args.trust)
     with contextlib.redirect_stdout(sys.stderr):
-        model = build_node(run.config["model"], "model", trust=run.trusted)
-        model.statplug_config = run.config
+        model = build_node(run.config["model"], "model", trust=True)
+        model.statplug_config = run.stored
         optimizers = _optimizers(model.configure_optimizers())
     report = audit(model, optimizers or None)
     print(f"audit of recipe {run.name}: {type(model).__name__}, {len(optimizers)} optimizer(s)")
@@ -224,9 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     overrides_help = "overrides: `a.b=value` (YAML value) or `group=name` (e.g. trainer=ddp-cpu-2)"
     recipe_trust_help = (
-        "build any `_target_` the config names, and load a checkpoint given as RECIPE with "
-        "weights_only=False (only for files you trust); without it a config builds only "
-        "statplug's classes and a short allowlist"
+        "for a checkpoint given as RECIPE (only one you trust): load it with weights_only=False "
+        "and build whatever its stored config names; without it a stored config builds only "
+        "statplug's classes and an allowlist (Lightning's Trainer, callbacks and loggers, "
+        "torchmetrics metrics). Your own YAML files and overrides need no --trust"
     )
     p = sub.add_parser("fit", help="train a recipe; the last line printed is the checkpoint path")
     p.add_argument("recipe", help="recipe YAML path or bundled name (see `statplug recipes`)")
