@@ -353,7 +353,7 @@ class ActivationStats(SyncSchedule):
     ) -> None:
         self.sync(trainer)
         if point.periodic or point.event == "train_epoch_end":
-            self._log(trainer)
+            self._log(trainer, epoch_end=point.event == "train_epoch_end")
 
     def sync(self, trainer: pl.Trainer | None = None, *, settle_after: bool = True) -> SyncReport:
         """Merge the stats across ranks (every rank must call this together).
@@ -389,9 +389,9 @@ class ActivationStats(SyncSchedule):
                 batch.vectors[f"{key}/max"] = layer.minmax.max
         return batch
 
-    def _log(self, trainer: pl.Trainer) -> None:
+    def _log(self, trainer: pl.Trainer, *, epoch_end: bool = False) -> None:
         if self._layers:
-            emit(trainer, self.summary(), histograms=self.histograms)
+            emit(trainer, self.summary(), histograms=self.histograms, epoch_end=epoch_end)
 
     # ------------------------------------------------------------------ checkpoint state
     @override
