@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import io
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -205,7 +207,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if len(summaries) == 1:
         out = plot_summary(summaries[0], args.output)
     else:
-        out = plot_over_time(summaries, args.output)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            out = plot_over_time(summaries, args.output)
+        for w in caught:  # one line each, not Python's two-line warning format
+            print(f"{PROG}: warning: {w.message}", file=sys.stderr)
     print(out)
     return 0
 
@@ -278,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return status
     except (ConfigError, MissingExtraError) as err:
         return _error(str(err))
     except StatplugError as err:  # found while running (a checkpoint mismatch, an audit error)
@@ -286,6 +294,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`statplug inspect ... | head`): stop quietly, as `cat` does.
+        _silence_stdout()
+        return _SIGPIPE_STATUS
+
+
+_SIGPIPE_STATUS = 141  # what a shell reports for a tool ended by SIGPIPE (128 + 13)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so Python's flush at exit does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # not a real file descriptor (a captured stream): nothing is flushed at exit
 
 
 if __name__ == "__main__":

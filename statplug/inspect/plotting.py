@@ -14,7 +14,9 @@ rules every figure follows, checked by the tests on the rendered figure:
 
 from __future__ import annotations
 
+import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "checkpoint_files",
+    "different_runs",
     "over_time_figure",
     "plot_over_time",
     "plot_summary",
@@ -307,6 +310,39 @@ def _order(summaries: list[CheckpointSummary]) -> list[CheckpointSummary]:
     )
 
 
+# Config sections that say which experiment a checkpoint belongs to (the trainer's may change on
+# a resume: more epochs, another device count).
+_EXPERIMENT_KEYS = ("model", "data", "seed")
+
+
+def different_runs(summaries: list[CheckpointSummary]) -> str | None:
+    """Why ``summaries`` cannot be one run's checkpoints, or None when nothing says so.
+
+    Within one run, taken in global-step order, no stat's count goes down, and the stored
+    recipe configs agree on the model, the data and the seed.
+    """
+    runs = _order(summaries)
+    for a, b in itertools.pairwise(runs):
+        counts = {_key(e): e.count for e in a.entries if e.group == "stat" and e.count is not None}
+        for e in b.entries:
+            before = counts.get(_key(e))
+            if e.group == "stat" and e.count is not None and before is not None and (
+                e.count < before or (e.count != before and a.global_step == b.global_step)
+            ):
+                return (
+                    f"the count of `{e.name}` goes from {before:,} in {Path(a.path).name} (step "
+                    f"{a.global_step}) to {e.count:,} in {Path(b.path).name} (step "
+                    f"{b.global_step})"
+                )
+    configs = [(s, s.config) for s in runs if isinstance(s.config, dict)]
+    for (a, ca), (b, cb) in itertools.pairwise(configs):
+        for key in _EXPERIMENT_KEYS:
+            if ca.get(key) != cb.get(key):
+                return (f"the stored configs of {Path(a.path).name} and {Path(b.path).name} "
+                        f"differ in `{key}`")
+    return None
+
+
 def _series(
     group_keys: list[tuple[str, str]], runs: list[CheckpointSummary]
 ) -> dict[str, list[float]]:
@@ -329,7 +365,8 @@ def _series(
 def over_time_figure(summaries: list[CheckpointSummary]) -> Figure:
     """One panel per stat (up to 12): how its summary moved across the checkpoints.
 
-    Checkpoints are ordered by global step. Each panel shows the mean over features of the
+    Checkpoints are ordered by global step; a ``UserWarning`` says when they look like
+    different runs (:func:`different_runs`). Each panel shows the mean over features of the
     mean, a band of ± the mean over features of the std (clipped to the observed range when
     the checkpoint has it), and the minimum and maximum over features.
 
@@ -338,6 +375,13 @@ def over_time_figure(summaries: list[CheckpointSummary]) -> Figure:
     """
     if len(summaries) < 2:
         raise ConfigError("a plot over time needs at least two checkpoints")
+    reason = different_runs(summaries)
+    if reason is not None:
+        warnings.warn(
+            f"these checkpoints look like different runs on one time axis: {reason}; plot each "
+            "run's checkpoints on their own (or pass one run's folder)",
+            UserWarning, stacklevel=2,
+        )
     runs = _order(summaries)
     latest: dict[tuple[str, str], Entry] = {}
     for s in runs:
