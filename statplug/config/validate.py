@@ -270,7 +270,7 @@ def validate(
     if not trust:
         for key in _BUILT_KEYS:  # what build_node refuses, refused before anything is imported
             check_literal_text(plain.get(key), where=key)
-        check_targets(plain, origin=f" (config from {recipe})" if recipe is not None else "")
+        check_targets(plain, origin=f"the config from `{recipe}`" if recipe is not None else "")
     _check_top_level(plain, overridden, recipe)
     for key in require:
         if plain.get(key) is None:

@@ -24,7 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from statplug._extras import require
 from statplug.errors import ConfigError
-from statplug.inspect.checkpoint import CHECKPOINT_SUFFIXES, CheckpointSummary, Entry
+from statplug.inspect.checkpoint import (
+    CHECKPOINT_SUFFIXES,
+    CheckpointSummary,
+    Entry,
+    json_safe,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -337,7 +342,8 @@ def different_runs(summaries: list[CheckpointSummary]) -> str | None:
     configs = [(s, s.config) for s in runs if isinstance(s.config, dict)]
     for (a, ca), (b, cb) in itertools.pairwise(configs):
         for key in _EXPERIMENT_KEYS:
-            if ca.get(key) != cb.get(key):
+            # json_safe: a crafted file's config may hold tensors, which do not compare as bools.
+            if json_safe(ca.get(key)) != json_safe(cb.get(key)):
                 return (f"the stored configs of {Path(a.path).name} and {Path(b.path).name} "
                         f"differ in `{key}`")
     return None

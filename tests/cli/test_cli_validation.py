@@ -58,3 +58,12 @@ def test_range_accepts_exactly_its_interval(
 ) -> None:
     assert all(bounds.problem(v) is None for v in inside)
     assert all(bounds.problem(v) == f"expected a finite number {bounds}".rstrip() for v in outside)
+
+
+def test_the_ranges_docstring_examples_run() -> None:
+    import doctest
+
+    import statplug.config.ranges
+
+    result = doctest.testmod(statplug.config.ranges)
+    assert result.attempted >= 2 and result.failed == 0

@@ -31,7 +31,9 @@ steps. At epoch end (and every
 zero (the values are global, so there is no ``sync_dist`` warning), into
 ``trainer.callback_metrics``, and as per-feature histograms where the logger supports them. Keys:
 ``activations/<layer>/count``, ``mean``, ``std`` (averaged over features), ``n_skipped``,
-``drift`` (see StatsMonitor), and with ``log_min_max=True`` ``min`` and ``max`` over features.
+``drift``, ``drift_mean``, ``std_drift`` (see StatsMonitor), and with ``log_min_max=True``
+``min`` and ``max`` over features. Rows carry ``epoch`` and Lightning's ``step``, as
+StatsMonitor's do.
 """
 
 from __future__ import annotations
