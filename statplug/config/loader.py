@@ -333,8 +333,10 @@ def compose(recipe: str | Path, overrides: Sequence[str] = (), *, trust: bool = 
     """Read ``recipe`` (a path or a bundled name), merge its fragments and apply ``overrides``.
 
     ``recipe`` may also be a checkpoint written by ``statplug fit``: its stored config is re-run
-    (a ``group=name`` override then goes over the stored group); it is read with
-    ``weights_only=True`` unless ``trust``.
+    (a ``group=name`` override then goes over the stored group). Unless ``trust`` it is read
+    with ``weights_only=True`` and its config is checked as it is read: the allowlist of
+    targets, references to its own keys only (:mod:`statplug.config.stored`). The recipe file,
+    its fragments and the overrides are the user's own and are not restricted.
 
     A callback that no earlier layer (fragments, then the recipe, then earlier overrides) defines
     must come with its ``_target_``: anything else under its name (``callbacks.audt=null``) is a

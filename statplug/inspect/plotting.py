@@ -349,6 +349,16 @@ def different_runs(summaries: list[CheckpointSummary]) -> str | None:
     return None
 
 
+def _warn_if_different_runs(summaries: list[CheckpointSummary]) -> None:
+    reason = different_runs(summaries)
+    if reason is not None:
+        warnings.warn(
+            f"these checkpoints look like different runs on one time axis: {reason}; plot each "
+            "run's checkpoints on their own (or pass one run's folder)",
+            UserWarning, stacklevel=3,
+        )
+
+
 def _series(
     group_keys: list[tuple[str, str]], runs: list[CheckpointSummary]
 ) -> dict[str, list[float]]:
@@ -381,13 +391,7 @@ def over_time_figure(summaries: list[CheckpointSummary]) -> Figure:
     """
     if len(summaries) < 2:
         raise ConfigError("a plot over time needs at least two checkpoints")
-    reason = different_runs(summaries)
-    if reason is not None:
-        warnings.warn(
-            f"these checkpoints look like different runs on one time axis: {reason}; plot each "
-            "run's checkpoints on their own (or pass one run's folder)",
-            UserWarning, stacklevel=2,
-        )
+    _warn_if_different_runs(summaries)
     runs = _order(summaries)
     latest: dict[tuple[str, str], Entry] = {}
     for s in runs:
