@@ -33,6 +33,8 @@ def _run(argv: list[str], cwd: Path, timeout: float = 300) -> subprocess.Complet
 
 
 def _build_wheel(tmp: Path) -> Path:
+    """Built without isolation, by this environment's setuptools (the `dev` extra pins one new
+    enough), so nothing is downloaded."""
     src = tmp / "src"
     for name in SOURCES:
         from_, to = REPO / name, src / name
