@@ -31,6 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from statplug.config.errors import OMEGACONF_ERRORS, ConfigError, closest, first_line
 from statplug.config.stored import read_stored_config
+from statplug.config.targets import upgrade_targets
 from statplug.inspect.checkpoint import CHECKPOINT_SUFFIXES
 
 __all__ = [
@@ -425,8 +426,6 @@ def _check_callback_name(cfg: DictConfig, parts: list[str], value: Any, origin: 
 def unresolved(cfg: DictConfig) -> dict[str, Any]:
     """A copy of ``cfg`` in plain Python with its interpolations kept as text (what a
     checkpoint stores: ``${oc.env:TOKEN}`` stays ``${oc.env:TOKEN}``)."""
-    from statplug.config.targets import upgrade_targets
-
     out = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(out, dict)
     return upgrade_targets({str(k): v for k, v in out.items()})  # type: ignore[no-any-return]
