@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 venv: $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check statplug tests benchmarks
+	$(VENV)/bin/ruff check statplug recipes tests benchmarks
 	$(VENV)/bin/mypy
 
 # pytest exits 5 when it collected no test: make fails on any non-zero exit, so CI fails too.

@@ -17,6 +17,7 @@ __all__ = [
     "fsdp_clean_name",
     "fsdp_ignored_buffer_names",
     "is_functorch_wrapped",
+    "lightning_batches_that_stepped",
     "lightning_epoch_results",
     "lightning_last_eval_batch",
     "metric_reduction",
@@ -54,6 +55,16 @@ def fsdp_ignored_buffer_names(fsdp: nn.Module) -> set[str] | None:
 def is_functorch_wrapped(t: Tensor) -> bool:
     """Whether ``t`` is a functorch (vmap/grad) wrapper: ``torch._C._functorch``, 2.4-2.13."""
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def lightning_batches_that_stepped(trainer: Any) -> int:
+    """The step Lightning's logger connector logs its own rows at
+    (``trainer.fit_loop.epoch_loop._batches_that_stepped``; one less for epoch-level rows, which
+    ``_FitLoop.on_advance_end`` logs after decrementing it): lightning 2.4-2.6.6. Falls back to
+    ``trainer.global_step``."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    return int(stepped) if isinstance(stepped, int) else int(trainer.global_step)
 
 
 def lightning_epoch_results(trainer: Any) -> dict[str, Any]:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import io
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -163,8 +165,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     run = load_recipe(args.recipe, args.overrides, require=("model",), trust=args.trust)
     with contextlib.redirect_stdout(sys.stderr):
-        model = build_node(run.config["model"], "model", trust=run.trusted)
-        model.statplug_config = run.config
+        model = build_node(run.config["model"], "model", trust=True)
+        model.statplug_config = run.stored
         optimizers = _optimizers(model.configure_optimizers())
     report = audit(model, optimizers or None)
     print(f"audit of recipe {run.name}: {type(model).__name__}, {len(optimizers)} optimizer(s)")
@@ -205,7 +207,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if len(summaries) == 1:
         out = plot_summary(summaries[0], args.output)
     else:
-        out = plot_over_time(summaries, args.output)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            out = plot_over_time(summaries, args.output)
+        for w in caught:  # one line each, not Python's two-line warning format
+            print(f"{PROG}: warning: {w.message}", file=sys.stderr)
     print(out)
     return 0
 
@@ -224,9 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     overrides_help = "overrides: `a.b=value` (YAML value) or `group=name` (e.g. trainer=ddp-cpu-2)"
     recipe_trust_help = (
-        "build any `_target_` the config names, and load a checkpoint given as RECIPE with "
-        "weights_only=False (only for files you trust); without it a config builds only "
-        "statplug's classes and a short allowlist"
+        "for a checkpoint given as RECIPE (only one you trust): load it with weights_only=False "
+        "and build whatever its stored config names; without it a stored config builds only "
+        "statplug's classes and an allowlist (Lightning's Trainer, callbacks and loggers, "
+        "torchmetrics metrics). Your own YAML files and overrides need no --trust"
     )
     p = sub.add_parser("fit", help="train a recipe; the last line printed is the checkpoint path")
     p.add_argument("recipe", help="recipe YAML path or bundled name (see `statplug recipes`)")
@@ -277,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return status
     except (ConfigError, MissingExtraError) as err:
         return _error(str(err))
     except StatplugError as err:  # found while running (a checkpoint mismatch, an audit error)
@@ -285,6 +294,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`statplug inspect ... | head`): stop quietly, as `cat` does.
+        _silence_stdout()
+        return _SIGPIPE_STATUS
+
+
+_SIGPIPE_STATUS = 141  # what a shell reports for a tool ended by SIGPIPE (128 + 13)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so Python's flush at exit does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # not a real file descriptor (a captured stream): nothing is flushed at exit
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from statplug.config.errors import ConfigError
-from statplug.config.loader import Recipe, compose
+from statplug.config.loader import Recipe, compose, unresolved
 from statplug.config.targets import check_literal_text, check_targets, escape_for_hydra
 from statplug.config.validate import validate
 from statplug.errors import MissingExtraError
@@ -24,11 +24,14 @@ __all__ = ["Run", "build", "build_node", "load_recipe"]
 
 @dataclass
 class Run:
-    """A loaded recipe: the composed config, its plain copy, and where it came from."""
+    """A loaded recipe: the composed config, its plain copies, and where it came from."""
 
     recipe: Recipe
-    config: dict[str, Any]  # resolved, plain Python: what is stored in the checkpoint
-    trusted: bool = False  # --trust: build any `_target_`, not only statplug's and the allowlist
+    config: dict[str, Any]  # resolved, plain Python: what the objects are built from
+    trusted: bool = False  # --trust was given (a checkpoint's config built as written)
+    # Plain Python with interpolations unresolved: what the checkpoint stores, so that no value
+    # from the environment (`${oc.env:TOKEN}`) is written into it. None: as `config`.
+    stored: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -48,24 +51,29 @@ def load_recipe(
 ) -> Run:
     """Compose ``recipe`` with ``overrides`` and validate it (nothing is built yet).
 
+    Trust follows authorship: a YAML recipe the user names, its fragments and the command-line
+    overrides build whatever ``_target_`` they name. A checkpoint given as ``recipe`` is a file
+    someone else may have written: unless ``trust`` (``--trust``) it is read with
+    ``weights_only=True`` and its stored config may build only statplug's classes and an
+    allowlist (:mod:`statplug.config.targets`, :mod:`statplug.config.stored`).
     ``require`` names the top-level nodes that must be present (``statplug audit`` needs only
-    the model). ``trust`` (``--trust``) loads a checkpoint given as the recipe with
-    ``weights_only=False`` and lets the config build any ``_target_``; without it only statplug's
-    classes and a short allowlist (:mod:`statplug.config.targets`).
+    the model).
 
     Raises:
         ConfigError: missing file, bad YAML, unknown key (with the closest valid key), bad value,
-            a ``_target_`` refused without ``trust``.
+            a stored ``_target_`` or resolver refused without ``trust``.
     """
     composed = compose(recipe, overrides, trust=trust)
+    # What a checkpoint's config may build was checked as it was read (compose): from here on
+    # the config is built as written.
     plain = validate(
         composed.config,
         overridden=composed.overridden,
         recipe=composed.path,
         require=require,
-        trust=trust,
+        trust=True,
     )
-    return Run(composed, plain, trusted=trust)
+    return Run(composed, plain, trusted=trust, stored=unresolved(composed.config))
 
 
 def build_node(node: dict[str, Any], where: str, *, trust: bool = False, **kwargs: Any) -> Any:
@@ -113,8 +121,9 @@ class Built:
 def build(run: Run, *, trainer_overrides: dict[str, Any] | None = None) -> Built:
     """Seed, then build the model, data, callbacks and Trainer of ``run``.
 
-    The model gets the resolved config as ``statplug_config`` (StatsMixin stores it in the
-    checkpoint), so a checkpoint can re-run its recipe.
+    The model gets the config with its interpolations unresolved as ``statplug_config``
+    (StatsMixin stores it in the checkpoint), so a checkpoint can re-run its recipe and holds no
+    value read from the environment.
     """
     import lightning.pytorch as pl
     import torch
@@ -129,11 +138,11 @@ def build(run: Run, *, trainer_overrides: dict[str, Any] | None = None) -> Built
         torch.set_num_threads(int(threads))
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg["seed"]), workers=True, verbose=False)
-    model = build_node(cfg["model"], "model", trust=run.trusted)
-    model.statplug_config = cfg
-    data = build_node(cfg["data"], "data", trust=run.trusted)
+    model = build_node(cfg["model"], "model", trust=True)
+    model.statplug_config = run.stored if run.stored is not None else cfg
+    data = build_node(cfg["data"], "data", trust=True)
     callbacks = [
-        build_node(node, f"callbacks.{name}", trust=run.trusted)
+        build_node(node, f"callbacks.{name}", trust=True)
         for name, node in (cfg.get("callbacks") or {}).items()
         if node is not None
     ]
@@ -142,7 +151,7 @@ def build(run: Run, *, trainer_overrides: dict[str, Any] | None = None) -> Built
     trainer = build_node(
         {"_target_": "lightning.pytorch.Trainer", **trainer_kwargs},
         "trainer",
-        trust=run.trusted,
+        trust=True,
         callbacks=callbacks,
     )
     return Built(model=model, data=data, trainer=trainer, callbacks=callbacks)

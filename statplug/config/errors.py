@@ -6,9 +6,23 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from omegaconf.errors import OmegaConfBaseException
+
 from statplug.errors import ConfigError
 
-__all__ = ["ConfigError", "closest"]
+__all__ = ["OMEGACONF_ERRORS", "ConfigError", "closest", "first_line"]
+
+# OmegaConf's interpolation grammar is parsed recursively: a deeply nested one (a few KB of
+# brackets) ends in RecursionError instead of one of its own errors.
+OMEGACONF_ERRORS = (OmegaConfBaseException, RecursionError)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an OmegaConf error, for a one-line message."""
+    if isinstance(err, RecursionError):
+        return "an interpolation nests too deeply"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def closest(word: str, candidates: Iterable[str]) -> str | None:

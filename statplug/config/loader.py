@@ -12,13 +12,14 @@ fragments in order, then the recipe's own keys, then the command-line overrides.
 a key (values are parsed as YAML: ``3``, ``1e-3``, ``null``, ``[1, 2]``).
 
 Fragments are looked up in a ``configs/`` folder beside the recipe or beside its folder (so a
-project can keep its own), then in the configs shipped with statplug. The bundled recipes live in
-the package :mod:`statplug.recipes`, beside the models and data modules they build, with their
-fragments in its ``configs/`` folder.
+project can keep its own), then in the configs shipped with statplug. The bundled recipes are the
+repository's top-level ``recipes/`` (beside the models and data modules they build) and
+``configs/`` folders, installed as the packages :mod:`statplug.recipes` and ``statplug.configs``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,9 +28,10 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from statplug.config.errors import ConfigError, closest
+from statplug.config.errors import OMEGACONF_ERRORS, ConfigError, closest, first_line
+from statplug.config.stored import read_stored_config
+from statplug.config.targets import upgrade_targets
 from statplug.inspect.checkpoint import CHECKPOINT_SUFFIXES
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "parse_overrides",
     "parse_yaml",
     "to_plain",
+    "unresolved",
 ]
 
 
@@ -103,18 +106,25 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
-# The package `statplug.recipes`, found by path: importing it would import its models.
-_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+def _package_dir(name: str) -> Path | None:
+    """The folder of package ``name``, found without importing it (the recipes' package would
+    import their models); None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except ImportError:
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
 
 
 def bundled_configs_dir() -> Path:
-    """The ``configs/`` fragments shipped with statplug (``statplug/recipes/configs``)."""
-    return _RECIPES / "configs"
+    """The ``configs/`` fragments shipped with statplug (installed as ``statplug/configs``)."""
+    return _package_dir("statplug.configs") or Path("statplug/configs")
 
 
 def bundled_recipes_dir() -> Path:
-    """The folder of the recipes shipped with statplug (the package ``statplug.recipes``)."""
-    return _RECIPES
+    """The ``recipes/`` shipped with statplug (installed as the package ``statplug.recipes``)."""
+    return _package_dir("statplug.recipes") or Path("statplug/recipes")
 
 
 def bundled_recipes() -> dict[str, Path]:
@@ -195,20 +205,8 @@ def load_yaml(path: Path) -> DictConfig:
         )
     try:
         return OmegaConf.create(data)
-    except _OMEGACONF_ERRORS as err:
-        raise ConfigError(f"bad config in {path}: {_first_line(err)}") from None
-
-
-# OmegaConf's interpolation grammar is parsed recursively: a deeply nested one (a few KB of
-# brackets) ends in RecursionError instead of one of its own errors.
-_OMEGACONF_ERRORS = (OmegaConfBaseException, RecursionError)
-
-
-def _first_line(err: BaseException) -> str:
-    if isinstance(err, RecursionError):
-        return "an interpolation nests too deeply"
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    except OMEGACONF_ERRORS as err:
+        raise ConfigError(f"bad config in {path}: {first_line(err)}") from None
 
 
 @dataclass
@@ -336,8 +334,10 @@ def compose(recipe: str | Path, overrides: Sequence[str] = (), *, trust: bool = 
     """Read ``recipe`` (a path or a bundled name), merge its fragments and apply ``overrides``.
 
     ``recipe`` may also be a checkpoint written by ``statplug fit``: its stored config is re-run
-    (a ``group=name`` override then goes over the stored group); it is read with
-    ``weights_only=True`` unless ``trust``.
+    (a ``group=name`` override then goes over the stored group). Unless ``trust`` it is read
+    with ``weights_only=True`` and its config is checked as it is read: the allowlist of
+    targets, references to its own keys only (:mod:`statplug.config.stored`). The recipe file,
+    its fragments and the overrides are the user's own and are not restricted.
 
     A callback that no earlier layer (fragments, then the recipe, then earlier overrides) defines
     must come with its ``_target_``: anything else under its name (``callbacks.audt=null``) is a
@@ -351,7 +351,7 @@ def compose(recipe: str | Path, overrides: Sequence[str] = (), *, trust: bool = 
     """
     path = find_recipe(recipe)
     stored = path.suffix in CHECKPOINT_SUFFIXES
-    raw = _stored_config(path, trust) if stored else load_yaml(path)
+    raw = read_stored_config(path, trust=trust) if stored else load_yaml(path)
     dirs = _group_dirs(path)
     groups = _groups(dirs)
     fragments = _parse_defaults(raw.pop("defaults", None), path)
@@ -371,13 +371,14 @@ def compose(recipe: str | Path, overrides: Sequence[str] = (), *, trust: bool = 
                 for cb_name in layer:
                     _check_callback_name(cfg, [str(cb_name)], layer[cb_name], f" (in {path})")
             cfg = OmegaConf.merge(cfg, raw)
+        new = _new_callbacks(assignments)
         for key, value in assignments:
             parts = key.split(".")
-            if parts[0] == "callbacks" and len(parts) > 1:
+            if parts[0] == "callbacks" and len(parts) > 1 and parts[1] not in new:
                 _check_callback_name(cfg, parts[1:], value, " (command-line override)")
             OmegaConf.update(cfg, key, value, merge=True, force_add=True)
-    except _OMEGACONF_ERRORS as err:
-        raise ConfigError(f"cannot compose recipe {path}: {_first_line(err)}") from None
+    except OMEGACONF_ERRORS as err:
+        raise ConfigError(f"cannot compose recipe {path}: {first_line(err)}") from None
     assert isinstance(cfg, DictConfig)
     return Recipe(
         config=cfg,
@@ -386,6 +387,21 @@ def compose(recipe: str | Path, overrides: Sequence[str] = (), *, trust: bool = 
         fragments=fragments,
         overridden={k for k, _ in assignments},
     )
+
+
+def _new_callbacks(assignments: list[tuple[str, Any]]) -> set[str]:
+    """Callbacks the overrides define: ``callbacks.NAME={_target_: ...}`` or, dotted,
+    ``callbacks.NAME._target_=...`` (then ``callbacks.NAME.arg=...`` in any order)."""
+    new = set()
+    for key, value in assignments:
+        parts = key.split(".")
+        if parts[0] != "callbacks" or len(parts) < 2:
+            continue
+        if parts[2:] == ["_target_"] or (
+            len(parts) == 2 and isinstance(value, dict) and "_target_" in value
+        ):
+            new.add(parts[1])
+    return new
 
 
 def _check_callback_name(cfg: DictConfig, parts: list[str], value: Any, origin: str) -> None:
@@ -407,66 +423,19 @@ def _check_callback_name(cfg: DictConfig, parts: list[str], value: Any, origin: 
     )
 
 
-def _stored_config(path: Path, trust: bool = False) -> DictConfig:
-    """The resolved recipe config stored by ``statplug fit`` in ``checkpoint["statplug"]``.
-
-    It was stored resolved, so its strings are literal text: an interpolation in one
-    (``${oc.env:...}``) is escaped, never resolved.
-    """
-    from statplug.config.targets import escape_interpolations
-    from statplug.inspect.checkpoint import load_checkpoint
-
-    meta = load_checkpoint(path, trust=trust).get("statplug")
-    cfg = meta.get("config") if isinstance(meta, dict) else None
-    if isinstance(meta, dict) and meta.get("config_source") == "LightningCLI":
-        raise ConfigError(
-            f"checkpoint `{path}` holds a LightningCLI config, not a recipe; run it again with "
-            "your LightningCLI script (`statplug inspect --config` prints the stored config)"
-        )
-    if not isinstance(cfg, dict):
-        raise ConfigError(
-            f"checkpoint `{path}` holds no recipe config (checkpoint[\"statplug\"][\"config\"]); "
-            "only checkpoints written by `statplug fit` (or a model with `statplug_config`) can "
-            "be re-run"
-        )
-    bad = _first_non_plain(cfg, "config")
-    if bad is not None:
-        raise ConfigError(
-            f"checkpoint `{path}`: its stored config holds {bad}; a stored config holds only "
-            "mappings with text keys, lists, text, numbers, booleans and null"
-        )
-    try:
-        return OmegaConf.create(escape_interpolations(cfg))
-    except _OMEGACONF_ERRORS as err:
-        raise ConfigError(f"checkpoint `{path}`: bad stored config: {_first_line(err)}") from None
-
-
-def _first_non_plain(node: Any, where: str) -> str | None:
-    """The first value (``"a tuple at `config.model`"``) that plain YAML could not have written."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if not isinstance(k, str):
-                return f"a {type(k).__name__} key at `{where}`"
-            bad = _first_non_plain(v, f"{where}.{k}")
-            if bad is not None:
-                return bad
-        return None
-    if isinstance(node, list):
-        for i, v in enumerate(node):
-            bad = _first_non_plain(v, f"{where}.{i}")
-            if bad is not None:
-                return bad
-        return None
-    if node is None or isinstance(node, str | int | float | bool):
-        return None
-    return f"a {type(node).__name__} at `{where}`"
+def unresolved(cfg: DictConfig) -> dict[str, Any]:
+    """A copy of ``cfg`` in plain Python with its interpolations kept as text (what a
+    checkpoint stores: ``${oc.env:TOKEN}`` stays ``${oc.env:TOKEN}``)."""
+    out = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(out, dict)
+    return upgrade_targets({str(k): v for k, v in out.items()})  # type: ignore[no-any-return]
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """A resolved copy of ``cfg`` in plain Python (loads with ``torch.load(weights_only=True)``)."""
     try:
         out = OmegaConf.to_container(cfg, resolve=True)
-    except _OMEGACONF_ERRORS as err:
-        raise ConfigError(f"cannot resolve the config: {_first_line(err)}") from None
+    except OMEGACONF_ERRORS as err:
+        raise ConfigError(f"cannot resolve the config: {first_line(err)}") from None
     assert isinstance(out, dict)
     return {str(k): v for k, v in out.items()}

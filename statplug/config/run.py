@@ -27,7 +27,7 @@ class RecipeRun:
     trainer: Any  # the Trainer, after ``fit``
     checkpoint_path: str  # the checkpoint Lightning wrote, or a final one saved after ``fit``
     datamodule: Any
-    config: dict[str, Any]  # the resolved recipe config (stored in the checkpoint too)
+    config: dict[str, Any]  # the resolved recipe config (stored unresolved in the checkpoint)
 
 
 def checkpoint_path(trainer: Any) -> str:
@@ -94,10 +94,11 @@ def run_recipe(
             ``"trainer=ddp-cpu-2"``). Default: none.
         progress: show (True) or hide (False) Lightning's progress bar. Default: None (as the
             recipe says; shown when it does not say).
-        trust: build any ``_target_`` the config names (your own model or callback classes),
-            and load a checkpoint given as the recipe with ``weights_only=False``; without it
-            only statplug's classes and a short allowlist (``statplug fit --trust``).
-            Default: False.
+        trust: for a checkpoint given as the recipe: load it with ``weights_only=False`` and
+            build whatever its stored config names, interpolations resolved; without it the
+            stored config builds only statplug's classes and an allowlist (Lightning's Trainer,
+            callbacks and loggers, torchmetrics metrics) (``statplug fit --trust``). A YAML
+            recipe and ``overrides`` are your own and build whatever they name. Default: False.
 
     Returns:
         :class:`RecipeRun` with the fitted ``model``, the ``trainer``, the ``checkpoint_path``,
@@ -105,6 +106,7 @@ def run_recipe(
 
     Raises:
         ConfigError: the recipe or an override is wrong (unknown key, bad value, bad YAML), or
-            it names a ``_target_`` outside statplug and ``trust`` is False.
+            a checkpoint's stored config names a ``_target_`` outside the allowlist and
+            ``trust`` is False.
     """
     return fit_run(load_recipe(name_or_path, overrides, trust=trust), progress=progress)

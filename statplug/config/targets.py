@@ -1,18 +1,20 @@
-"""Which ``_target_`` a config may build: statplug's own classes and a short allowlist.
+"""Which ``_target_`` a config read back from a checkpoint may build without ``--trust``.
 
-Files are data, not code. A recipe, a ``configs/`` fragment or a config stored in a checkpoint
-names the classes to build with ``_target_``, and ``hydra.utils.instantiate`` imports and calls
-whatever it names (``builtins.open``, ``shutil.copyfile``, ``torch.save`` ...). Unless the user
-passes ``--trust``, every ``_target_`` anywhere in a config (nested nodes, ``_args_`` lists,
+Trust follows authorship. What the user types on the command line and the YAML files the user
+names are the user's own intent and build whatever they name. A config stored in a checkpoint is
+a file someone else may have written, and ``hydra.utils.instantiate`` imports and calls whatever
+a ``_target_`` names (``builtins.open``, ``shutil.copyfile``, ``torch.save`` ...). Unless the user
+passes ``--trust``, every ``_target_`` anywhere in such a config (nested nodes, ``_args_`` lists,
 ``_partial_`` nodes) must be
 
-* a public class defined in statplug, named by a path of public statplug modules (resolved here
-  step by step, never through an attribute of a non-statplug object, so neither
-  ``statplug.inspect.checkpoint.torch.load`` nor ``statplugx.evil`` passes), or
-* one of :data:`ALLOWED_TARGETS`, compared as exact strings (the torch and Lightning classes the
-  bundled recipes need).
+* a public class of one of :data:`ALLOWED_PACKAGES` that is a subclass of that package's base
+  (any statplug class; a Lightning ``Callback`` of ``lightning.pytorch.callbacks``, a ``Logger``
+  of ``lightning.pytorch.loggers``, a torchmetrics ``Metric``), named by a path of public modules
+  of that package (resolved here step by step, never through an attribute of an object outside
+  it, so neither ``statplug.inspect.checkpoint.torch.load`` nor ``statplugx.evil`` passes), or
+* one of :data:`ALLOWED_TARGETS` (``lightning.pytorch.Trainer``), compared as exact strings.
 
-Nothing outside statplug is imported to decide, so a refused name never runs module code.
+Nothing outside those packages is imported to decide, so a refused name never runs module code.
 
 Hydra resolves OmegaConf interpolations again when it instantiates (twice: ``OmegaConf.resolve``
 on its copy, then again as it reads each value), so a string that reads
@@ -34,7 +36,9 @@ from typing import Any
 from statplug.config.errors import ConfigError
 
 __all__ = [
+    "ALLOWED_PACKAGES",
     "ALLOWED_TARGETS",
+    "allowed_description",
     "check_literal_text",
     "check_targets",
     "escape_for_hydra",
@@ -44,40 +48,52 @@ __all__ = [
     "upgrade_targets",
 ]
 
-ALLOWED_TARGETS: frozenset[str] = frozenset(
-    {
-        "lightning.pytorch.Trainer",
-        "lightning.pytorch.loggers.CSVLogger",
-        "lightning.pytorch.loggers.csv_logs.CSVLogger",
-    }
-)
-# Other spellings of an allowed class, left out of messages.
-_ALIASES = frozenset({"lightning.pytorch.loggers.csv_logs.CSVLogger"})
+ALLOWED_TARGETS: frozenset[str] = frozenset({"lightning.pytorch.Trainer"})
+# Package -> (module, class) of the base every allowed class of that package derives from.
+ALLOWED_PACKAGES: dict[str, tuple[str, str] | None] = {
+    "statplug": None,  # any public statplug class
+    "lightning.pytorch.callbacks": ("lightning.pytorch.callbacks", "Callback"),
+    "lightning.pytorch.loggers": ("lightning.pytorch.loggers", "Logger"),
+    "torchmetrics": ("torchmetrics", "Metric"),
+}
 _PACKAGE = "statplug"
 
 
-_MISSING = object()  # a statplug.* name that names nothing: validation suggests the fix
-_OUTSIDE = object()  # a name that leaves statplug's public modules on the way
-_NOT_LOADED = object()  # undecided without importing a statplug module not imported yet
+_MISSING = object()  # a name inside an allowed package that names nothing: validation says so
+_OUTSIDE = object()  # a name that leaves the package's public modules on the way
+_NOT_LOADED = object()  # undecided without importing a module not imported yet
 
 
-def _statplug_object(target: str, *, load: bool = True) -> Any:
-    """The object ``target`` names inside statplug, ``_MISSING`` or ``_OUTSIDE``.
+def _package_of(target: str) -> str | None:
+    """The allowed package ``target`` is named under (the longest match), or None."""
+    matches = [p for p in ALLOWED_PACKAGES if target == p or target.startswith(p + ".")]
+    return max(matches, key=len) if matches else None
+
+
+def _in_package(module: ModuleType, package: str) -> bool:
+    return module.__name__ == package or module.__name__.startswith(package + ".")
+
+
+def _package_object(target: str, package: str, *, load: bool = True) -> Any:
+    """The object ``target`` names inside ``package``, ``_MISSING`` or ``_OUTSIDE``.
 
     Resolved like Hydra's ``_locate`` (attribute, else submodule), but every step before the last
-    must be a statplug module and no step may be private (``_x``), which also rules out dunder
-    attributes such as ``__globals__`` or ``__builtins__``. With ``load=False`` nothing is
+    must be a module of ``package`` and no step may be private (``_x``), which also rules out
+    dunder attributes such as ``__globals__`` or ``__builtins__``. With ``load=False`` nothing is
     imported (module ``__getattr__`` hooks are bypassed too) and ``_NOT_LOADED`` says the answer
     needs an import.
     """
     parts = target.split(".")
-    if parts[0] != _PACKAGE or not all(p.isidentifier() and not p.startswith("_") for p in parts):
+    if not all(p.isidentifier() and not p.startswith("_") for p in parts):
         return _OUTSIDE
-    obj: Any = importlib.import_module(_PACKAGE)
-    for i, part in enumerate(parts[1:], start=1):
-        if not isinstance(obj, ModuleType) or not (
-            obj.__name__ == _PACKAGE or obj.__name__.startswith(_PACKAGE + ".")
-        ):
+    depth = package.count(".") + 1
+    obj: Any = sys.modules.get(package)
+    if obj is None:
+        if not load:
+            return _NOT_LOADED
+        obj = importlib.import_module(package)
+    for i, part in enumerate(parts[depth:], start=depth):
+        if not isinstance(obj, ModuleType) or not _in_package(obj, package):
             return _OUTSIDE
         name = ".".join(parts[: i + 1])
         child = getattr(obj, part, _MISSING) if load else vars(obj).get(part, _MISSING)
@@ -92,36 +108,51 @@ def _statplug_object(target: str, *, load: bool = True) -> Any:
     return obj
 
 
-def _is_statplug_class(obj: Any) -> bool:
+def _is_allowed_class(obj: Any, package: str) -> bool:
     module = getattr(obj, "__module__", None) or ""
-    return inspect.isclass(obj) and (module == _PACKAGE or module.startswith(_PACKAGE + "."))
+    if not (inspect.isclass(obj) and (module == package or module.startswith(package + "."))):
+        return False
+    base = ALLOWED_PACKAGES[package]
+    if base is None:
+        return True
+    return issubclass(obj, getattr(importlib.import_module(base[0]), base[1]))
 
 
 def is_allowed_target(target: Any) -> bool:
-    """Whether a config may build ``target`` without ``--trust``."""
+    """Whether a config read from a checkpoint may build ``target`` without ``--trust``."""
     if not isinstance(target, str):
         return False
-    return target in ALLOWED_TARGETS or _is_statplug_class(_statplug_object(target))
+    if target in ALLOWED_TARGETS:
+        return True
+    package = _package_of(target)
+    return package is not None and _is_allowed_class(_package_object(target, package), package)
 
 
 def _refused(target: Any, *, load: bool) -> bool:
     """Whether ``target`` is refused; with ``load=False``, only what is decided without imports.
 
-    A ``statplug.*`` name that names nothing is not refused here: validation reports the typo
-    with the closest valid name.
+    A name inside an allowed package that names nothing is not refused here: validation reports
+    the typo with the closest valid name.
     """
     if not isinstance(target, str):
         return True
     if target in ALLOWED_TARGETS:
         return False
-    if target.split(".")[0] != _PACKAGE:
+    package = _package_of(target)
+    if package is None:
         return True
-    obj = _statplug_object(target, load=load)
+    obj = _package_object(target, package, load=load)
     if obj is _MISSING or obj is _NOT_LOADED:
         return False
     if not load and obj is not _OUTSIDE and isinstance(obj, ModuleType):
         return False  # a module reached without imports: the full pass resolves what follows
-    return not _is_statplug_class(obj)
+    return not _is_allowed_class(obj, package)
+
+
+def allowed_description() -> str:
+    """The allowlist in words, for messages."""
+    packages = [f"{p}.*" for p in ALLOWED_PACKAGES if p != _PACKAGE]
+    return "statplug's own classes, " + ", ".join([*sorted(ALLOWED_TARGETS), *packages])
 
 
 def iter_all_targets(node: Any, where: str = "") -> Iterator[tuple[str, Any]]:
@@ -139,17 +170,18 @@ def iter_all_targets(node: Any, where: str = "") -> Iterator[tuple[str, Any]]:
 def check_targets(node: Any, *, where: str = "", origin: str = "") -> None:
     """Refuse the first ``_target_`` in ``node`` that is not allowed without ``--trust``.
 
-    What can be decided without importing anything is decided first (names outside statplug,
-    paths through modules already imported), so a hostile config is refused before the modules
-    its other targets name (Lightning's, for the callbacks) are imported to check those.
+    What can be decided without importing anything is decided first (names outside the allowed
+    packages, paths through modules already imported), so a hostile config is refused before the
+    modules its other targets name are imported to check those.
 
     Args:
         node: a plain (resolved) config or one node of it.
         where: the key of ``node`` in the whole config, for messages.
-        origin: where the config came from, appended to the message (`` (in run.ckpt)``).
+        origin: where the config came from (``the config stored in checkpoint `run.ckpt```).
+            Default: a config read from a file.
 
     Raises:
-        ConfigError: one line naming the key, the target and ``--trust``.
+        ConfigError: one line naming the key, the target, where it came from and ``--trust``.
     """
     targets = list(iter_all_targets(node, where))
     refused = next((kt for kt in targets if _refused(kt[1], load=False)), None) or next(
@@ -159,11 +191,10 @@ def check_targets(node: Any, *, where: str = "", origin: str = "") -> None:
         return
     key, target = refused
     shown = target if isinstance(target, str) else repr(target)
-    allowed = ", ".join(sorted(t for t in ALLOWED_TARGETS if t not in _ALIASES))
     raise ConfigError(
-        f"`{key + '.' if key else ''}_target_`: refusing to build `{shown}`: without --trust "
-        f"a config builds only statplug's own classes and {allowed}; pass --trust if you "
-        f"trust this config and the code it names{origin}"
+        f"`{key + '.' if key else ''}_target_`: refusing to build `{shown}` named by "
+        f"{origin or 'a config read from a file'}: without --trust such a config builds only "
+        f"{allowed_description()}; pass --trust if you trust this file and the code it names"
     )
 
 

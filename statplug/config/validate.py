@@ -3,7 +3,9 @@
 Every node with a ``_target_`` is checked against the signature of what it names (a class's
 ``__init__`` or a function), ``trainer`` against :class:`lightning.pytorch.Trainer`, and the top
 level against the recipe schema. An unknown key is reported with the closest valid key; a value
-of an obviously wrong type (text where a number is expected) is reported with the expected type.
+of an obviously wrong type (text where a number is expected) is reported with the expected type,
+a number outside its parameter's declared range (:mod:`statplug.config.ranges`) or not finite
+with the range.
 Nothing is imported beyond the targets themselves, and nothing is built.
 """
 
@@ -16,11 +18,12 @@ import types
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from omegaconf import DictConfig
 
 from statplug.config.errors import ConfigError, closest
+from statplug.config.ranges import Range, range_of
 from statplug.config.targets import check_literal_text, check_targets, upgrade_targets
 
 __all__ = ["TOP_LEVEL_KEYS", "resolve_target", "validate"]
@@ -85,13 +88,15 @@ def _signature(obj: Callable[..., Any]) -> tuple[inspect.Signature, dict[str, An
     fn = obj.__init__ if inspect.isclass(obj) else obj  # type: ignore[misc]
     sig = inspect.signature(fn)
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # keeps Annotated ranges
     except Exception:  # unresolvable forward references: skip type checks
         hints = {}
     return sig, hints
 
 
 def _type_name(ann: Any) -> str:
+    if get_origin(ann) is Annotated:
+        return _type_name(get_args(ann)[0])
     if ann is type(None):
         return "null"
     if get_origin(ann) in (Union, types.UnionType):
@@ -110,6 +115,8 @@ def _type_ok(value: Any, ann: Any) -> bool:
     if isinstance(value, dict) and "_target_" in value:
         return True  # an object built from the node; its own signature is checked
     origin = get_origin(ann)
+    if origin is Annotated:
+        return _type_ok(value, get_args(ann)[0])
     if origin in (Union, types.UnionType):
         return any(_type_ok(value, a) for a in get_args(ann))
     if origin is Literal:
@@ -141,12 +148,37 @@ def _type_ok(value: Any, ann: Any) -> bool:
     return True
 
 
+def _strip_annotated(ann: Any) -> Any:
+    return get_args(ann)[0] if get_origin(ann) is Annotated else ann
+
+
+def _non_null(ann: Any) -> Any:
+    """``X`` from ``X | None`` (the list type of ``list[int] | None``); else ``ann``."""
+    if get_origin(ann) in (Union, types.UnionType):
+        args = [a for a in get_args(ann) if a is not type(None)]
+        return args[0] if len(args) == 1 else ann
+    return ann
+
+
 def _check_value(where: str, value: Any, ann: Any, suffix: str) -> None:
+    """The value's type, then its range: the parameter's :class:`Range` if it declares one, and
+    finite wherever a float arrives (NaN or inf is never a meaningful recipe argument)."""
     if not _type_ok(value, ann):
         raise ConfigError(
             f"bad value for `{where}`: expected {_type_name(ann)}, got "
             f"{'null' if value is None else f'{type(value).__name__} {value!r}'}{suffix}"
         )
+    if isinstance(value, list):
+        inner = [a for a in get_args(_strip_annotated(_non_null(ann))) if a is not Ellipsis]
+        for i, item in enumerate(value):
+            _check_value(f"{where}.{i}", item, inner[0] if len(inner) == 1 else Any, suffix)
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    bounds = range_of(ann) or (Range() if isinstance(value, float) else None)
+    problem = bounds.problem(value) if bounds is not None else None
+    if problem is not None:
+        raise ConfigError(f"bad value for `{where}`: {problem}, got {value!r}{suffix}")
 
 
 def _check_kwargs(
@@ -238,7 +270,7 @@ def validate(
     if not trust:
         for key in _BUILT_KEYS:  # what build_node refuses, refused before anything is imported
             check_literal_text(plain.get(key), where=key)
-        check_targets(plain, origin=f" (config from {recipe})" if recipe is not None else "")
+        check_targets(plain, origin=f"the config from `{recipe}`" if recipe is not None else "")
     _check_top_level(plain, overridden, recipe)
     for key in require:
         if plain.get(key) is None:

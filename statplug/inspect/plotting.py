@@ -14,7 +14,9 @@ rules every figure follows, checked by the tests on the rendered figure:
 
 from __future__ import annotations
 
+import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from statplug._extras import require
 from statplug.errors import ConfigError
-from statplug.inspect.checkpoint import CHECKPOINT_SUFFIXES, CheckpointSummary, Entry
+from statplug.inspect.checkpoint import (
+    CHECKPOINT_SUFFIXES,
+    CheckpointSummary,
+    Entry,
+    json_safe,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -30,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "checkpoint_files",
+    "different_runs",
     "over_time_figure",
     "plot_over_time",
     "plot_summary",
@@ -307,6 +315,50 @@ def _order(summaries: list[CheckpointSummary]) -> list[CheckpointSummary]:
     )
 
 
+# Config sections that say which experiment a checkpoint belongs to (the trainer's may change on
+# a resume: more epochs, another device count).
+_EXPERIMENT_KEYS = ("model", "data", "seed")
+
+
+def different_runs(summaries: list[CheckpointSummary]) -> str | None:
+    """Why ``summaries`` cannot be one run's checkpoints, or None when nothing says so.
+
+    Within one run, taken in global-step order, no stat's count goes down, and the stored
+    recipe configs agree on the model, the data and the seed.
+    """
+    runs = _order(summaries)
+    for a, b in itertools.pairwise(runs):
+        counts = {_key(e): e.count for e in a.entries if e.group == "stat" and e.count is not None}
+        for e in b.entries:
+            before = counts.get(_key(e))
+            if e.group == "stat" and e.count is not None and before is not None and (
+                e.count < before or (e.count != before and a.global_step == b.global_step)
+            ):
+                return (
+                    f"the count of `{e.name}` goes from {before:,} in {Path(a.path).name} (step "
+                    f"{a.global_step}) to {e.count:,} in {Path(b.path).name} (step "
+                    f"{b.global_step})"
+                )
+    configs = [(s, s.config) for s in runs if isinstance(s.config, dict)]
+    for (a, ca), (b, cb) in itertools.pairwise(configs):
+        for key in _EXPERIMENT_KEYS:
+            # json_safe: a crafted file's config may hold tensors, which do not compare as bools.
+            if json_safe(ca.get(key)) != json_safe(cb.get(key)):
+                return (f"the stored configs of {Path(a.path).name} and {Path(b.path).name} "
+                        f"differ in `{key}`")
+    return None
+
+
+def _warn_if_different_runs(summaries: list[CheckpointSummary]) -> None:
+    reason = different_runs(summaries)
+    if reason is not None:
+        warnings.warn(
+            f"these checkpoints look like different runs on one time axis: {reason}; plot each "
+            "run's checkpoints on their own (or pass one run's folder)",
+            UserWarning, stacklevel=3,
+        )
+
+
 def _series(
     group_keys: list[tuple[str, str]], runs: list[CheckpointSummary]
 ) -> dict[str, list[float]]:
@@ -329,7 +381,8 @@ def _series(
 def over_time_figure(summaries: list[CheckpointSummary]) -> Figure:
     """One panel per stat (up to 12): how its summary moved across the checkpoints.
 
-    Checkpoints are ordered by global step. Each panel shows the mean over features of the
+    Checkpoints are ordered by global step; a ``UserWarning`` says when they look like
+    different runs (:func:`different_runs`). Each panel shows the mean over features of the
     mean, a band of ± the mean over features of the std (clipped to the observed range when
     the checkpoint has it), and the minimum and maximum over features.
 
@@ -338,6 +391,7 @@ def over_time_figure(summaries: list[CheckpointSummary]) -> Figure:
     """
     if len(summaries) < 2:
         raise ConfigError("a plot over time needs at least two checkpoints")
+    _warn_if_different_runs(summaries)
     runs = _order(summaries)
     latest: dict[tuple[str, str], Entry] = {}
     for s in runs:

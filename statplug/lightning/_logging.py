@@ -24,9 +24,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from statplug._compat import lightning_batches_that_stepped
 from statplug.stats import EMAMoments, RunningMinMax, RunningMoments, RunningNorm, Stat
 
-__all__ = ["DriftTracker", "LogBatch", "emit", "readout"]
+__all__ = ["Drift", "DriftTracker", "LogBatch", "emit", "log_step", "readout"]
 
 # Features whose std is 0 (a constant pixel) count their raw change of mean as drift.
 _UNIT = 1.0
@@ -60,24 +61,58 @@ class LogBatch:
         return {k: v for k, v in out.items() if k.rpartition("/")[0] not in self.empty}
 
 
+@dataclass
+class Drift:
+    """How far a stat moved since the previous log, feature by feature in its own units, so
+    features on different scales weigh the same (0-dim tensors)."""
+
+    largest: Tensor  # max over features of |mean - previous mean| / std
+    mean: Tensor  # the same, averaged over features
+    std: Tensor  # max over features of |std / previous std - 1|
+
+
 class DriftTracker:
-    """The mean each stat had at the previous log, to report how far it moved since."""
+    """The mean and std each stat had at the previous log, to report how far it moved since.
+
+    Its :meth:`state_dict` (plain lists) goes into the owning callback's checkpoint state, so
+    the first log after a resume compares with the last one before it.
+    """
 
     def __init__(self) -> None:
-        self._previous: dict[str, Tensor] = {}
+        self._previous: dict[str, tuple[Tensor, Tensor]] = {}
 
-    def drift(self, key: str, mean: Tensor, std: Tensor) -> Tensor | None:
-        """Largest ``|mean - previous mean| / std`` over features (None on the first log)."""
+    def drift(self, key: str, mean: Tensor, std: Tensor) -> Drift | None:
+        """The :class:`Drift` of ``key`` since its previous log (None on the first one)."""
         mean = mean.detach().double().reshape(-1)
         std = std.detach().double().reshape(-1)
         prev = self._previous.get(key)
-        self._previous[key] = mean.clone()
-        if prev is None or prev.shape != mean.shape:
+        self._previous[key] = (mean.clone(), std.clone())
+        if prev is None or prev[0].shape != mean.shape:
             return None
-        return ((mean - prev).abs() / torch.where(std > 0, std, _UNIT)).max()
+        prev_mean, prev_std = (t.to(mean.device) for t in prev)
+        moved = (mean - prev_mean).abs() / torch.where(std > 0, std, _UNIT)
+        scaled = (std / torch.where(prev_std > 0, prev_std, _UNIT) - 1).abs()
+        scaled = torch.where(prev_std > 0, scaled, (std - prev_std).abs())
+        return Drift(moved.max(), moved.mean(), scaled.max())
 
     def reset(self) -> None:
         self._previous.clear()
+
+    def state_dict(self) -> dict[str, dict[str, list[float]]]:
+        """Plain Python (``torch.load(weights_only=True)`` reads it): key -> mean, std lists."""
+        return {
+            key: {"mean": mean.cpu().tolist(), "std": std.cpu().tolist()}
+            for key, (mean, std) in self._previous.items()
+        }
+
+    def load_state_dict(self, state: dict[str, dict[str, list[float]]]) -> None:
+        self._previous = {
+            str(key): (
+                torch.tensor(entry["mean"], dtype=torch.float64),
+                torch.tensor(entry["std"], dtype=torch.float64),
+            )
+            for key, entry in state.items()
+        }
 
 
 def readout(
@@ -92,8 +127,9 @@ def readout(
     """Add ``stat``'s summary under ``prefix`` (``stats/norm``) to ``batch``.
 
     ``count`` and ``n_skipped`` for every stat; ``mean`` and ``std`` (averaged over features) and
-    ``drift`` (see :class:`DriftTracker`) for moments and normalisers; ``min`` and ``max`` (over
-    features) for min/max stats when ``min_max``.
+    ``drift``, ``drift_mean`` and ``std_drift`` (see :class:`Drift`) for moments and normalisers;
+    ``min`` and ``max`` (over features) for min/max stats when ``min_max``. ``vectors`` adds the
+    per-feature values for loggers that draw histograms.
     """
     s = batch.scalars
     if isinstance(stat, Stat | RunningNorm):
@@ -106,7 +142,9 @@ def readout(
         s[f"{prefix}/std"] = std.mean()
         moved = drift.drift(prefix, mean, std) if drift is not None else None
         if moved is not None:
-            s[f"{prefix}/drift"] = moved
+            s[f"{prefix}/drift"] = moved.largest
+            s[f"{prefix}/drift_mean"] = moved.mean
+            s[f"{prefix}/std_drift"] = moved.std
         if vectors:
             batch.vectors[f"{prefix}/mean"] = mean
             batch.vectors[f"{prefix}/std"] = std
@@ -127,18 +165,29 @@ def _histogram_writers(trainer: pl.Trainer) -> list[object]:
     return writers
 
 
+def log_step(trainer: pl.Trainer, *, epoch_end: bool = False) -> int:
+    """The ``step`` Lightning's own rows of this moment carry, so the tables join: the step of
+    the running batch, or at the end of a training epoch the step of Lightning's epoch-level
+    rows (one less: it logs them with the batch counter stepped back)."""
+    stepped = lightning_batches_that_stepped(trainer)
+    return max(stepped - 1, 0) if epoch_end else stepped
+
+
 def emit(
     trainer: pl.Trainer,
     batch: LogBatch,
     *,
     histograms: bool = True,
     prog_bar: Sequence[str] = (),
+    epoch_end: bool = False,
 ) -> dict[str, float]:
-    """Log ``batch`` through the Trainer's loggers (rank zero) at ``trainer.global_step``.
+    """Log ``batch`` through the Trainer's loggers (rank zero) at Lightning's step.
 
     Every rank must call this with the same (global) values: each one updates its own
-    ``callback_metrics``; only rank zero writes to the loggers. Keys matching a glob of
-    ``prog_bar`` also go to the progress bar. Returns the scalars logged.
+    ``callback_metrics``; only rank zero writes to the loggers. Rows carry ``epoch`` and the
+    ``step`` of :func:`log_step` (``epoch_end``: called from ``on_train_epoch_end``), as
+    Lightning's own rows do. Keys matching a glob of ``prog_bar`` also go to the progress bar.
+    Returns the scalars logged.
     """
     metrics = batch.read()
     if not metrics:
@@ -151,20 +200,26 @@ def emit(
         trainer.progress_bar_metrics.update(shown)
     if not trainer.is_global_zero:
         return metrics
-    step = trainer.global_step
+    step = log_step(trainer, epoch_end=epoch_end)
+    row: dict[str, float] = {**metrics, "epoch": trainer.current_epoch}  # an int, as Lightning's
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
+        logger.log_metrics(row, step=step)
         logger.save()
     if histograms and batch.vectors:
-        for writer in _histogram_writers(trainer):
-            for key, values in batch.vectors.items():
-                if key.rpartition("/")[0] in batch.empty:
-                    continue  # a stat with no samples yet
-                finite = values.detach().reshape(-1).double().cpu()
-                finite = finite[torch.isfinite(finite)]
-                if finite.numel():
-                    writer.add_histogram(key, finite, step)  # type: ignore[attr-defined]
+        _histograms(trainer, batch, step)
     return metrics
+
+
+def _histograms(trainer: pl.Trainer, batch: LogBatch, step: int) -> None:
+    """The per-feature vectors, to every logger that draws histograms (TensorBoard)."""
+    for writer in _histogram_writers(trainer):
+        for key, values in batch.vectors.items():
+            if key.rpartition("/")[0] in batch.empty:
+                continue  # a stat with no samples yet
+            finite = values.detach().reshape(-1).double().cpu()
+            finite = finite[torch.isfinite(finite)]
+            if finite.numel():
+                writer.add_histogram(key, finite, step)  # type: ignore[attr-defined]
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:

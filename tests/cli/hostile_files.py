@@ -324,14 +324,6 @@ def yaml_file(d: Path, kind: str) -> Hostile:
     elif kind == "group_key_path":
         text = "defaults:\n  - ../configs/callbacks: stats\n" + _MODEL
         says = "not a path"
-    elif kind == "target_open":
-        text = _RECIPE_HEAD + f"model:\n  _target_: builtins.open\n  file: {victim}\n  mode: w\n"
-        says = "--trust"
-    elif kind == "target_in_list":
-        text = _RECIPE_HEAD + _MODEL + (
-            f"  image_shape: [{{_target_: pathlib.Path.touch, self: {victim}}}]\n"
-        )
-        says = "pathlib.Path.touch"
     elif kind == "interpolation_cycle":
         text = _MODEL.replace("n_features: 30", "n_features: ${model.n_features}")
         says = "resolve"
@@ -351,18 +343,20 @@ def yaml_file(d: Path, kind: str) -> Hostile:
     return Hostile(p, says)
 
 
+# A `_target_` in a YAML file the user names is the user's own intent and is built (trust follows
+# authorship; tests/cli/test_cli_trust.py): only a checkpoint's stored config is refused one.
 YAML_KINDS = (
     "recursive_alias", "billion_laughs", "merge_key", "deep_nesting", "huge", "python_tag",
-    "group_path_in_defaults", "group_key_path", "target_open", "target_in_list",
+    "group_path_in_defaults", "group_key_path",
     "interpolation_cycle", "interpolation_bomb", "not_utf8", "top_level_list",
     "misspelled_null_callback",
 )
 
-# Overrides on a bundled recipe that must be refused (the command line is hostile input too).
+# Overrides on a bundled recipe that must be refused: malformed or misspelled (an override's
+# `_target_` is the user's own and is built).
 HOSTILE_OVERRIDES: dict[str, tuple[list[str], str]] = {
     "group_path": (["callbacks=../../../../../../tmp/x"], "not a path"),
     "misspelled_null": (["callbacks.audt=null"], "callbacks.audit"),
     "misspelled_value": (["callbacks.syn=3"], "callbacks.sync"),
     "misspelled_nested": (["callbacks.syn.every_n_train_steps=2"], "callbacks.sync"),
-    "target_override": (["model._target_=os.system"], "--trust"),
 }

@@ -192,10 +192,8 @@ def test_audit_with_errors_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("model:\n  _target_: audit_models.BufferInOptimizer\n  n_features: 3\n")
-    # A class outside statplug is built only from a config the user trusts.
+    # The user's own YAML builds the user's own class: no --trust needed.
     res = run_inprocess(["audit", str(recipe)], tmp_path)
-    assert res.code == 2 and "--trust" in res.err and "audit_models.BufferInOptimizer" in res.err
-    res = run_inprocess(["audit", str(recipe), "--trust"], tmp_path)
     assert res.code == 1, res.out + res.err
     assert "buffer-in-optimizer" in res.out
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import glob
-import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from omegaconf import OmegaConf
@@ -24,7 +23,7 @@ from statplug.config.loader import parse_overrides, parse_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = ("digits", "pruning", "tabular", "tinylm")
-TABULAR = REPO / "statplug" / "recipes" / "tabular.yaml"
+TABULAR = REPO / "recipes" / "tabular.yaml"
 
 
 def _write(path: Path, text: str) -> Path:
@@ -39,27 +38,45 @@ def test_bundled_recipes_are_found_and_listed() -> None:
     assert (bundled_configs_dir() / "trainer" / "ddp-cpu-2.yaml").is_file()
 
 
+def _setuptools_table() -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return dict(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"])
+
+
+def test_recipes_and_configs_are_top_level_and_mapped_into_the_package() -> None:
+    """One source: `recipes/` and `configs/` at the top, installed as statplug.recipes/.configs."""
+    table = _setuptools_table()
+    assert table["package-dir"] == {"statplug.recipes": "recipes", "statplug.configs": "configs"}
+    assert bundled_recipes_dir().resolve() == (REPO / "recipes").resolve()
+    assert bundled_configs_dir().resolve() == (REPO / "configs").resolve()
+    assert not (REPO / "statplug" / "recipes").exists()
+    assert not (REPO / "statplug" / "configs").exists()
+    for folder in ("statplug", "recipes", "configs"):
+        assert not any(p.is_symlink() for p in (REPO / folder).rglob("*"))
+
+
 def test_package_data_globs_cover_configs_and_recipes() -> None:
     """pyproject's package-data patterns ship every bundled YAML file with a pip install."""
-    # tomllib is Python 3.11+; the package-data line is a plain list of strings.
-    text = (REPO / "pyproject.toml").read_text()
-    section = text.split("[tool.setuptools.package-data]", 1)[1]
-    match = re.search(r"^statplug\s*=\s*(\[.*?\])", section, re.M | re.S)
-    assert match
-    patterns = ast.literal_eval(match.group(1))
-    pkg = REPO / "statplug"
-    shipped = {
-        Path(p).resolve()
-        for pat in patterns
-        for p in glob.glob(str(pkg / pat), recursive=True)
-        if Path(p).is_file()
-    }
-    bundled = {p.resolve() for p in pkg.rglob("*.yaml")}
+    table = _setuptools_table()
+    shipped = set()
+    for package, patterns in table["package-data"].items():
+        folder = REPO / table["package-dir"].get(package, package.replace(".", "/"))
+        for pat in patterns:
+            shipped |= {Path(p).resolve() for p in glob.glob(str(folder / pat), recursive=True)}
+    bundled = {p.resolve() for d in ("recipes", "configs") for p in (REPO / d).rglob("*.yaml")}
     assert bundled and bundled <= shipped
-    # One source of truth: the recipes and their fragments live in the package `statplug.recipes`.
-    assert bundled_recipes_dir().resolve() == (pkg / "recipes").resolve()
-    assert bundled_configs_dir().resolve() == (pkg / "recipes" / "configs").resolve()
-    assert not any(p.is_symlink() for p in pkg.rglob("*"))
+
+
+def test_every_package_on_disk_is_listed() -> None:
+    """Packages are listed in pyproject (a mapped folder defeats `packages.find`): a new
+    subpackage of statplug that is not listed would be missing from the wheel."""
+    on_disk = {
+        ".".join(p.parent.relative_to(REPO).parts)
+        for p in (REPO / "statplug").rglob("__init__.py")
+    }
+    listed = set(_setuptools_table()["packages"])
+    assert on_disk <= listed, sorted(on_disk - listed)
+    assert {"statplug.recipes", "statplug.configs"} <= listed
 
 
 def test_configs_naming_the_old_recipes_module_still_build() -> None:

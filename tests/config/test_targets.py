@@ -1,4 +1,5 @@
-"""Which `_target_`s a config may build without --trust, and Hydra's second interpolation pass."""
+"""Which `_target_`s a checkpoint's config may build without --trust, and Hydra's second
+interpolation pass."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ from statplug.config.targets import check_targets, escape_interpolations, is_all
         "statplug.RunningNorm",
         "lightning.pytorch.Trainer",
         "lightning.pytorch.loggers.CSVLogger",
+        "lightning.pytorch.loggers.csv_logs.CSVLogger",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+        "lightning.pytorch.callbacks.early_stopping.EarlyStopping",
+        "torchmetrics.MeanMetric",
+        "torchmetrics.classification.MulticlassAccuracy",
     ],
 )
 def test_statplug_classes_and_the_allowlist_are_allowed(target: str) -> None:
@@ -44,7 +51,15 @@ def test_statplug_classes_and_the_allowlist_are_allowed(target: str) -> None:
         "statplug.inspect.checkpoint.__builtins__",
         "statplug.config",  # a module
         "lightning.pytorch.Trainer.__init__.__globals__",
-        "lightning.pytorch.callbacks.ModelCheckpoint",  # not on the allowlist
+        "lightning.pytorch.callbacks.ModelCheckpoint.__init__",  # not a class
+        "lightning.pytorch.callbacks.model_checkpoint.Path",  # a foreign class re-exported
+        "lightning.pytorch.callbacks.model_checkpoint.torch.save",  # through an attribute
+        "lightning.pytorch.loggers.logger.rank_zero_only",  # a function
+        "lightning.pytorch.loggers.Logger.__init__.__globals__",
+        "lightning.pytorch.core.LightningModule",  # outside the allowed packages
+        "lightning.pytorch.callbacksx.Evil",
+        "torchmetrics.functional.accuracy",  # a function
+        "torchmetrics.utilities.data.Tensor",  # not a Metric
         "",
         123,
         None,
@@ -61,8 +76,8 @@ def test_refusal_names_the_key_the_target_and_trust() -> None:
                                "x": [{"y": {"_target_": "shutil.rmtree", "path": "/"}}]}},
     }
     where = r"`trainer\.logger\.x\.0\.y\._target_`"
-    with pytest.raises(ConfigError, match=where + r".*shutil\.rmtree.*--trust"):
-        check_targets(cfg, origin=" (config from x.ckpt)")
+    with pytest.raises(ConfigError, match=where + r".*shutil\.rmtree.*in x\.ckpt.*--trust"):
+        check_targets(cfg, origin="the config in x.ckpt")
     check_targets({"model": {"_target_": "statplug.recipes.TabularMLp"}})  # a typo: validation
 
 
@@ -94,9 +109,7 @@ def test_a_resolved_string_is_not_resolved_again_when_built(tmp_path: Path) -> N
         "model:\n  _target_: statplug.recipes.TabularMLP\n  n_features: 3\n"
         "data:\n  _target_: statplug.recipes.SklearnDataModule\n"
     )
-    with pytest.raises(ConfigError, match=r"`callbacks\.activations\.patterns\.0`.*--trust"):
-        load_recipe(recipe)  # refused before anything is built
-    run = load_recipe(recipe, trust=True)
+    run = load_recipe(recipe)  # the user's own file: what it says, escaped text stays text
     literal = f"${{oc.create:{payload}}}"
     node = run.config["callbacks"]["activations"]
     assert node["patterns"] == [literal]

@@ -31,7 +31,9 @@ steps. At epoch end (and every
 zero (the values are global, so there is no ``sync_dist`` warning), into
 ``trainer.callback_metrics``, and as per-feature histograms where the logger supports them. Keys:
 ``activations/<layer>/count``, ``mean``, ``std`` (averaged over features), ``n_skipped``,
-``drift`` (see StatsMonitor), and with ``log_min_max=True`` ``min`` and ``max`` over features.
+``drift``, ``drift_mean``, ``std_drift`` (see StatsMonitor), and with ``log_min_max=True``
+``min`` and ``max`` over features. Rows carry ``epoch`` and Lightning's ``step``, as
+StatsMonitor's do.
 """
 
 from __future__ import annotations
@@ -376,7 +378,7 @@ class ActivationStats(SyncSchedule):
     ) -> None:
         self.sync(trainer)
         if point.periodic or point.event == "train_epoch_end":
-            self._log(trainer)
+            self._log(trainer, epoch_end=point.event == "train_epoch_end")
 
     def sync(self, trainer: pl.Trainer | None = None) -> SyncReport:
         """Merge the stats across ranks (every rank must call this together), over the
@@ -415,9 +417,9 @@ class ActivationStats(SyncSchedule):
                 batch.vectors[f"{key}/max"] = layer.minmax.max
         return batch
 
-    def _log(self, trainer: pl.Trainer) -> None:
+    def _log(self, trainer: pl.Trainer, *, epoch_end: bool = False) -> None:
         if self._layers:
-            emit(trainer, self.summary(), histograms=self.histograms)
+            emit(trainer, self.summary(), histograms=self.histograms, epoch_end=epoch_end)
 
     # ------------------------------------------------------------------ checkpoint state
     @override

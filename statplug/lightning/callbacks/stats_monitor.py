@@ -10,18 +10,27 @@ What is logged, under ``<prefix>/<qualified module name>/`` (``stats/norm/mean``
 ========================================  ====================================================
 module                                    keys
 ========================================  ====================================================
-``RunningNorm`` (its ``moments`` once)    ``count``, ``n_skipped``, ``mean``, ``std``, ``drift``
-``RunningMoments``, ``EMAMoments``        ``count``, ``n_skipped``, ``mean``, ``std``, ``drift``
+``RunningNorm`` (its ``moments`` once)    ``count``, ``n_skipped``, ``mean``, ``std``, drifts
+``RunningMoments``, ``EMAMoments``        ``count``, ``n_skipped``, ``mean``, ``std``, drifts
 ``RunningMinMax``                         ``count``, ``n_skipped``, ``min``, ``max``
 any other ``Stat``                        ``count``, ``n_skipped``
 ``RandomMask``, pruning masks              ``density`` (the fraction kept)
 ========================================  ====================================================
 
-``mean`` and ``std`` are averaged over features, ``min``/``max`` taken over features. ``drift`` is
-how far the mean moved since the previous log: the largest change of any feature's mean, in units
-of that feature's std (first logged at the second log). A stat that has seen no sample yet is
-left out. Where a logger can draw histograms (TensorBoard's ``add_histogram``), the per-feature
-``mean``, ``std``, ``min`` and ``max`` are also logged as histograms.
+``mean`` and ``std`` are averaged over features, ``min``/``max`` taken over features: raw numbers,
+dominated by the features of the largest scale. The drifts say how far a stat moved since the
+previous log in each feature's own units, so every feature weighs the same whatever its scale:
+``drift`` is the largest change of any feature's mean in units of that feature's std,
+``drift_mean`` the same change averaged over features, ``std_drift`` the largest relative change
+of a feature's std (``|std / previous std - 1|``). They are first logged at the second log, and
+the previous values are saved in the callback's checkpoint state, so a resumed run logs them at
+once. A stat that has seen no sample yet is left out. Where a logger can draw histograms
+(TensorBoard's ``add_histogram``), the per-feature ``mean``, ``std``, ``min`` and ``max`` are
+logged too.
+
+Every row carries ``epoch`` and the ``step`` Lightning gives its own rows at that moment (at an
+epoch end, the step of its epoch-level rows), so statplug's rows join Lightning's in a
+``CSVLogger``'s ``metrics.csv``.
 
 The values are global: under DDP every rank first merges the stats
 (:func:`~statplug.sync_stats`; idempotent, at most 4 collectives, so it adds nothing to
@@ -33,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -54,6 +63,7 @@ __all__ = ["StatsMonitor"]
 log = logging.getLogger(__name__)
 
 Interval = Literal["step", "epoch"]
+_STATE_VERSION = 1  # of the callback's checkpoint state
 
 
 class StatsMonitor(Callback):
@@ -125,9 +135,36 @@ class StatsMonitor(Callback):
         )
 
     # ------------------------------------------------------------------ Lightning hooks
+    @property
+    @override
+    def state_key(self) -> str:
+        # Two monitors with different prefixes keep their own state in one checkpoint.
+        return f"{type(self).__qualname__}{{'prefix': {self.prefix!r}}}"
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": _STATE_VERSION, "drift": self._drift.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        drift = state_dict.get("drift")
+        try:
+            self._drift.load_state_dict(drift)  # type: ignore[arg-type]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            rank_zero_warn(
+                "StatsMonitor: the checkpoint's state for this callback holds no readable "
+                "`drift`; drifts are logged again from the second log after the resume."
+            )
+            self._drift.reset()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Forgotten after a fit, not at the start of one: a resumed fit restores them first.
+        if stage == "fit":
+            self._drift.reset()
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._drift.reset()
         self._last_step_logged = trainer.global_step
         if not trainer.loggers and not self.prog_bar:
             rank_zero_warn(
@@ -166,16 +203,23 @@ class StatsMonitor(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.logging_interval == "epoch":
-            self.log_now(trainer, pl_module)
+            self.log_now(trainer, pl_module, epoch_end=True)
 
     # ------------------------------------------------------------------ logging
-    def log_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Sync the module's stats, then log them (every rank must call this together)."""
+    def log_now(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, epoch_end: bool = False
+    ) -> dict[str, float]:
+        """Sync the module's stats, then log them (every rank must call this together).
+
+        ``epoch_end``: called at the end of a training epoch, so the rows take the step of
+        Lightning's epoch-level rows. Default: False (the step of the running batch).
+        """
         if trainer.world_size > 1:
             sync_stats(pl_module, group=process_group(trainer))
         batch = self.collect(pl_module)
         self.last_logged = emit(
-            trainer, batch, histograms=self.histograms, prog_bar=self.prog_bar
+            trainer, batch, histograms=self.histograms, prog_bar=self.prog_bar,
+            epoch_end=epoch_end,
         )
         return self.last_logged
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from statplug.recipes.base import Classifier
+from statplug.config.ranges import LearningRate, NonNegative, Size
 from statplug.stats import RunningNorm
+
+from .base import Classifier
 
 __all__ = ["DigitsCNN"]
 
@@ -26,11 +28,11 @@ class DigitsCNN(Classifier):
 
     def __init__(
         self,
-        channels: list[int] | None = None,
-        hidden: int = 64,
-        n_classes: int = 10,
-        lr: float = 2e-3,
-        weight_decay: float = 0.0,
+        channels: list[Size] | None = None,
+        hidden: Size = 64,
+        n_classes: Size = 10,
+        lr: LearningRate = 2e-3,
+        weight_decay: NonNegative = 0.0,
     ) -> None:
         super().__init__(n_classes, lr=lr, weight_decay=weight_decay)
         self.save_hyperparameters()

@@ -7,7 +7,7 @@ Lightning's distributed sampler hands each rank its own part of it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -15,10 +15,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from statplug._extras import require
+from statplug.config.ranges import Range, Size
 
 __all__ = ["SequenceDataModule", "SklearnDataModule"]
 
 SklearnName = Literal["breast_cancer", "wine", "digits", "iris"]
+Fraction = Annotated[float, Range(low=0.0, high=1.0, low_open=True, high_open=True)]
 
 
 def _loader(name: str) -> Callable[..., Any]:
@@ -84,10 +86,10 @@ class SklearnDataModule(_TensorDataModule):
     def __init__(
         self,
         dataset: SklearnName = "breast_cancer",
-        batch_size: int = 32,
-        val_fraction: float = 0.2,
+        batch_size: Size = 32,
+        val_fraction: Fraction = 0.2,
         split_seed: int = 0,
-        image_shape: list[int] | None = None,
+        image_shape: list[Size] | None = None,
     ) -> None:
         super().__init__()
         _loader(dataset)  # fail at construction on an unknown name
@@ -138,12 +140,12 @@ class SequenceDataModule(_TensorDataModule):
 
     def __init__(
         self,
-        vocab_size: int = 16,
-        seq_len: int = 16,
-        max_step: int = 3,
-        n_train: int = 2048,
-        n_val: int = 256,
-        batch_size: int = 64,
+        vocab_size: Size = 16,
+        seq_len: Size = 16,
+        max_step: Size = 3,
+        n_train: Size = 2048,
+        n_val: Size = 256,
+        batch_size: Size = 64,
         seed: int = 0,
     ) -> None:
         super().__init__()

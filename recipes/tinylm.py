@@ -7,10 +7,12 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from statplug.config.ranges import LearningRate, NonNegative, Size
 from statplug.encodings import RotaryEncoding, SinusoidalEncoding
 from statplug.masks import CausalMask
-from statplug.recipes.base import Classifier
 from statplug.stats import RunningMoments
+
+from .base import Classifier
 
 __all__ = ["TinyLM"]
 
@@ -61,14 +63,14 @@ class TinyLM(Classifier):
 
     def __init__(
         self,
-        vocab_size: int = 16,
-        dim: int = 32,
-        heads: int = 2,
-        layers: int = 2,
-        max_len: int = 64,
+        vocab_size: Size = 16,
+        dim: Size = 32,
+        heads: Size = 2,
+        layers: Size = 2,
+        max_len: Size = 64,
         positions: Literal["rotary", "sinusoidal"] = "rotary",
-        lr: float = 3e-3,
-        weight_decay: float = 0.0,
+        lr: LearningRate = 3e-3,
+        weight_decay: NonNegative = 0.0,
     ) -> None:
         super().__init__(vocab_size, lr=lr, weight_decay=weight_decay)
         self.save_hyperparameters()

@@ -15,9 +15,9 @@ module                    model                                       data
 ========================  ==========================================  ============================
 """
 
-from statplug.recipes.data import SequenceDataModule, SklearnDataModule
-from statplug.recipes.tabular import TabularMLP
-from statplug.recipes.tinylm import TinyLM
-from statplug.recipes.vision import DigitsCNN
+from .data import SequenceDataModule, SklearnDataModule
+from .tabular import TabularMLP
+from .tinylm import TinyLM
+from .vision import DigitsCNN
 
 __all__ = ["DigitsCNN", "SequenceDataModule", "SklearnDataModule", "TabularMLP", "TinyLM"]

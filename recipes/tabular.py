@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from statplug.recipes.base import Classifier
+from statplug.config.ranges import LearningRate, NonNegative, Positive, Probability, Size
 from statplug.stats import RunningMinMax, RunningNorm
+
+from .base import Classifier
 
 __all__ = ["TabularMLP"]
 
@@ -31,14 +33,14 @@ class TabularMLP(Classifier):
 
     def __init__(
         self,
-        n_features: int,
-        n_classes: int = 2,
-        hidden: int = 64,
-        depth: int = 2,
-        dropout: float = 0.1,
-        clip: float | None = 5.0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
+        n_features: Size,
+        n_classes: Size = 2,
+        hidden: Size = 64,
+        depth: Size = 2,
+        dropout: Probability = 0.1,
+        clip: Positive | None = 5.0,
+        lr: LearningRate = 1e-3,
+        weight_decay: NonNegative = 0.0,
     ) -> None:
         super().__init__(n_classes, lr=lr, weight_decay=weight_decay)
         self.save_hyperparameters()
