@@ -1,7 +1,8 @@
 """State fuzz (issue 12): random call sequences on every stat, checked against float64 numpy.
 
 A seeded driver picks, for every stat class x nan policy x accumulator dtype, a random sequence of
-updates (a third with a random padding mask; batches of 1 to 3000 rows, so both sides of the 1024-row kernel split; float32, float64,
+updates (a third with a random padding mask; batches of 1 to 3000 rows, so both sides of the
+1024-row kernel split; float32, float64,
 bfloat16 and int32 input; 1-D and 2-D feature shapes with extra sample dims; NaN/Inf rows), reads,
 ``state_dict``/``load_state_dict`` into a fresh stat, raw buffer copies into a fresh stat (the way
 averaging callbacks and swaps copy), ``.to(dtype)``, ``copy.deepcopy``, ``merge_``, freeze and
