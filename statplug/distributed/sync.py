@@ -213,8 +213,8 @@ class _Contribution:
         """The SUM pieces (sums, then the new data about the centre) and the MAX pieces."""
         sums = list(self.sums.values())
         if self.new is not None and self.centre is not None:
-            d = self.new.mean - self.centre
-            sums += [self.new.n.reshape(1), self.new.n * d, self.new.m2 + self.new.n * d * d]
+            n, d = torch.as_tensor(self.new.n, dtype=_F64), self.new.mean - self.centre
+            sums += [n.reshape(1), n * d, self.new.m2 + n * d * d]
         return sums, [*self.extremes.values(), *self.nans.values()]
 
     def write_back(self, sums: list[Tensor], maxes: list[Tensor], new: Moments | None) -> None:

@@ -18,7 +18,7 @@ import math
 import numbers
 import operator
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -157,6 +157,8 @@ class Stat(PinnedDtypeModule):
     frozen_flag: Tensor
     # Per-feature read-outs a summary of the saved state reports (see `summarize_state`).
     _summary_features: tuple[str, ...] = ("mean", "std")
+    # reset()'s fill values: CPU constants, configuration like `shape` (not state).
+    _statplug_unregistered_ok = ("_defaults",)
 
     def __init__(
         self,
@@ -183,7 +185,7 @@ class Stat(PinnedDtypeModule):
         self.n_features = math.prod(self.shape)
         self._device = _device_arg(device, name)
         self._reduces: dict[str, str | None] = {}
-        self._defaults: dict[str, bool | int | float] = {}  # what reset() fills each state with
+        self._defaults: dict[str, Tensor] = {}  # what reset() fills each state with
         # Frozen-ness is configuration, like `training` (an update returns without touching the
         # device), and saved in `frozen_flag`, which every load reads back.
         self._frozen = False
@@ -204,7 +206,7 @@ class Stat(PinnedDtypeModule):
         agreed: bool = False,
         persistent: bool = True,
     ) -> None:
-        """Register ``default`` (a CPU tensor of one value: what :meth:`reset` fills in) as
+        """Register ``default`` (a CPU tensor filled with what :meth:`reset` fills in) as
         buffer ``name`` on the stat's device, merged across ranks by ``reduce``.
 
         ``reduce``: ``"sum"`` (only what was added since the agreed state travels), ``"min"``,
@@ -219,17 +221,18 @@ class Stat(PinnedDtypeModule):
             raise ValueError(
                 f"{owner}: floating state must be float32 or float64, got {default.dtype}"
             )
-        flat = default.reshape(-1)
-        if default.is_meta or (flat.numel() and not bool((flat == flat[0]).all())):
+        if default.device.type != "cpu":
             raise ValueError(
-                f"{owner}: `default` must be a CPU tensor holding one value (what reset() "
-                f"fills in), got {default.device} {tuple(default.shape)}"
+                f"{owner}: `default` must be a CPU tensor (filled with what reset() fills in), "
+                f"got one on {default.device}"
             )
         # Placed where the stat is built: `device`, else the default device (meta included).
         on_device = default.to(self._device or torch.get_default_device())
         self.register_buffer(name, on_device, persistent=persistent)
         self._reduces[name] = reduce
-        self._defaults[name] = flat[0].item() if flat.numel() else 0
+        # What reset() fills in: the default's first value, kept as a 0-dim CPU tensor (no
+        # host read here: stats are also built inside forward hooks on accelerators).
+        self._defaults[name] = default.reshape(-1)[0].clone() if default.numel() else default.sum()
         if agreed:
             self.register_buffer(AGREED + name, on_device.clone(), persistent=False)
 
@@ -360,20 +363,22 @@ class Stat(PinnedDtypeModule):
         """How many rows ``count`` gains: those of positive weight."""
         return rows.shape[0] if weight is None else (weight > 0).sum()
 
-    def _nan_check(self, finite: Tensor) -> Tensor | None:
-        """Apply the raise policy to a batch whose statistics are ``finite`` (a 0-dim bool
-        tensor). On the CPU: raise now. Elsewhere: count the batch in ``_refused`` and return
-        ``finite``, which the caller uses to leave the batch out. None: nothing to leave out."""
+    def _nan_check(self, finite: Callable[[], Tensor]) -> Tensor | None:
+        """Apply the raise policy to a batch whose statistics are ``finite()`` (a 0-dim bool
+        tensor, asked only under this policy). On the CPU: raise now. Elsewhere: count the batch
+        in ``_refused`` and return the flag, which the caller uses to leave the batch out.
+        None: nothing to leave out."""
         if self.nan_policy != "raise":
             return None
         refused = self._buffers["_refused"]
         assert refused is not None
+        ok = finite()
         if host_reads_free(refused):
-            if not bool(finite):
+            if not bool(ok):
                 self._raise_non_finite(1)
             return None
-        refused.add_(~finite)
-        return finite
+        refused.add_(~ok)
+        return ok
 
     def check(self) -> Stat:
         """Raise the raise policy's error now if a batch was left out on the device since the

@@ -19,6 +19,10 @@ __all__ = ["GROUP_ROWS", "Moments", "batch_moments", "chan_merge", "host_reads_f
 # At most this many rows are summed per column in float32 by the CPU kernel: with mean 1e4 and
 # std 1, 65536 rows in one sum give 5e-3 relative variance error, 1024 rows ~1e-4.
 GROUP_ROWS = 1024
+_TINY = torch.finfo(torch.float64).tiny
+# Batches of fewer elements take plain two-pass ops on the CPU (torch's own reductions stay on
+# one thread below this size, its GRAIN_SIZE); larger ones the fused kernel.
+SMALL_BATCH = 32768
 # A batch is recomputed in float64 when the kernel's float32 sums may be off by more than this
 # fraction of a column's variance (measurements: docs/design-notes.md).
 REFINE_TOLERANCE = 1e-3
@@ -26,10 +30,10 @@ REFINE_TOLERANCE = 1e-3
 
 @dataclass
 class Moments:
-    """``n`` samples (a count or a total weight), their column ``mean`` and ``m2`` (sum of
-    squared deviations from the mean)."""
+    """``n`` samples (a count or a total weight: a tensor, or a Python number where the host
+    knows it), their column ``mean`` and ``m2`` (sum of squared deviations from the mean)."""
 
-    n: Tensor
+    n: Tensor | float
     mean: Tensor
     m2: Tensor
 
@@ -37,14 +41,18 @@ class Moments:
         """A 0-dim bool tensor: every mean and m2 is finite (decided on the device)."""
         return torch.isfinite(self.mean).all() & torch.isfinite(self.m2).all()
 
-    def to(self, dtype: torch.dtype) -> Moments:
-        return Moments(self.n.to(dtype), self.mean.to(dtype), self.m2.to(dtype))
-
 
 def chan_merge(
-    n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor, m2_b: Tensor
+    n_a: Tensor | float,
+    mean_a: Tensor,
+    m2_a: Tensor,
+    n_b: Tensor | float,
+    mean_b: Tensor,
+    m2_b: Tensor,
 ) -> Moments:
-    """Chan et al.'s exact merge of two sets of moments (``n`` float, 0-dim or per element).
+    """Chan et al.'s exact merge of two sets of moments (``n``: floating tensors, 0-dim or per
+    element, or Python numbers -- the CPU's one-observation-per-step path, where that saves
+    half the small ops).
 
     Either side may be empty (``n == 0``): the result is then the other side, bit for bit.
 
@@ -56,7 +64,7 @@ def chan_merge(
         (3.0, [3.0], [8.0])
     """
     n = n_a + n_b
-    frac = n_b / _positive(n)  # 0 for an empty b, 1 for an empty a
+    frac = n_b / (_positive(n) if isinstance(n, Tensor) else max(n, _TINY))  # 0 if b is empty
     d = mean_b - mean_a
     mean = mean_a + d * frac
     m2 = m2_a + m2_b + d * (d * (n_a * frac))  # d * 0 first: no inf * 0 for an empty a
@@ -67,8 +75,9 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
     """The moments of the rows of ``x`` (``[n, F]``, float), in the accumulator dtype ``acc``.
 
     With ``weight`` (``[n]``, >= 0; rows of weight 0 may hold anything, NaN included) the
-    weighted moments. Eager on the CPU it uses torch's fused batch-norm statistics kernel (one
-    pass; by groups of at most :data:`GROUP_ROWS` rows for float32), and recomputes in float64
+    weighted moments. Eager on the CPU small batches take two plain passes in float64, larger
+    ones torch's fused batch-norm statistics kernel (one pass; by groups of at most
+    :data:`GROUP_ROWS` rows for float32), and recomputes in float64
     around a pivot a batch far from 0 against its spread, or whose result is not finite (values
     near the float32 maximum). Elsewhere
     -- accelerators, ``torch.compile``, tracing -- one ``var_mean`` in ``acc``, which never
@@ -76,16 +85,23 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
     """
     if weight is not None:
         return _weighted(x, weight, acc)
-    n = torch.tensor(float(x.shape[0]), dtype=acc, device=x.device)
     if not host_reads_free(x):
-        var, mean = torch.var_mean(x.to(acc), dim=0, correction=0)
-        return Moments(n, mean, var * n)
+        rows = torch.tensor(float(x.shape[0]), dtype=acc, device=x.device)
+        v, m = torch.var_mean(x.to(acc), dim=0, correction=0)
+        return Moments(rows, m, v * rows)
+    n = float(x.shape[0])
+    if x.numel() < SMALL_BATCH:
+        # Two passes in float64: exact, and single-threaded (the kernel wakes the intra-op
+        # pool even for one row: 0.4 ms for 1x4 on a busy 2-core machine).
+        x64 = x.to(torch.float64)
+        mean = x64[0] if x.shape[0] == 1 else x64.mean(0)
+        d = x64 - mean
+        return Moments(n, mean.to(acc), (d * d).sum(0).to(acc))
     mean, var = _cpu_stats(x)
     # The kernel's column sums carry ~sqrt(rows) ulps of the mean; the variance inherits that
     # error squared. One host read (free on the CPU) keeps the result when that stays below
     # REFINE_TOLERANCE of every column's variance, and the result is finite.
-    rows = min(x.shape[0], GROUP_ROWS)
-    k = rows * torch.finfo(x.dtype).eps ** 2 / REFINE_TOLERANCE
+    k = min(x.shape[0], GROUP_ROWS) * torch.finfo(x.dtype).eps ** 2 / REFINE_TOLERANCE
     score = torch.addcmul(var, mean, mean, value=-k)
     if not bool((score.isfinite() & ((score >= 0) | (var == 0))).all()) and bool(
         torch.isfinite(x).all()
@@ -150,4 +166,4 @@ def _weighted(x: Tensor, weight: Tensor, acc: torch.dtype) -> Moments:
     n = w.sum()
     mean = (w @ xz) / _positive(n)
     d = torch.where(keep, xz - mean, 0.0)
-    return Moments(n, mean, w @ (d * d))
+    return Moments(float(n) if host_reads_free(n) else n, mean, w @ (d * d))

@@ -63,8 +63,9 @@ class RunningMinMax(Stat):
         else:
             lo, hi = torch.aminmax(rows, dim=0)
         # Finite extremes, or the untouched +inf/-inf of a column without rows.
-        finite = (lo.isfinite() | (lo == math.inf)) & (hi.isfinite() | (hi == -math.inf))
-        keep_batch = self._nan_check(finite.all())
+        keep_batch = self._nan_check(
+            lambda: ((lo.isfinite() | (lo == math.inf)) & (hi.isfinite() | (hi == -math.inf))).all()
+        )
         if keep_batch is not None:
             lo = torch.where(keep_batch, lo, math.inf)
             hi = torch.where(keep_batch, hi, -math.inf)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from statplug.stats.base import NanPolicy, Stat, real_number
-from statplug.stats.merge import Moments, batch_moments, chan_merge
+from statplug.stats.merge import Moments, batch_moments, chan_merge, host_reads_free
 
 __all__ = ["EMAMoments", "RunningMoments"]
 
@@ -21,7 +21,7 @@ def _dropped(batch: Moments, keep: Tensor | None) -> Moments:
     if keep is None:
         return batch
     return Moments(
-        torch.where(keep, batch.n, 0.0),
+        torch.where(keep, torch.as_tensor(batch.n), 0.0),
         torch.where(keep, batch.mean, 0.0),
         torch.where(keep, batch.m2, 0.0),
     )
@@ -125,7 +125,7 @@ class RunningMoments(Stat):
 
     def _absorb(self, rows: Tensor, weight: Tensor | None, n_rows: Tensor | int) -> None:
         batch = batch_moments(rows, self.accumulator_dtype, weight)
-        keep = self._nan_check(batch.finite())
+        keep = self._nan_check(batch.finite)
         if keep is not None:
             n_rows = torch.where(keep, n_rows, 0)
         self._merge_moments(_dropped(batch, keep), n_rows)
@@ -137,12 +137,20 @@ class RunningMoments(Stat):
     def _merge_moments(self, b: Moments, n_rows: Tensor | int) -> None:
         """Chan's merge of the batch moments ``b`` (of ``n_rows`` rows) into the state."""
         acc = self.accumulator_dtype
+        n = self._n()
         mean, m2 = self.mean.view(-1), self.m2.view(-1)
-        merged = chan_merge(self._n().to(acc), mean, m2, b.n.to(acc), b.mean.to(acc), b.m2.to(acc))
+        n_a: Tensor | float
+        n_b: Tensor | float
+        if isinstance(b.n, float) and host_reads_free(n):
+            # On the CPU both counts are host numbers (a memory read): half the merge's ops.
+            n_a, n_b = float(n), b.n
+        else:
+            n_a, n_b = n.to(acc), torch.as_tensor(b.n, dtype=acc, device=mean.device)
+        merged = chan_merge(n_a, mean, m2, n_b, b.mean.to(acc), b.m2.to(acc))
         mean.copy_(merged.mean)
         m2.copy_(merged.m2)
         if self.weighted:
-            self.weight_sum.add_(b.n.to(self.weight_sum.dtype))
+            self.weight_sum.add_(n_b)
         self.count.add_(n_rows)
 
     def _merge_from(self, other: Any) -> None:
@@ -275,15 +283,16 @@ class EMAMoments(Stat):
     def _absorb(self, rows: Tensor, weight: Tensor | None, n_rows: Tensor | int) -> None:
         """One EMA step with the batch."""
         b = batch_moments(rows, self.accumulator_dtype, weight)
-        keep = self._nan_check(b.finite())
+        keep = self._nan_check(b.finite)
+        n = torch.as_tensor(b.n, dtype=b.mean.dtype, device=b.mean.device)
         # A batch left out, or whose rows were all masked or skipped, is no step at all.
-        step = b.n > 0 if keep is None else keep & (b.n > 0)
+        step = n > 0 if keep is None else keep & (n > 0)
         m = self.momentum
         new_weight = torch.where(step, self.weight * (1.0 - m) + m, self.weight)
         r = torch.where(step, m / new_weight.clamp(min=1e-30), 0.0)
         mean, var = self.mean.view(-1), self.var.view(-1)
         mb = torch.where(step, b.mean, mean)  # a left-out batch may hold NaN
-        vb = torch.where(step, b.m2 / b.n.clamp(min=torch.finfo(b.n.dtype).tiny), var)
+        vb = torch.where(step, b.m2 / n.clamp(min=torch.finfo(n.dtype).tiny), var)
         delta = mb - mean
         new_mean = mean + delta * r
         var.copy_(torch.lerp(var, vb + delta * (mb - new_mean), r))
@@ -323,9 +332,10 @@ class EMAMoments(Stat):
 
     def _set_summary(self, merged: Moments) -> None:
         """Hold the merged summary (left unchanged where it holds no sample)."""
-        ok = merged.n > 0
+        n = torch.as_tensor(merged.n, dtype=_F64)
+        ok = n > 0
         acc = self.accumulator_dtype
-        var = merged.m2[1:] / merged.n.clamp(min=1e-300)
+        var = merged.m2[1:] / n.clamp(min=1e-300)
         self.weight.copy_(torch.where(ok, merged.mean[:1].to(acc), self.weight))
         self.mean.view(-1).copy_(torch.where(ok, merged.mean[1:].to(acc), self.mean.view(-1)))
         self.var.view(-1).copy_(torch.where(ok, var.to(acc), self.var.view(-1)))

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
 from statplug.stats.base import NanPolicy, real_number
-from statplug.stats.merge import host_reads_free
+from statplug.stats.merge import SMALL_BATCH, host_reads_free
 from statplug.stats.moments import RunningMoments
 
 __all__ = ["RunningNorm"]
@@ -228,28 +228,32 @@ class RunningNorm(PinnedDtypeModule):
         return self.moments.frozen
 
     def _affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool | Tensor]:
-        """(shift, variance) in ``dtype`` such that ``(x - shift) / sqrt(variance + eps')``
-        normalises (``eps'`` is :attr:`_kernel_eps`), and whether two samples were seen: the
-        identity before, decided on the host when that is free and on the device otherwise. A
-        zero ``var + eps`` becomes an infinite variance: a constant feature maps to 0, not NaN."""
+        """``(shift, scale)`` in ``dtype`` with ``y = (x - shift) * scale``, and whether two
+        samples were seen (the identity before: shift 0, scale 1), decided on the host when
+        that is free and on the device otherwise. ``scale`` is ``1 / sqrt(var + eps)`` (``1 /
+        (std + eps)`` with ``eps_on="std"``), and 0 where that is infinite: a constant feature
+        with ``eps=0`` maps to 0, not NaN."""
         m = self.moments
         m._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise, never use them
-        mean, var = m.mean, m.var
-        if self.eps_on == "std":
-            var = (var.sqrt() + self.eps).square()
-        var = torch.where(var + self._kernel_eps == 0, math.inf, var)
         count = m.count
-        ready: bool | Tensor
-        if host_reads_free(count):
-            ready = int(count) >= 2
-            if not ready:
-                mean, var = torch.zeros_like(mean), torch.full_like(var, 1.0 - self._kernel_eps)
+        on_host = host_reads_free(count)
+        ready: bool | Tensor = int(count) >= 2 if on_host else count >= 2
+        if ready is False:
+            ones = torch.ones(m.n_features, dtype=dtype, device=count.device)
+            return ones * 0, ones, False
+        n = m._n()
+        mean, var = m.mean.reshape(-1), m.m2.reshape(-1) / (float(n) if on_host else n)
+        if self.eps_on == "var":
+            scale = (var + self.eps).rsqrt()
         else:
-            ready = count >= 2
+            scale = (var.sqrt() + self.eps).reciprocal()
+        if self.eps == 0:
+            scale = torch.where(scale.isinf(), 0.0, scale)
+        if isinstance(ready, Tensor):
             mean = torch.where(ready, mean, 0.0)
-            var = torch.where(ready, var, 1.0 - self._kernel_eps)
+            scale = torch.where(ready, scale, 1.0)
         # Fresh tensors: autograd may save them, never the buffers the next update writes.
-        return mean.to(dtype, copy=True), var.to(dtype), ready
+        return mean.to(dtype, copy=True), scale.to(dtype), ready
 
     @property
     def _kernel_eps(self) -> float:
@@ -262,9 +266,10 @@ class RunningNorm(PinnedDtypeModule):
         the rows ``mask`` keeps, weighted by ``weight``: see :meth:`RunningMoments.update`;
         every row is normalised).
 
-        One fused kernel normalises (torch's batch norm in inference mode, fed the running mean
-        and population variance), as ``nn.BatchNorm`` does. Returns the input's dtype for
-        floating inputs; integer inputs come back in the accumulator dtype.
+        One fused kernel normalises large batches (torch's batch norm in inference mode, fed the
+        running mean and scale), as ``nn.BatchNorm`` does; small ones take two plain ops.
+        Returns the input's dtype for floating inputs; integer inputs come back in the
+        accumulator dtype.
         """
         m = self.moments
         if self.training:
@@ -272,10 +277,15 @@ class RunningNorm(PinnedDtypeModule):
         work = x if x.is_floating_point() else x.to(m.accumulator_dtype)
         # float16/bfloat16 inputs normalise with float32 statistics (the kernel's mixed mode).
         low = work.dtype in (torch.float16, torch.bfloat16)
-        shift, var, ready = self._affine(torch.float32 if low else work.dtype)
+        shift, scale, ready = self._affine(torch.float32 if low else work.dtype)
         rows = work.reshape(-1, m.n_features)
-        y = torch.batch_norm(rows, None, None, shift.reshape(-1), var.reshape(-1), False, 0.0,
-                             self._kernel_eps, False).view(work.shape)
+        if rows.numel() < SMALL_BATCH and host_reads_free(rows):
+            # Plain ops: the kernel wakes the intra-op pool even for one row (see merge.py).
+            y = ((rows - shift) * scale).to(rows.dtype)
+        else:  # BatchNorm's inference kernel: (x - shift) / sqrt(1 + 0) * scale
+            y = torch.batch_norm(rows, scale, None, shift, torch.ones_like(scale), False, 0.0,
+                                 0.0, False)
+        y = y.view(work.shape)
         if self.clip is not None and ready is not False:  # never clip the identity
             if ready is True:
                 y = y.clamp(-self.clip, self.clip)
@@ -286,9 +296,9 @@ class RunningNorm(PinnedDtypeModule):
 
     def inverse(self, y: Tensor) -> Tensor:
         """Undo :meth:`forward` (up to clipping): ``x = y * sqrt(var + eps) + mean``."""
-        acc = self.moments.accumulator_dtype
-        shift, var, _ = self._affine(acc)
-        out = y.to(acc) * (var + self._kernel_eps).sqrt().nan_to_num(posinf=0.0) + shift
+        shift, scale, _ = self._affine(self.moments.accumulator_dtype)
+        std = torch.where(scale > 0, scale.reciprocal(), 0.0)
+        out = y.to(shift.dtype) * std + shift
         return out.to(y.dtype) if y.is_floating_point() else out
 
     def extra_repr(self) -> str:

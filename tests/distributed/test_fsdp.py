@@ -225,7 +225,9 @@ def _assert_matches_reference(state: dict[str, dict[str, Tensor]], where: str) -
     for stat, expected in reference().items():
         for key, value in expected.items():
             got = state[stat][key]
-            assert got.dtype == (torch.int64 if key == "count" else torch.float32), (where, stat)
+            # float64 for the cumulative moments, float32 for EMA and min/max (DESIGN.md §1)
+            acc = torch.float64 if "moments" in stat else torch.float32
+            assert got.dtype == (torch.int64 if key == "count" else acc), (where, stat)
             np.testing.assert_allclose(
                 got.double().numpy(), value, rtol=2e-6, atol=1e-6, err_msg=f"{where} {stat}.{key}"
             )
@@ -303,7 +305,7 @@ def test_fsdp_without_exclusion_fails_at_the_first_update_before_any_change(
     assert "forward" in unprotected, "an FSDP-demoted stat updated silently"
     msg = unprotected["forward"]
     assert msg.startswith("RunningMoments:")
-    assert "`mean` is torch.bfloat16 (pinned torch.float32)" in msg
+    assert "`mean` is torch.bfloat16 (pinned torch.float64)" in msg
     assert "exclude_from_fsdp_buffer_cast" in msg
     assert unprotected["count"] == 0  # the stat was left unchanged
 
@@ -456,9 +458,9 @@ def test_readme_fsdp_example_runs_on_two_gloo_ranks(tmp_path: Path) -> None:
     # The workers share one pipe, so their lines may interleave: match the records, not lines.
     found = re.findall(r"rank (\d): (count=\d+ dtype=\S+) var=(\[[^\]]*\])", proc.stdout)
     assert sorted(r for r, _, _ in found) == ["0", "1"], proc.stdout
-    # Both ranks print the same global stats, in float32, over both ranks' 2 x 20 x 32 rows.
+    # Both ranks print the same global stats, in float64, over both ranks' 2 x 20 x 32 rows.
     assert found[0][1:] == found[1][1:], found
-    assert found[0][1] == "count=1280 dtype=torch.float32", found
+    assert found[0][1] == "count=1280 dtype=torch.float64", found
     # ... equal to float64 over the data as the stat saw it (FSDP casts the root's inputs to bf16).
     data = []
     for rank in range(2):

@@ -99,7 +99,8 @@ def test_ordinary_data_keeps_the_one_kernel_path(monkeypatch: pytest.MonkeyPatch
         for stat in (RunningMoments(shape[1]), EMAMoments(shape[1]), RunningNorm(shape[1])):
             stat.update(x)
     assert kernel_dtypes and set(kernel_dtypes) == {torch.float32}
-    far = torch.from_numpy(rng.normal(1e8, 100.0, size=(1024, 3)).astype(np.float32))
+    # (batches under merge.SMALL_BATCH elements are summed in float64 anyway)
+    far = torch.from_numpy(rng.normal(1e8, 100.0, size=(16384, 3)).astype(np.float32))
     RunningMoments(3).update(far)
     assert kernel_dtypes[-1] == torch.float64  # refined
 
