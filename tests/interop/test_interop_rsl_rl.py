@@ -13,7 +13,7 @@ from statplug.errors import MissingExtraError
 from statplug.interop import from_rsl_rl, to_rsl_rl
 
 pytest.importorskip("rsl_rl")
-from rsl_rl.modules import EmpiricalNormalization  # noqa: E402
+from rsl_rl.modules import EmpiricalNormalization
 
 # One float32 ulp at 1 (absolute, for outputs near 0) or 1e-6 relative. Outputs are compared on
 # float64 observations: both sides then normalise the same numbers with the same statistics

@@ -13,8 +13,8 @@ from statplug.errors import MissingExtraError
 from statplug.interop import from_sb3, to_sb3
 
 pytest.importorskip("stable_baselines3")
-from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
-from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecNormalize
 
 # One float32 ulp at 1 (absolute, for outputs near 0) or 1e-6 relative.
 TOL = {"rtol": 1e-6, "atol": float(np.finfo(np.float32).eps)}
