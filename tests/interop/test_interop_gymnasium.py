@@ -136,6 +136,27 @@ def test_statplug_normaliser_into_running_mean_std() -> None:
     assert rms.count == 4330
 
 
+def test_vector_normalize_observation_both_ways() -> None:
+    envs = gym.wrappers.vector.NormalizeObservation(gym.make_vec("CartPole-v1", num_envs=4))
+    envs.reset(seed=0)
+    for _ in range(50):
+        envs.step(envs.action_space.sample())
+    norm = from_gymnasium(envs)
+    assert norm.count.item() == 4 * 51 and norm.moments.shape == (4,)
+    x = probe(envs.obs_rms)
+    np.testing.assert_allclose(ours(norm, x), gym_normalised(envs, x), **TOL)
+    target = gym.wrappers.vector.NormalizeObservation(gym.make_vec("CartPole-v1", num_envs=2))
+    to_gymnasium(norm, target)
+    np.testing.assert_allclose(gym_normalised(target, x), gym_normalised(envs, x), **TOL)
+
+
+def test_wrapper_with_float32_statistics() -> None:
+    wrapper = NormalizeObservation(gym.make("CartPole-v1"), accumulator_dtype=torch.float32)
+    out = run(wrapper, 200)
+    assert wrapper.norm.mean.dtype == torch.float32
+    assert all(o.dtype == np.float32 for o in out)
+
+
 def test_to_gymnasium_refuses_what_gymnasium_cannot_express() -> None:
     target = gym.wrappers.NormalizeObservation(gym.make("CartPole-v1"))
     with pytest.raises(ValueError, match="eps_on='var' and clip=None"):
