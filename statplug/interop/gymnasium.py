@@ -193,14 +193,17 @@ def _wrapper_class() -> type:
             norm = self.norm
             x = torch.from_numpy(
                 np.asarray(observation, dtype=np.float64).reshape(1, *norm.moments.shape)
-            )
+            ).to(norm.moments.count.device)  # where the statistics are (a no-op on the CPU)
             with torch.no_grad():
-                if norm.training:  # forward updates, then normalises
+                if self.gymnasium_prior:
+                    norm.update(x)
+                    y = self._with_prior(x)
+                elif norm.training:  # forward updates, then normalises
                     y = norm(x)
                 else:
                     norm.update(x)
-                    y = self._with_prior(x) if self.gymnasium_prior else norm(x)
-            return y.numpy().reshape(self._obs_shape).astype(np.float32)
+                    y = norm(x)
+            return y.cpu().numpy().reshape(self._obs_shape).astype(np.float32)
 
         def _with_prior(self, x: Tensor) -> Tensor:
             """``x`` normalised by the observations' moments merged with gymnasium's prior."""
