@@ -219,6 +219,12 @@ def test_wrapper_without_prior_counts_each_observation_once() -> None:
         past = seen[: t + 1]
         ref = (seen[t] - past.mean(0)) / np.sqrt(past.var(0) + 1e-8)
         np.testing.assert_allclose(out[t], ref.astype(np.float32), **TOL)
+    # In train mode the norm's forward updates it: still once per observation.
+    for prior in (False, True):
+        wrapper = NormalizeObservation(gym.make("CartPole-v1"), gymnasium_prior=prior)
+        wrapper.norm.train()
+        assert wrapper.norm.count.item() == 0
+        assert len(run(wrapper, 40)) == wrapper.norm.count.item()
 
 
 def test_update_running_mean_freezes_and_is_saved() -> None:
