@@ -1,4 +1,5 @@
-"""Optional dependencies: the ``recipes`` extra (scikit-learn, matplotlib).
+"""Optional dependencies: the ``recipes`` extra (scikit-learn, matplotlib) and the RL libraries
+of :mod:`statplug.interop` (the ``gymnasium``, ``sb3`` and ``rsl-rl`` extras).
 
 The core (stats, sync, audit, Lightning callbacks, ``statplug inspect``) imports none of them; the
 recipes' sklearn data sets and ``statplug plot`` do, through :func:`require`, so a missing
@@ -18,6 +19,10 @@ __all__ = ["EXTRA_PACKAGES", "require"]
 EXTRA_PACKAGES: dict[str, tuple[str, str]] = {
     "sklearn": ("scikit-learn", "recipes"),
     "matplotlib": ("matplotlib", "recipes"),
+    # statplug.interop: one extra per reinforcement-learning library.
+    "gymnasium": ("gymnasium", "gymnasium"),
+    "stable_baselines3": ("stable-baselines3", "sb3"),
+    "rsl_rl": ("rsl-rl-lib", "rsl-rl"),
 }
 
 

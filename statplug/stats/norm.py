@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -157,6 +158,137 @@ class RunningNorm(PinnedDtypeModule):
             m.settle_()
         m.freeze()
 
+    @classmethod
+    def from_moments(
+        cls,
+        mean: Sequence[float] | Tensor | Any,
+        var: Sequence[float] | Tensor | Any,
+        count: int | float | Tensor | Any,
+        *,
+        eps: float = 1e-8,
+        clip: float | None = None,
+        eps_on: Literal["var", "std"] = "var",
+        accumulator_dtype: torch.dtype = torch.float64,
+    ) -> RunningNorm:
+        """A normaliser holding known moments: ``count`` samples of ``mean`` and population
+        variance ``var`` (tensors, numpy arrays or sequences), e.g. another library's statistics.
+
+        The state is ``count``, ``mean`` and ``m2 = var * count``, loaded as a checkpoint would
+        be (so a later sync counts it once, not once per rank); the normaliser is not frozen.
+        An integer ``count`` (int, numpy or torch integer) is kept exactly as int64. A float
+        count that is not an integer -- gymnasium's and SB3's ``RunningMeanStd`` start from a
+        prior of count 1e-4, so theirs read ``n + 1e-4`` -- is rounded to the nearest integer:
+        ``mean`` and ``var`` are kept as given, so the normalised outputs stay the same, and the
+        prior's weight of 1e-4 sample is dropped. A count that rounds to 0 gives an empty
+        normaliser (``mean`` and ``var`` are then dropped; it returns its input until it has seen
+        two samples). A 0-dim ``mean`` gives shape ``(1,)``.
+
+        Example:
+            >>> import torch
+            >>> from statplug import RunningNorm
+            >>> norm = RunningNorm.from_moments([1.0, -2.0], [4.0, 0.25], 1000, eps=0.0)
+            >>> norm.count.item(), norm.var.tolist()
+            (1000, [4.0, 0.25])
+            >>> norm.eval()(torch.tensor([[3.0, -1.0]])).tolist()
+            [[1.0, 2.0]]
+            >>> RunningNorm.from_moments([0.0], [1.0], 2.0001).count.item()   # rounded
+            2
+        """
+        m, v = _constants("mean", mean, "from_moments"), _constants("var", var, "from_moments")
+        if m.dim() == 0:
+            m, v = m.reshape(1), v.reshape(-1)
+        if m.shape != v.shape:
+            raise ValueError(
+                f"RunningNorm.from_moments: `mean` and `var` must have the same shape, got "
+                f"{tuple(m.shape)} and {tuple(v.shape)}"
+            )
+        if not bool(m.isfinite().all()):
+            raise ValueError(
+                f"RunningNorm.from_moments: every `mean` must be finite, got {m.tolist()}"
+            )
+        if not bool((v.isfinite() & (v >= 0)).all()):
+            raise ValueError(
+                f"RunningNorm.from_moments: every `var` must be finite and >= 0 (a population "
+                f"variance), got {v.tolist()}"
+            )
+        n = _sample_count(count)
+        norm = cls(tuple(m.shape), eps=eps, clip=clip, eps_on=eps_on,
+                   accumulator_dtype=accumulator_dtype)
+        moments = norm.moments
+        acc = moments.accumulator_dtype
+        state = moments.state_dict()
+        state["count"] = torch.tensor(n, dtype=torch.int64)
+        if n == 0:
+            m, v = torch.zeros_like(m), torch.zeros_like(v)
+        state["mean"] = m.to(acc)
+        state["m2"] = (v * n).to(acc)  # in float64, then stored
+        if not bool((state["mean"].isfinite() & state["m2"].isfinite()).all()):
+            raise ValueError(
+                f"RunningNorm.from_moments: `mean` and `var * count` must be representable in "
+                f"{acc}; build it with accumulator_dtype=torch.float64"
+            )
+        moments.load_state_dict(state)
+        return norm
+
+    def fold_into(self, linear: torch.nn.Linear) -> torch.nn.Linear:
+        """A new ``nn.Linear`` equal to ``linear(norm(x))`` with this normaliser in eval mode:
+        the normalisation folded into the weights, for export (one matmul, no statistics).
+
+        With ``y = (x - mean) * s`` (``s = 1 / sqrt(var + eps)``, or ``1 / (std + eps)`` with
+        ``eps_on="std"``): ``W' = W * s`` (column ``j`` scaled by ``s_j``) and
+        ``b' = b - W' @ mean``, computed in float64 and stored in ``linear``'s dtype and device.
+        A bias is added when ``linear`` has none. The statistics are those of now: later updates
+        do not change the result. Before two samples the normaliser is the identity, so the copy
+        equals ``linear``; a constant feature with ``var + eps == 0`` (it maps to 0) gets a zero
+        column. Folding cannot express clipping: a normaliser with ``clip`` raises ``ValueError``.
+        As with any fold, ``W' @ x + b'`` cancels in ``linear``'s dtype when ``|mean|`` is large
+        against the std (float32 keeps about ``7 - log10(|mean| / std)`` digits).
+
+        Example:
+            >>> import torch
+            >>> from statplug import RunningNorm
+            >>> norm = RunningNorm.from_moments([1.0, 2.0, 3.0], [4.0, 1.0, 0.25], 100).eval()
+            >>> linear = torch.nn.Linear(3, 2)
+            >>> folded = norm.fold_into(linear)
+            >>> x = torch.randn(5, 3)
+            >>> torch.allclose(folded(x), linear(norm(x)), rtol=1e-5, atol=1e-6)
+            True
+        """
+        if not isinstance(linear, torch.nn.Linear):
+            raise ValueError(
+                f"RunningNorm.fold_into: `linear` must be a torch.nn.Linear, got "
+                f"{type(linear).__name__}"
+            )
+        if self.clip is not None:
+            raise ValueError(
+                f"RunningNorm.fold_into: this normaliser clips its output to +-{self.clip}, which "
+                f"a Linear layer cannot express; fold a normaliser built with clip=None, or keep "
+                f"the normaliser (unfolded) in the exported model"
+            )
+        n = self.moments.n_features
+        if len(self.moments.shape) != 1 or linear.in_features != n:
+            raise ValueError(
+                f"RunningNorm.fold_into: the normaliser's shape {self.moments.shape} must be "
+                f"({linear.in_features},), the in_features of `linear`; fold into a Linear that "
+                f"takes the normalised features"
+            )
+        shift, var, _ = self._affine(torch.float64)
+        with torch.no_grad():
+            scale = (var + self._kernel_eps).rsqrt().to(linear.weight.device)  # inf var -> 0
+            shift = shift.to(linear.weight.device)
+            weight = linear.weight.detach().to(torch.float64) * scale
+            bias = -(weight @ shift)
+            if linear.bias is not None:
+                bias = bias + linear.bias.detach().to(torch.float64)
+            folded = torch.nn.Linear(
+                n, linear.out_features, bias=True, device=linear.weight.device,
+                dtype=linear.weight.dtype,
+            )
+            folded.weight.copy_(weight)
+            folded.bias.copy_(bias)
+        folded.train(linear.training)
+        return folded
+
     # Read-outs and the rules every stat follows delegate to the moments.
     @property
     def count(self) -> Tensor:
@@ -306,7 +438,7 @@ class RunningNorm(PinnedDtypeModule):
         return f"eps={self.eps}, clip={self.clip}{eps_on}"
 
 
-def _constants(name: str, value: Any) -> Tensor:
+def _constants(name: str, value: Any, method: str = "fixed") -> Tensor:
     """``value`` as a float64 CPU tensor (whatever the default device), or ``ValueError``."""
     try:
         if isinstance(value, Tensor):
@@ -316,6 +448,28 @@ def _constants(name: str, value: Any) -> Tensor:
         return torch.as_tensor(value, dtype=torch.float64, device="cpu")
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(
-            f"RunningNorm.fixed: `{name}` must be a sequence or tensor of real numbers, got "
+            f"RunningNorm.{method}: `{name}` must be a sequence or tensor of real numbers, got "
             f"{value!r} ({err})"
         ) from err
+
+
+def _sample_count(count: Any) -> int:
+    """``count`` as an int >= 0: integers exactly, a float rounded to the nearest integer (the
+    1e-4 prior of gymnasium's and SB3's ``RunningMeanStd``), or ``ValueError``."""
+    value = count
+    if isinstance(value, Tensor) and value.numel() == 1 and value.device.type != "meta":
+        value = value.detach().cpu().reshape(()).item()
+    elif hasattr(value, "item") and getattr(value, "size", None) == 1:  # a numpy scalar/array
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        n = int(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        n = round(float(value))
+    else:
+        n = -1
+    if not 0 <= n < 2**63:
+        raise ValueError(
+            f"RunningNorm.from_moments: `count` must be a number of samples, an integer or a "
+            f"finite float >= 0 (rounded), got {count!r}"
+        )
+    return n
