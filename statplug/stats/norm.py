@@ -272,10 +272,9 @@ class RunningNorm(PinnedDtypeModule):
                 f"({linear.in_features},), the in_features of `linear`; fold into a Linear that "
                 f"takes the normalised features"
             )
-        shift, var, _ = self._affine(torch.float64)
+        shift, scale, _ = self._affine(torch.float64)
         with torch.no_grad():
-            scale = (var + self._kernel_eps).rsqrt().to(linear.weight.device)  # inf var -> 0
-            shift = shift.to(linear.weight.device)
+            scale, shift = scale.to(linear.weight.device), shift.to(linear.weight.device)
             weight = linear.weight.detach().to(torch.float64) * scale
             bias = -(weight @ shift)
             if linear.bias is not None:
