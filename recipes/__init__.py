@@ -17,7 +17,14 @@ module                    model                                       data
 
 from .data import SequenceDataModule, SklearnDataModule
 from .tabular import TabularMLP
-from .tinylm import TinyLM
+from .tinylm import TinyLM, padding_mask
 from .vision import DigitsCNN
 
-__all__ = ["DigitsCNN", "SequenceDataModule", "SklearnDataModule", "TabularMLP", "TinyLM"]
+__all__ = [
+    "DigitsCNN",
+    "SequenceDataModule",
+    "SklearnDataModule",
+    "TabularMLP",
+    "TinyLM",
+    "padding_mask",
+]

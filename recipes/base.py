@@ -13,7 +13,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from statplug.lightning import StatsMixin
 
-__all__ = ["Classifier"]
+__all__ = ["IGNORE", "Classifier"]
+
+# The target of a padded position: cross-entropy's default ignore_index.
+IGNORE = -100
 
 
 class Classifier(StatsMixin, pl.LightningModule):
@@ -21,7 +24,8 @@ class Classifier(StatsMixin, pl.LightningModule):
 
     Subclasses build their layers in ``__init__`` (stats included, so they are saved and
     restored) and implement ``forward(x) -> logits``; logits of shape ``[..., C]`` are compared
-    with targets of shape ``[...]`` (one class per sample, or per token).
+    with targets of shape ``[...]`` (one class per sample, or per token); a target of
+    :data:`IGNORE` (padding) counts nowhere.
 
     Accuracy and the validation loss are torchmetrics metrics: they keep counts and sums per
     rank and merge them at epoch end, so the figures are exact over every sample seen, also when
@@ -39,8 +43,9 @@ class Classifier(StatsMixin, pl.LightningModule):
             raise ValueError(f"{type(self).__name__}: `lr` must be positive, got {lr!r}")
         self.lr = lr
         self.weight_decay = weight_decay
-        self.train_acc = MulticlassAccuracy(n_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(n_classes, average="micro")
+        # Targets of IGNORE (padding) count nowhere: not in the loss, not in the accuracy.
+        self.train_acc = MulticlassAccuracy(n_classes, average="micro", ignore_index=IGNORE)
+        self.val_acc = MulticlassAccuracy(n_classes, average="micro", ignore_index=IGNORE)
         self.val_loss = MeanMetric()
 
     def _logits(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -48,7 +53,7 @@ class Classifier(StatsMixin, pl.LightningModule):
         logits = self(x)
         logits = logits.reshape(-1, logits.shape[-1])
         y = y.reshape(-1)
-        return F.cross_entropy(logits, y), logits, y
+        return F.cross_entropy(logits, y, ignore_index=IGNORE), logits, y
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, logits, y = self._logits(batch)
@@ -60,7 +65,7 @@ class Classifier(StatsMixin, pl.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, logits, y = self._logits(batch)
         self.val_acc.update(logits, y)
-        self.val_loss.update(loss, weight=y.numel())  # a per-sample mean over the epoch
+        self.val_loss.update(loss, weight=(y != IGNORE).sum())  # a per-sample mean
         self.log("val_loss", self.val_loss, prog_bar=True)
         self.log("val_acc", self.val_acc, prog_bar=True)
 

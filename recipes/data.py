@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from statplug._extras import require
 from statplug.config.ranges import Range, Size
 
+from .base import IGNORE
+
 __all__ = ["SequenceDataModule", "SklearnDataModule"]
 
 SklearnName = Literal["breast_cancer", "wine", "digits", "iris"]
@@ -136,6 +138,9 @@ class SequenceDataModule(_TensorDataModule):
         n_train: Default: 2048. n_val: Default: 256.
         batch_size: Default: 64.
         seed: Default: 0.
+        min_len: when set, each sequence has a random length in ``[min_len, seq_len]`` and is
+            padded to ``seq_len``: padded inputs hold the token ``vocab_size`` (one past the
+            vocabulary) and padded targets ``IGNORE`` (-100). Default: None (no padding).
     """
 
     def __init__(
@@ -147,10 +152,17 @@ class SequenceDataModule(_TensorDataModule):
         n_val: Size = 256,
         batch_size: Size = 64,
         seed: int = 0,
+        min_len: Size | None = None,
     ) -> None:
         super().__init__()
         if seq_len < 3:
             raise ValueError(f"SequenceDataModule: `seq_len` must be >= 3, got {seq_len!r}")
+        if min_len is not None and not 3 <= min_len <= seq_len:
+            raise ValueError(
+                f"SequenceDataModule: `min_len` must be in [3, seq_len={seq_len}] or None, got "
+                f"{min_len!r}"
+            )
+        self.min_len = min_len
         if not 1 <= max_step < vocab_size:
             raise ValueError(
                 f"SequenceDataModule: `max_step` must be in [1, vocab_size), got {max_step!r}"
@@ -169,7 +181,12 @@ class SequenceDataModule(_TensorDataModule):
         start = torch.randint(0, self.vocab_size, (n, 1), generator=gen)
         step = torch.randint(1, self.max_step + 1, (n, 1), generator=gen)
         seq = (start + step * torch.arange(self.seq_len)) % self.vocab_size
-        return TensorDataset(seq[:, :-1].contiguous(), seq[:, 1:].contiguous())
+        x, y = seq[:, :-1].clone(), seq[:, 1:].clone()
+        if self.min_len is not None:  # pad each sequence after its own length
+            length = torch.randint(self.min_len, self.seq_len + 1, (n, 1), generator=gen)
+            pad = torch.arange(self.seq_len - 1) >= length - 1
+            x[pad], y[pad] = self.vocab_size, IGNORE
+        return TensorDataset(x, y)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

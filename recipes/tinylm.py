@@ -12,7 +12,15 @@ from statplug.encodings import RotaryEncoding, SinusoidalEncoding
 from statplug.masks import CausalMask
 from statplug.stats import RunningMoments
 
-from .base import Classifier
+from .base import IGNORE, Classifier
+
+__all__ = ["TinyLM", "padding_mask"]
+
+
+def padding_mask(batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The positions of a ``SequenceDataModule`` batch that hold data (True), not padding:
+    those whose target is not ``IGNORE``. For ``ActivationStats(mask_fn=padding_mask)``."""
+    return batch[1] != IGNORE
 
 __all__ = ["TinyLM"]
 
@@ -48,7 +56,8 @@ class TinyLM(Classifier):
     Positions come from a :class:`~statplug.RotaryEncoding` on queries and keys (default) or a
     :class:`~statplug.SinusoidalEncoding` added to the embeddings; attention uses a
     :class:`~statplug.CausalMask` (bool, True = may attend). A :class:`~statplug.RunningMoments`
-    keeps the per-feature mean and variance of the final hidden states seen in training.
+    keeps the per-feature mean and variance of the final hidden states seen in training, at
+    real (not padded) positions only.
 
     Args:
         vocab_size: Default: 16.
@@ -80,7 +89,9 @@ class TinyLM(Classifier):
             raise ValueError(
                 f"TinyLM: `positions` must be 'rotary' or 'sinusoidal', got {positions!r}"
             )
-        self.embed = nn.Embedding(vocab_size, dim)
+        # One more embedding row: the padding token (vocab_size) of a padded SequenceDataModule.
+        self.embed = nn.Embedding(vocab_size + 1, dim, padding_idx=vocab_size)
+        self.pad = vocab_size
         self.causal = CausalMask(max_len)
         self.rotary: RotaryEncoding | None = None
         self.sinusoidal: SinusoidalEncoding | None = None
@@ -101,5 +112,6 @@ class TinyLM(Classifier):
         for block in self.blocks:
             x = block(x, mask)
         x = self.ln(x)
-        self.hidden_stats(x)  # updates in training mode only
+        if self.training:  # padding never pollutes the statistics
+            self.hidden_stats.update(x, mask=tokens != self.pad)
         return self.head(x)

@@ -86,7 +86,8 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
     if weight is not None:
         return _weighted(x, weight, acc)
     if not host_reads_free(x):
-        rows = torch.tensor(float(x.shape[0]), dtype=acc, device=x.device)
+        # The row count as a tensor op on x, so that jit.trace does not bake it in.
+        rows = torch.ones_like(x[:, 0], dtype=acc).sum()
         v, m = torch.var_mean(x.to(acc), dim=0, correction=0)
         return Moments(rows, m, v * rows)
     n = float(x.shape[0])

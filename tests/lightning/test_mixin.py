@@ -43,7 +43,7 @@ def test_metadata_is_plain_and_loads_with_weights_only(tmp_path: Path) -> None:
         "name": "norm.moments",
         "kind": "RunningMoments",
         "shape": [4],
-        "accumulator_dtype": "float32",
+        "accumulator_dtype": "float64",
         "count": 32,
         "state": ["count", "n_skipped", "mean", "m2"],
         "frozen": False,

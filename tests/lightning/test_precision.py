@@ -61,10 +61,10 @@ def test_bf16_true_counts_exactly_where_torchmetrics_saturates(tmp_path: Path) -
     assert model.layer.weight.dtype == torch.bfloat16
     stat = model.stat
     assert stat.count.dtype == torch.int64 and int(stat.count) == 1200
-    assert stat.mean.dtype == torch.float32
+    assert stat.mean.dtype == torch.float64  # the default accumulator of cumulative moments
     x, _ = _data(1200)
     ref = x.double().mean()
-    # float32 state rounded once per update (300 updates): a few ulps of 3.0, not bf16's 0.78.
+    # float64 state: exact to float64 rounding over 300 updates, not bf16's 0.78.
     assert abs(float(stat.mean) - float(ref)) < 1e-5
     assert abs(float(stat.var) - float(x.double().var(unbiased=False))) < 1e-5
     # torchmetrics' MeanMetric keeps its state in the module dtype: in bf16 its running weight
@@ -75,7 +75,7 @@ def test_bf16_true_counts_exactly_where_torchmetrics_saturates(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("precision", ["16-true", "bf16-mixed", "16-mixed"])
-def test_other_precisions_keep_float32_accumulators(precision: str, tmp_path: Path) -> None:
+def test_other_precisions_keep_their_float64_accumulators(precision: str, tmp_path: Path) -> None:
     try:
         model = _fit(precision, 200, tmp_path)
     except (ValueError, RuntimeError, NotImplementedError) as err:
@@ -83,7 +83,7 @@ def test_other_precisions_keep_float32_accumulators(precision: str, tmp_path: Pa
             pytest.skip(f"Lightning refuses 16-mixed on CPU: {err}")
         raise
     stat = model.stat
-    assert stat.mean.dtype == torch.float32 and stat.m2.dtype == torch.float32
+    assert stat.mean.dtype == torch.float64 and stat.m2.dtype == torch.float64
     assert int(stat.count) == 200
     assert abs(float(stat.mean) - 3.0) < 1e-6
     # The plugin (cast or autocast) really ran in low precision. On CPU Lightning runs 16-mixed as
@@ -91,4 +91,4 @@ def test_other_precisions_keep_float32_accumulators(precision: str, tmp_path: Pa
     low = torch.float16 if precision == "16-true" else torch.bfloat16
     assert model.out_dtypes == {low}
     out = model.out_stat
-    assert out.mean.dtype == torch.float32 and int(out.count) == 200
+    assert out.mean.dtype == torch.float64 and int(out.count) == 200

@@ -121,6 +121,11 @@ class ActivationStats(SyncSchedule):
         channels: ``"auto"`` (see the module docstring) or ``"last"``. Default: ``"auto"``.
         accumulator_dtype: of the stats. Default: ``torch.float32``.
         prefix: of the logged keys. Default: ``"activations"``.
+        mask_fn: ``mask_fn(batch)`` returns the training batch's padding mask (bool, True =
+            real data, e.g. ``[B, T]`` for token activations ``[B, T, F]``) or None. It is
+            applied to every hooked output whose sample dims have the mask's shape (rows it
+            marks False are not counted); other outputs (pooled ``[B, F]``, say) are recorded
+            whole. Default: None (every row counts).
 
     Attributes:
         layer_stats: ``{layer name: (moments, minmax or None)}``, in creation order.
@@ -153,6 +158,7 @@ class ActivationStats(SyncSchedule):
         channels: Literal["auto", "last"] = "auto",
         accumulator_dtype: torch.dtype = torch.float32,
         prefix: str = "activations",
+        mask_fn: Callable[[Any], Tensor | None] | None = None,
     ) -> None:
         if isinstance(patterns, str):
             patterns = (patterns,)
@@ -185,6 +191,13 @@ class ActivationStats(SyncSchedule):
         self.channels = channels
         self.accumulator_dtype = accumulator_dtype
         self.prefix = prefix
+        if mask_fn is not None and not callable(mask_fn):
+            raise ValueError(
+                f"ActivationStats: `mask_fn` must be a callable batch -> bool mask, got "
+                f"{type(mask_fn).__name__}"
+            )
+        self.mask_fn = mask_fn
+        self._mask: Tensor | None = None  # the running batch's padding mask, from mask_fn
         self._layers: dict[str, _LayerStats] = {}
         self._handles: list[RemovableHandle] = []
         self._model: weakref.ref[nn.Module] | None = None  # the hooked model: where stats live
@@ -285,10 +298,15 @@ class ActivationStats(SyncSchedule):
             return
         if x.dtype not in _FAST_DTYPES:
             x = x.float()  # bf16/fp16 activations: the stats' fast path is float32
+        mask = self._mask
+        if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+            mask = mask.to(x.device).reshape(-1)
+        else:
+            mask = None  # no mask, or an output whose rows are not the mask's (pooled)
         x = x.reshape(-1, n_features)  # one copy at most, shared by both stats
-        layer.moments.update(x)
+        layer.moments.update(x, mask=mask)
         if layer.minmax is not None:
-            layer.minmax.update(x)
+            layer.minmax.update(x, mask=mask)
 
     def _feature_dim(self, module: nn.Module, output: Tensor) -> int:
         if self.channels == "last" or output.dim() < 3:
@@ -347,6 +365,17 @@ class ActivationStats(SyncSchedule):
         for layer in self._layers.values():
             layer.to(device)
 
+    def _padding_mask(self, batch: Any) -> Tensor | None:
+        if self.mask_fn is None:
+            return None
+        mask = self.mask_fn(batch)
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dtype is not torch.bool):
+            raise ValueError(
+                f"ActivationStats: `mask_fn` must return a bool tensor (True = real data) or "
+                f"None, got {type(mask).__name__ if not isinstance(mask, Tensor) else mask.dtype}"
+            )
+        return mask
+
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -355,6 +384,7 @@ class ActivationStats(SyncSchedule):
         # recorded, and a resumed run samples the same steps.
         self._recording = trainer.global_step % self.every_n_steps == 0
         self._last = _none
+        self._mask = self._padding_mask(batch) if self._recording else None
 
     @override
     def on_train_batch_end(
@@ -367,6 +397,7 @@ class ActivationStats(SyncSchedule):
     ) -> None:
         self._recording = False
         self._last = _none
+        self._mask = None
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @property
