@@ -126,3 +126,16 @@ def test_named_syncs_match_ranks_by_key() -> None:
     assert run_distributed(_named_body, 2, False) == ["ok 8 [0.5, 0.5]"] * 2
     for out in run_distributed(_named_body, 2, True):
         assert out.startswith("error: ") and "first difference" in out
+
+
+def _one_rank_body(rank: int, world: int) -> tuple[int, int]:
+    stat = RunningMoments(3)
+    stat.update(torch.randn(8, 3))
+    return sync_stats([stat]).n_collectives, int(stat.count)
+
+
+def test_a_one_rank_group_runs_the_same_collectives() -> None:
+    """With a process group, the sync runs its collectives at any world size, so one GPU
+    exercises the NCCL path; without one it is a no-op (see the doctest)."""
+    ((calls, count),) = run_distributed(_one_rank_body, 1)
+    assert calls >= 2 and count == 8
