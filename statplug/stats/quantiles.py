@@ -10,6 +10,7 @@ travel as what each rank added since the last sync).
 from __future__ import annotations
 
 import math
+import struct
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -132,9 +133,9 @@ class RunningQuantiles(Stat):
         """``(low, high)``: the magnitudes the buckets resolve (``(low, high]``); others collapse
         into the end buckets of their sign."""
         lg = self._log_gamma
-        return math.exp((self.min_index - 1) * lg), math.exp(
-            (self.min_index + self.max_buckets - 1) * lg
-        )
+        top = (self.min_index + self.max_buckets - 1) * lg
+        # A window wider than float64's range just reaches past it (its end buckets stay empty).
+        return math.exp((self.min_index - 1) * lg), math.exp(top) if top < 709 else math.inf
 
     def _representatives(self, device: torch.device) -> Tensor:
         """Float64 ``[n_slots]``: the value each slot of ``counts`` reads back as."""
@@ -155,11 +156,16 @@ class RunningQuantiles(Stat):
                     f"{q.dtype} tensor of shape {tuple(q.shape)}"
                 )
             scalar = q.dim() == 0
-            probs = q.detach().to(self.counts.device, _F64).reshape(-1)
+            probs = q.detach().reshape(-1)
             # Checking values is a host read: done where it is free (not under compile).
-            if host_reads_free(probs) and not bool(((probs >= 0) & (probs <= 1)).all()):
-                raise ValueError(f"{owner}: `q` must lie in [0, 1], got {q.tolist()}")
-            return probs, scalar
+            if host_reads_free(probs):
+                if not bool(((probs >= 0) & (probs <= 1)).all()):
+                    raise ValueError(f"{owner}: `q` must lie in [0, 1], got {q.tolist()}")
+                if probs.dtype != _F64:
+                    # torch.tensor([0.99]) is float32 0.99000001: its rank ceil(q * n) can be one
+                    # past numpy's for 0.99. Read it as the short decimal it was typed as.
+                    probs = torch.tensor([_typed_decimal(v) for v in probs.tolist()], dtype=_F64)
+            return probs.to(self.counts.device, _F64), scalar
         if isinstance(q, Sequence) and not isinstance(q, (str, bytes)):
             values = [real_number(owner, "q", v, low=0.0, high=1.0, expected="in [0, 1]")
                       for v in q]
@@ -321,6 +327,16 @@ class RunningQuantiles(Stat):
             f"relative_accuracy={self.relative_accuracy}, max_buckets={self.max_buckets}, "
             + super().extra_repr()
         )
+
+
+def _typed_decimal(value: float) -> float:
+    """The shortest decimal (at most 9 digits) that rounds to the float32 ``value``, else
+    ``value``: 0.99000001 (float32 0.99) becomes 0.99."""
+    for digits in range(1, 10):
+        decimal = round(value, digits)
+        if struct.unpack("f", struct.pack("f", decimal))[0] == value:
+            return decimal
+    return value
 
 
 class QuantileNorm(PinnedDtypeModule):
