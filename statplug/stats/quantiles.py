@@ -230,14 +230,19 @@ class RunningQuantiles(Stat):
         if rows is None:
             return
         with self._updating():
-            weight = self._skip_weights(rows)
-            n = rows.shape[0] if weight is None else weight.sum().to(torch.int64)
-            if weight is not None:  # rows left out hold +inf for the min, -inf for the max
-                keep = weight.unsqueeze(1) > 0
+            # amin and amax: each one fast pass (aminmax over dim 0 is ~20x slower); they carry
+            # any NaN or Inf of their column, so they tell whether the batch is finite.
+            lo, hi = rows.amin(0), rows.amax(0)
+            weight = None
+            if self.nan_policy == "skip" and not (
+                host_reads_free(rows) and bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+            ):  # rows to leave out (a free check on the CPU spares the row mask's full pass)
+                weight = self._skip_weights(rows)
+                assert weight is not None
+                keep = weight.unsqueeze(1) > 0  # left out: +inf for the min, -inf for the max
                 lo = torch.where(keep, rows, math.inf).amin(0)
                 hi = torch.where(keep, rows, -math.inf).amax(0)
-            else:  # amin and amax: each one fast pass (aminmax over dim 0 is ~20x slower)
-                lo, hi = rows.amin(0), rows.amax(0)
+            n = rows.shape[0] if weight is None else weight.sum().to(torch.int64)
             src = torch.ones((), dtype=torch.int64, device=rows.device).expand(rows.shape[0])
             if weight is not None:
                 src = weight.to(torch.int64)
