@@ -518,7 +518,7 @@ class Stat(PinnedDtypeModule):
         if ref is None or ref.dim() == 0 or ref.numel() == 0:
             return None
         try:
-            stat = cls(tuple(ref.shape), accumulator_dtype=torch.float64)
+            stat = cls._for_saved_state(tuple(ref.shape), own)
             stat.load_state_dict(own)  # a plain dict: bookkeeping keys may be missing
         except (CheckpointMismatchError, RuntimeError, ValueError, TypeError):
             return None
@@ -538,6 +538,12 @@ class Stat(PinnedDtypeModule):
                 if (t := b[n]) is not None and t.is_floating_point() and t.dim() == 0
             },
         )
+
+    @classmethod
+    def _for_saved_state(cls, shape: tuple[int, ...], state: Mapping[str, Tensor]) -> Stat:
+        """A float64 stat of this class and ``shape`` that can load ``state`` (a class whose
+        configuration shapes its state, such as a sketch's bucket count, reads it here)."""
+        return cls(shape, accumulator_dtype=torch.float64)
 
     def _persistent_names(self) -> list[str]:
         return [n for n in self._buffers if n not in self._non_persistent_buffers_set]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,7 +82,7 @@ class RunningQuantiles(Stat):
     """
 
     _version = 1
-    _summary_features = ("q01", "q50", "q99")
+    _summary_features = ("min", "max", "q01", "q50", "q99")
     counts: Tensor
     min: Tensor
     max: Tensor
@@ -288,6 +288,17 @@ class RunningQuantiles(Stat):
         flat_min, flat_max = self.min.view(-1), self.max.view(-1)
         torch.minimum(flat_min, other.min.reshape(-1), out=flat_min)
         torch.maximum(flat_max, other.max.reshape(-1), out=flat_max)
+
+    @classmethod
+    def _for_saved_state(cls, shape: tuple[int, ...], state: Mapping[str, Tensor]) -> Stat:
+        # The saved bucket count and accuracy, so a summary reads any sketch's buckets.
+        counts, accuracy = state.get("counts"), state.get("accuracy")
+        if counts is None or accuracy is None or counts.dim() == 0 or counts.shape[-1] % 2 != 1:
+            return cls(shape, accumulator_dtype=_F64)  # the load then names what is wrong
+        return cls(
+            shape, relative_accuracy=float(accuracy), max_buckets=counts.shape[-1] // 2,
+            accumulator_dtype=_F64,
+        )
 
     def reset_parameters(self) -> None:
         """Empty and unfreeze the sketch, and write its configuration back (the meta-device
