@@ -9,7 +9,7 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Sections whose code is complete and runs on CPU in seconds.
-SECTIONS = ["torch.compile", "Weight averaging (EMA/SWA)"]
+SECTIONS = ["Quantiles", "torch.compile", "Weight averaging (EMA/SWA)"]
 
 
 def python_blocks(section: str) -> list[str]:
