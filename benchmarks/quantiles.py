@@ -54,6 +54,8 @@ POLICIES = ("raise", "skip", "propagate")
 
 
 def make_data(kind: str, n: int, f: int, seed: int) -> np.ndarray:
+    """``n`` float32 rows of ``f`` features of one of :data:`DISTRIBUTIONS` (the tests use
+    these too)."""
     rng = np.random.default_rng(seed)
     if kind == "normal":
         x = rng.normal(5.0, 2.0, size=(n, f))
@@ -64,9 +66,11 @@ def make_data(kind: str, n: int, f: int, seed: int) -> np.ndarray:
     elif kind == "mixed":
         x = rng.normal(-1.0, 3.0, size=(n, f))
         x[rng.random((n, f)) < 0.05] = 0.0
-    else:
+    elif kind == "span 1e-6..1e6":
         mag = np.exp(rng.uniform(math.log(1e-6), math.log(1e6), size=(n, f)))
         x = mag * rng.choice([-1.0, 1.0], size=(n, f))
+    else:
+        raise ValueError(f"make_data: `kind` must be one of {DISTRIBUTIONS}, got {kind!r}")
     return x.astype(np.float32)
 
 

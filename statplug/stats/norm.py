@@ -10,9 +10,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from statplug._buffers import PinnedDtypeModule
 from statplug.stats.base import NanPolicy, real_number
-from statplug.stats.merge import host_reads_free
+from statplug.stats.holder import StatHolder
 from statplug.stats.moments import RunningMoments
 
 __all__ = ["RunningNorm"]
@@ -21,7 +20,7 @@ _FINITE_MAX = sys.float_info.max
 _EPS_ON = ("var", "std")
 
 
-class RunningNorm(PinnedDtypeModule):
+class RunningNorm(StatHolder):
     r"""Normalise inputs by an exact running mean and population variance.
 
     ``y = (x - mean) / sqrt(var + eps)`` (or ``/ (std + eps)`` with ``eps_on="std"``, as rsl_rl
@@ -59,6 +58,7 @@ class RunningNorm(PinnedDtypeModule):
     """
 
     _version = 1
+    _held = "moments"
     # Host-side constants, never state: `fixed`'s (mean, m2) kept to survive reset_parameters().
     _statplug_unregistered_ok = ("_fixed",)
 
@@ -154,40 +154,10 @@ class RunningNorm(PinnedDtypeModule):
             m.settle_()
         m.freeze()
 
-    # Read-outs and the rules every stat follows delegate to the moments.
-    @property
-    def count(self) -> Tensor:
-        return self.moments.count
-
-    @property
-    def n_skipped(self) -> Tensor:
-        return self.moments.n_skipped
-
+    # Read-outs; the rules every stat follows delegate to the moments (StatHolder).
     @property
     def sample_var(self) -> Tensor:
         return self.moments.sample_var
-
-    def update(self, x: Tensor) -> None:
-        """Update the statistics with ``x`` without normalising (as in ``train()`` mode)."""
-        self.moments.update(x)
-
-    def check(self) -> RunningNorm:
-        """Raise now a bad batch the raise policy left out on the device (see ``Stat.check``)."""
-        self.moments.check()
-        return self
-
-    def merge_(self, other: RunningNorm) -> RunningNorm:
-        """Merge another normaliser's statistics (same shape) exactly."""
-        if not isinstance(other, RunningNorm):
-            raise ValueError(
-                f"RunningNorm.merge_: expected a RunningNorm, got {type(other).__name__}"
-            )
-        self.moments.merge_(other.moments)
-        return self
-
-    def reset(self) -> None:
-        """Forget every sample (keeps frozen-ness)."""
-        self.moments.reset()
 
     def reset_parameters(self) -> None:
         """Empty and unfreeze the statistics -- or, for a normaliser built by :meth:`fixed`,
@@ -209,19 +179,6 @@ class RunningNorm(PinnedDtypeModule):
     def std(self) -> Tensor:
         return self.moments.std
 
-    def freeze(self) -> RunningNorm:
-        """Stop updating the statistics (saved with the state)."""
-        self.moments.freeze()
-        return self
-
-    def unfreeze(self) -> RunningNorm:
-        self.moments.unfreeze()
-        return self
-
-    @property
-    def frozen(self) -> bool:
-        return self.moments.frozen
-
     def _affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool | Tensor]:
         """(shift, variance) in ``dtype`` such that ``(x - shift) / sqrt(variance + eps')``
         normalises (``eps'`` is :attr:`_kernel_eps`), and whether two samples were seen: the
@@ -233,16 +190,8 @@ class RunningNorm(PinnedDtypeModule):
         if self.eps_on == "std":
             var = (var.sqrt() + self.eps).square()
         var = torch.where(var + self._kernel_eps == 0, math.inf, var)
-        count = m.count
-        ready: bool | Tensor
-        if host_reads_free(count):
-            ready = int(count) >= 2
-            if not ready:
-                mean, var = torch.zeros_like(mean), torch.full_like(var, 1.0 - self._kernel_eps)
-        else:
-            ready = count >= 2
-            mean = torch.where(ready, mean, 0.0)
-            var = torch.where(ready, var, 1.0 - self._kernel_eps)
+        # Before two samples: mean 0 and var + eps == 1, the identity.
+        mean, var, ready = self._until_ready((mean, var), (0.0, 1.0 - self._kernel_eps))
         # Fresh tensors: autograd may save them, never the buffers the next update writes.
         return mean.to(dtype, copy=True), var.to(dtype), ready
 
@@ -267,13 +216,7 @@ class RunningNorm(PinnedDtypeModule):
         rows = work.reshape(-1, m.n_features)
         y = torch.batch_norm(rows, None, None, shift.reshape(-1), var.reshape(-1), False, 0.0,
                              self._kernel_eps, False).view(work.shape)
-        if self.clip is not None and ready is not False:  # never clip the identity
-            if ready is True:
-                y = y.clamp(-self.clip, self.clip)
-            else:
-                bound = torch.where(ready, self.clip, math.inf).to(y.dtype)
-                y = torch.clamp(y, -bound, bound)
-        return y
+        return self._clipped(y, ready)
 
     def inverse(self, y: Tensor) -> Tensor:
         """Undo :meth:`forward` (up to clipping): ``x = y * sqrt(var + eps) + mean``."""

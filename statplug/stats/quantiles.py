@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from statplug._buffers import PinnedDtypeModule
 from statplug.stats.base import NanPolicy, Stat, real_number
+from statplug.stats.holder import StatHolder
 from statplug.stats.merge import host_reads_free
+from statplug.stats.minmax import extremes_problem
 
 __all__ = ["QuantileNorm", "RunningQuantiles"]
 
@@ -327,16 +328,7 @@ class RunningQuantiles(Stat):
                 f"{prefix + 'counts'!r} must add up to {prefix + 'count'!r} ({count}) in every "
                 f"feature, got totals from {int(totals.min())} to {int(totals.max())}"
             )
-        lo, hi = values["min"].double(), values["max"].double()
-        if count == 0:
-            if not bool((lo == math.inf).all() and (hi == -math.inf).all()):
-                return (
-                    f"an empty state (count 0) must have {prefix + 'min'!r} +inf and "
-                    f"{prefix + 'max'!r} -inf"
-                )
-        elif bool((lo > hi).any()):  # NaN compares False: a propagated NaN is a valid state
-            return f"{prefix + 'min'!r} must not exceed {prefix + 'max'!r}"
-        return None
+        return extremes_problem(prefix, values)
 
     def extra_repr(self) -> str:
         return (
@@ -355,7 +347,7 @@ def _typed_decimal(value: float) -> float:
     return value
 
 
-class QuantileNorm(PinnedDtypeModule):
+class QuantileNorm(StatHolder):
     r"""Normalise inputs by running quantiles: ``q_low -> -1`` and ``q_high -> 1``.
 
     ``y = 2 * (x - q_low) / (q_high - q_low) - 1`` per feature, then clipped to
@@ -392,6 +384,7 @@ class QuantileNorm(PinnedDtypeModule):
     """
 
     _version = 1
+    _held = "sketch"
 
     def __init__(
         self,
@@ -425,48 +418,9 @@ class QuantileNorm(PinnedDtypeModule):
         # Named after the normaliser in messages until a model walk gives it its qualified name.
         self.sketch.stat_name = f"{name}.sketch"
 
-    @property
-    def count(self) -> Tensor:
-        return self.sketch.count
-
-    def update(self, x: Tensor) -> None:
-        """Update the sketch with ``x`` without normalising (as in ``train()`` mode)."""
-        self.sketch.update(x)
-
-    def check(self) -> QuantileNorm:
-        """Raise now a bad batch the raise policy left out on the device (see ``Stat.check``)."""
-        self.sketch.check()
-        return self
-
-    def merge_(self, other: QuantileNorm) -> QuantileNorm:
-        """Merge another normaliser's sketch (same shape and accuracy) exactly."""
-        if not isinstance(other, QuantileNorm):
-            raise ValueError(
-                f"QuantileNorm.merge_: expected a QuantileNorm, got {type(other).__name__}"
-            )
-        self.sketch.merge_(other.sketch)
-        return self
-
-    def reset(self) -> None:
-        """Forget every sample (keeps frozen-ness)."""
-        self.sketch.reset()
-
     def reset_parameters(self) -> None:
         """Empty and unfreeze the sketch (the meta-device flow)."""
         self.sketch.reset_parameters()
-
-    def freeze(self) -> QuantileNorm:
-        """Stop updating the sketch (saved with the state)."""
-        self.sketch.freeze()
-        return self
-
-    def unfreeze(self) -> QuantileNorm:
-        self.sketch.unfreeze()
-        return self
-
-    @property
-    def frozen(self) -> bool:
-        return self.sketch.frozen
 
     def _affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool | Tensor]:
         """(centre, half-width) in ``dtype`` such that ``y = (x - centre) / half`` normalises,
@@ -478,16 +432,7 @@ class QuantileNorm(PinnedDtypeModule):
         centre = (q_low + q_high) / 2
         half = (q_high - q_low) / 2
         half = torch.where(half == 0, math.inf, half)  # equal quantiles: the feature maps to 0
-        count = s.count
-        ready: bool | Tensor
-        if host_reads_free(count):
-            ready = int(count) >= 2
-            if not ready:
-                centre, half = torch.zeros_like(centre), torch.ones_like(half)
-        else:
-            ready = count >= 2
-            centre = torch.where(ready, centre, 0.0)
-            half = torch.where(ready, half, 1.0)
+        centre, half, ready = self._until_ready((centre, half), (0.0, 1.0))
         return centre.to(dtype), half.to(dtype), ready
 
     def forward(self, x: Tensor) -> Tensor:
@@ -499,14 +444,7 @@ class QuantileNorm(PinnedDtypeModule):
         work = x if x.is_floating_point() else x.to(s.accumulator_dtype)
         low = work.dtype in (torch.float16, torch.bfloat16)
         centre, half, ready = self._affine(torch.float32 if low else work.dtype)
-        y = ((work - centre) / half).to(work.dtype)
-        if self.clip is not None and ready is not False:  # never clip the identity
-            if ready is True:
-                y = y.clamp(-self.clip, self.clip)
-            else:
-                bound = torch.where(ready, self.clip, math.inf).to(y.dtype)
-                y = torch.clamp(y, -bound, bound)
-        return y
+        return self._clipped(((work - centre) / half).to(work.dtype), ready)
 
     def inverse(self, y: Tensor) -> Tensor:
         """Undo :meth:`forward` (up to clipping): ``x = (y + 1) / 2 * (q_high - q_low) +

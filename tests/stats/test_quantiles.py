@@ -7,9 +7,12 @@ the union of the data, bit for bit; the normaliser against numpy's quantiles.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import re
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -24,23 +27,26 @@ QS = np.array([0.01, 0.5, 0.99])
 ROUNDING = 1e-5
 
 
+def _benchmark_module() -> ModuleType:
+    """``benchmarks/quantiles.py``: the tests use the distributions its accuracy table reports."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "quantiles.py"
+    spec = importlib.util.spec_from_file_location("_statplug_benchmarks_quantiles", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_BENCH = _benchmark_module()
+_KINDS = {"normal": "normal", "lognormal": "lognormal", "cauchy": "cauchy", "mixed": "mixed",
+          "span": "span 1e-6..1e6"}
+
+
 def _data(kind: str, n: int = 20_000, f: int = 3, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if kind == "normal":
-        x = rng.normal(5.0, 2.0, size=(n, f))
-    elif kind == "lognormal":
-        x = rng.lognormal(0.0, 3.0, size=(n, f))
-    elif kind == "cauchy":
-        x = rng.standard_cauchy(size=(n, f))
-    elif kind == "mixed":  # both signs, a point mass at zero
-        x = rng.normal(-1.0, 3.0, size=(n, f))
-        x[rng.random((n, f)) < 0.05] = 0.0
-    elif kind == "span":  # magnitudes 1e-6 .. 1e6, both signs
-        mag = np.exp(rng.uniform(math.log(1e-6), math.log(1e6), size=(n, f)))
-        x = mag * rng.choice([-1.0, 1.0], size=(n, f))
-    else:
-        raise AssertionError(kind)
-    return x.astype(np.float32)
+    """float32 data: normal, log-normal, Cauchy, mixed-sign with 5% zeros, or magnitudes
+    spanning 1e-6..1e6 with both signs."""
+    x: np.ndarray = _BENCH.make_data(_KINDS[kind], n, f, seed)
+    return x
 
 
 def _reference(x: np.ndarray, qs: np.ndarray) -> np.ndarray:

@@ -518,20 +518,15 @@ class ActivationStats(SyncSchedule):
             )
             versions = entry.get("versions", {})
             _load(layer.moments, entry["moments"], versions.get("moments"))
-            if layer.minmax is not None:
-                if entry.get("minmax") is not None:
-                    _load(layer.minmax, entry["minmax"], versions.get("minmax"))
+            for part, stat, what in (("minmax", layer.minmax, "min/max"),
+                                     ("quantiles", layer.quantiles, "quantiles")):
+                if stat is None:
+                    continue
+                if entry.get(part) is not None:
+                    _load(stat, entry[part], versions.get(part))
                 else:
                     rank_zero_warn(
-                        f"ActivationStats: the checkpoint has no min/max for layer "
-                        f"{entry['name']!r}; they start empty."
-                    )
-            if layer.quantiles is not None:
-                if entry.get("quantiles") is not None:
-                    _load(layer.quantiles, entry["quantiles"], versions.get("quantiles"))
-                else:
-                    rank_zero_warn(
-                        f"ActivationStats: the checkpoint has no quantiles for layer "
+                        f"ActivationStats: the checkpoint has no {what} for layer "
                         f"{entry['name']!r}; they start empty."
                     )
             self._layers[entry["name"]] = layer
