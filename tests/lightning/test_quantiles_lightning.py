@@ -87,3 +87,20 @@ def test_activation_quantiles_are_logged(tmp_path: Path) -> None:
     assert "quantiles" in acts.state_key
     with pytest.raises(ValueError, match="ActivationStats: `quantiles`"):
         ActivationStats(quantiles=(0.5, 1.5))
+
+
+def test_stats_monitor_logs_a_quantile_norm(tmp_path: Path) -> None:
+    from statplug import StatsMonitor
+
+    pl.seed_everything(0, verbose=False)
+    model = QuantileModel()
+    monitor = StatsMonitor()
+    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, callbacks=[monitor], **QUIET)
+    x, y = make_data(48, loc=3.0, scale=2.0)
+    trainer.fit(model, loader(x, y))
+    logged = monitor.collect(model).read()
+    q = model.norm.sketch.quantile(torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64))
+    assert logged["stats/norm.sketch/count"] == 48
+    assert logged["stats/norm.sketch/q0.01"] == q[0].min().item()
+    assert logged["stats/norm.sketch/q0.5"] == q[1].mean().item()
+    assert logged["stats/norm.sketch/q0.99"] == q[2].max().item()

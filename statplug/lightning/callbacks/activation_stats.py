@@ -36,7 +36,8 @@ zero (the values are global, so there is no ``sync_dist`` warning), into
 With ``quantiles=(0.001, 0.999)`` each layer also keeps a
 :class:`~statplug.stats.RunningQuantiles` (outliers, calibration ranges), synced and saved with
 the rest, and logs ``q<p>`` for each probability (``activations/<layer>/q0.999``): the lowest
-over features for ``p < 0.5``, the highest otherwise (the range calibration must cover).
+over features for ``p < 0.5``, the highest for ``p > 0.5`` (the range calibration must cover),
+the mean over features for the median.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from typing_extensions import override
 from statplug._buffers import dtype_name
 from statplug.distributed import SyncReport, sync_stats
 from statplug.distributed.group import group_device
-from statplug.lightning._logging import DriftTracker, LogBatch, emit, readout
+from statplug.lightning._logging import DriftTracker, LogBatch, emit, quantile_readout, readout
 from statplug.lightning._utils import matches, process_group
 from statplug.lightning.callbacks._sync_schedule import SyncPoint, SyncSchedule
 from statplug.stats import RunningMinMax, RunningMoments, RunningQuantiles, Stat
@@ -465,10 +466,7 @@ class ActivationStats(SyncSchedule):
                 batch.vectors[f"{key}/min"] = layer.minmax.min
                 batch.vectors[f"{key}/max"] = layer.minmax.max
             if layer.quantiles is not None and self.quantiles is not None:
-                probs = torch.tensor(self.quantiles, dtype=torch.float64)
-                for p, values in zip(self.quantiles, layer.quantiles.quantile(probs), strict=True):
-                    batch.scalars[f"{key}/q{p:g}"] = values.min() if p < 0.5 else values.max()
-                    batch.vectors[f"{key}/q{p:g}"] = values
+                quantile_readout(batch, key, layer.quantiles, self.quantiles)
         return batch
 
     def _log(self, trainer: pl.Trainer) -> None:

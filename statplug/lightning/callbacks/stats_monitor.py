@@ -13,11 +13,14 @@ module                                    keys
 ``RunningNorm`` (its ``moments`` once)    ``count``, ``n_skipped``, ``mean``, ``std``, ``drift``
 ``RunningMoments``, ``EMAMoments``        ``count``, ``n_skipped``, ``mean``, ``std``, ``drift``
 ``RunningMinMax``                         ``count``, ``n_skipped``, ``min``, ``max``
+``RunningQuantiles``                      ``count``, ``n_skipped``, ``q0.01``, ``q0.5``, ``q0.99``
 any other ``Stat``                        ``count``, ``n_skipped``
 ``RandomMask``, pruning masks              ``density`` (the fraction kept)
 ========================================  ====================================================
 
-``mean`` and ``std`` are averaged over features, ``min``/``max`` taken over features. ``drift`` is
+``mean``, ``std`` and ``q0.5`` are averaged over features, ``min``/``max`` and ``q0.01``/``q0.99``
+taken over features (the lowest and the highest); a ``QuantileNorm`` is logged through its
+``sketch``. ``drift`` is
 how far the mean moved since the previous log: the largest change of any feature's mean, in units
 of that feature's std (first logged at the second log). A stat that has seen no sample yet is
 left out. Where a logger can draw histograms (TensorBoard's ``add_histogram``), the per-feature
