@@ -20,6 +20,15 @@ guarantee is on ranks (about 1.65% of n at k=200, with high probability), not on
 KLL sketches (k=200) fed the same 64 columns as contiguous numpy arrays (made once, outside the
 timing, so KLL pays no conversion). Target: at least 3x KLL's throughput, printed as the time
 ratio, <= 0.333x. The throughput in values per second is printed for each.
+
+**Sync** (2 gloo ranks, real processes, one torch thread each; the helpers of
+``benchmarks/sync.py``): K ``RunningMoments(F)`` stats alone, then the same K with K
+``RunningQuantiles(F)`` next to them (K=64, F=32; quick: K=8, F=16), ranks fed different data
+before each timed sync. Printed: the median time, the collectives and the payload bytes of each.
+Target: the sketches add at most 2 collectives. A sketch's payload is ``F * (2 * max_buckets +
+1)`` float64 values (what each bucket gained since the last sync), 32 KiB per feature at the
+default 2048 buckets, so K=64, F=256 (the issue's figure) would send 512 MiB per rank; the run
+uses F=32 to stay within a shared machine's memory.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +53,7 @@ except ImportError:  # pragma: no cover - depends on how the script is launched
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this file
 from _timing import failed_line, first_line, interleaved, ratio_line
 
-from statplug import RunningQuantiles
+from statplug import RunningMoments, RunningQuantiles, sync_stats
 
 QS = (0.01, 0.5, 0.99)
 DISTRIBUTIONS = ("normal", "lognormal", "cauchy", "mixed", "span 1e-6..1e6")
@@ -139,6 +149,38 @@ def _bind(stat: RunningQuantiles, x: torch.Tensor) -> Callable[[], None]:
     return lambda: stat.update(x)
 
 
+def _sync_worker(rank: int, world: int, port: int, k: int, f: int, reps: int, out: str) -> None:
+    """Time syncs of K moments alone and with K sketches; rank 0 writes the figures."""
+    import torch.distributed as dist
+    from sync import _init, _time, _write
+
+    _init(rank, world, port)
+    g = torch.Generator().manual_seed(rank)
+    moments = {f"m{i}": RunningMoments(f) for i in range(k)}
+    sketches = {f"q{i}": RunningQuantiles(f) for i in range(k)}
+    results = {}
+    for label, stats in (("moments", moments), ("with sketches", {**moments, **sketches})):
+
+        def feed(stats: dict[str, Any] = stats) -> None:
+            for stat in stats.values():
+                stat.update(torch.randn(32, f, generator=g) * (1 + rank))
+
+        feed()
+        report = sync_stats(stats)
+        times = _time(lambda stats=stats: sync_stats(stats), reps, feed)
+        results[label] = {"ms": 1e3 * statistics.median(times), "collectives": report.n_collectives,
+                          "bytes": report.n_bytes}
+    dist.barrier()
+    _write(rank, results, out)
+
+
+def sync_figures(quick: bool) -> tuple[int, int, dict[str, dict[str, float]]]:
+    from sync import _spawn
+
+    k, f = (8, 16) if quick else (64, 32)
+    return k, f, _spawn(_sync_worker, k, f, 3 if quick else 11)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="less data, fewer rounds")
@@ -181,7 +223,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, t in times.items():
         print(f"{name:<36} {t * 1e3:>8.3f} ms  {values / t / 1e6:>8.1f} M values/s")
 
+    sync_line = "sketches' extra collectives: not measured"
+    try:
+        k, f, figures = sync_figures(args.quick)
+        print(f"\nsync at 2 gloo ranks: K={k} stats of {f} features, median over the timed syncs")
+        for label, r in figures.items():
+            print(f"{label:<36} {r['ms']:>8.2f} ms  {int(r['collectives'])} collectives  "
+                  f"{r['bytes'] / 2**20:>8.2f} MiB per rank")
+        extra = int(figures["with sketches"]["collectives"] - figures["moments"]["collectives"])
+        verdict = "PASS" if extra <= 2 else "FAIL"
+        sync_line = f"sketches' extra collectives: +{extra}  target <= +2  {verdict}"
+    except Exception as err:  # a failed sync run must not hide the other figures
+        print(f"sync not measured: {first_line(err)}")
+
     print()
+    print(sync_line)
     for kind, errs in acc.items():
         worst = float(np.max(errs["sketch"]))  # type: ignore[arg-type]
         print(ratio_line(f"max relative error at q=0.01/0.5/0.99 / relative_accuracy, {kind}",

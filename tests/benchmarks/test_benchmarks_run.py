@@ -251,3 +251,5 @@ def test_quantiles_quick_run() -> None:
     assert_labels(lines, expected)
     for label in expected:
         assert "target <=" in lines[label], lines[label]  # measured or reported as failed
+    assert re.search(r"^sketches' extra collectives: \+\d+  target <= \+2  (PASS|FAIL)$", out,
+                     re.MULTILINE), out[-2000:]

@@ -349,6 +349,27 @@ def test_sync_equals_the_single_process_sketch_bit_for_bit(world: int) -> None:
             assert torch.equal(state[key], expected[key]), key
 
 
+def _collectives_body(rank: int, world: int) -> tuple[int, int]:
+    from statplug import RunningMoments
+
+    g = torch.Generator().manual_seed(rank)
+    moments = {f"m{i}": RunningMoments(16) for i in range(8)}
+    sketches = {f"q{i}": RunningQuantiles(16, max_buckets=256) for i in range(8)}
+    for stat in [*moments.values(), *sketches.values()]:
+        stat.update(torch.randn(10 + rank, 16, generator=g))
+    alone = sync_stats(moments).n_collectives
+    for stat in moments.values():
+        stat.update(torch.randn(3, 16, generator=g))
+    return alone, sync_stats({**moments, **sketches}).n_collectives
+
+
+@pytest.mark.slow
+def test_sketches_cost_at_most_two_more_collectives() -> None:
+    """Sketches travel in the SUM and MAX buckets every sync already has."""
+    for alone, with_sketches in run_distributed(_collectives_body, 2):
+        assert with_sketches <= alone + 2 and with_sketches <= 4
+
+
 # ------------------------------------------------------------------ QuantileNorm
 def test_quantile_norm_maps_the_quantiles_to_plus_minus_one() -> None:
     x = _data("lognormal", n=5000, seed=4)
