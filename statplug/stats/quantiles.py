@@ -27,6 +27,9 @@ __all__ = ["QuantileNorm", "RunningQuantiles"]
 
 _F64 = torch.float64
 _FINITE_MAX = sys.float_info.max
+# Bucket indices are computed in the input's float precision: float32 counts integers exactly
+# up to 2**24, so the window stays well below that.
+_MAX_BUCKETS = 1 << 20
 
 
 class RunningQuantiles(Stat):
@@ -43,8 +46,8 @@ class RunningQuantiles(Stat):
 
     **Memory is fixed**: each sign has ``max_buckets`` buckets, indices ``min_index ..
     min_index + max_buckets - 1`` with ``min_index = -(max_buckets // 2)``, a window centred on 1
-    in log scale. It covers the magnitudes in :attr:`magnitude_range` -- about ``1.3e-9`` to
-    ``8e8`` at the defaults (``a = 0.01``, 2048 buckets: 17.8 decades). Smaller magnitudes
+    in log scale. It covers the magnitudes in :attr:`magnitude_range` -- about ``1.2e-9`` to
+    ``7.7e8`` at the defaults (``a = 0.01``, 2048 buckets: 17.8 decades). Smaller magnitudes
     collapse into the lowest bucket of their sign and larger ones into the highest. A quantile
     whose exact value is zero or has a magnitude inside the window keeps the guarantee
     (relative value error at most ``relative_accuracy``, up to float rounding of the bucket
@@ -59,7 +62,8 @@ class RunningQuantiles(Stat):
         shape: feature shape; every leading dim of an update is a sample dim.
         relative_accuracy: the relative value error ``a`` of every quantile inside the window,
             in (0, 1). Default: 0.01.
-        max_buckets: buckets per sign and feature (the window's size). Default: 2048.
+        max_buckets: buckets per sign and feature (the window's size), at most 2**20.
+            Default: 2048.
         nan_policy: ``"raise"``, ``"skip"`` or ``"propagate"`` (quantiles then read NaN).
             Default: ``"raise"``.
         accumulator_dtype: dtype of ``min``, ``max`` and the read-outs. Default:
@@ -109,9 +113,13 @@ class RunningQuantiles(Stat):
         )
         if self.relative_accuracy == 1.0:
             raise ValueError(f"{name}: `relative_accuracy` must be a number in (0, 1), got 1.0")
-        if isinstance(max_buckets, bool) or not isinstance(max_buckets, int) or max_buckets < 1:
+        if (
+            isinstance(max_buckets, bool)
+            or not isinstance(max_buckets, int)
+            or not 1 <= max_buckets <= _MAX_BUCKETS
+        ):
             raise ValueError(
-                f"{name}: `max_buckets` must be a positive int, got {max_buckets!r}"
+                f"{name}: `max_buckets` must be an int in [1, {_MAX_BUCKETS}], got {max_buckets!r}"
             )
         self.max_buckets = max_buckets
         a = self.relative_accuracy
@@ -126,7 +134,7 @@ class RunningQuantiles(Stat):
         self.add_state("max", -inf, reduce="max")
         # Configuration saved with the state, so a load or merge of a sketch built with another
         # accuracy is refused instead of reading its buckets at the wrong scale.
-        self.add_state("accuracy", torch.tensor(a, dtype=_F64))
+        self.add_state("accuracy", torch.tensor(a, dtype=_F64, device="cpu"))
 
     # ------------------------------------------------------------------ read-outs
     @property

@@ -145,7 +145,7 @@ def test_arguments_are_checked() -> None:
     for bad in (0.0, 1.0, -0.1, math.nan):
         with pytest.raises(ValueError, match="RunningQuantiles: `relative_accuracy`"):
             RunningQuantiles(2, relative_accuracy=bad)
-    for bad_buckets in (0, -3, 2.5, True):
+    for bad_buckets in (0, -3, 2.5, True, 2**21):
         with pytest.raises(ValueError, match="RunningQuantiles: `max_buckets`"):
             RunningQuantiles(2, max_buckets=bad_buckets)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="QuantileNorm: `low` must be below `high`"):
@@ -181,6 +181,16 @@ def test_reset_and_freeze() -> None:
     fresh = RunningQuantiles(3)
     fresh.update(x)
     _assert_same_state(s, fresh)
+
+
+def test_meta_device_flow() -> None:
+    with torch.device("meta"):
+        s = RunningQuantiles(3, relative_accuracy=0.02)
+    s.to_empty(device="cpu")
+    s.reset_parameters()
+    x = _data("normal", n=500)
+    s.update(torch.from_numpy(x))
+    _assert_same_state(s, _sketch_of(x, relative_accuracy=0.02))
 
 
 def test_dtype_is_pinned_and_integer_inputs_work() -> None:
