@@ -189,7 +189,10 @@ class RunningQuantiles(Stat):
 
         Args:
             q: a probability in [0, 1] (the result has the feature shape), or a 1-D tensor or
-                sequence of them (the result is ``[len(q), *shape]``).
+                sequence of them (the result is ``[len(q), *shape]``). Python floats and float64
+                tensors give numpy's ranks exactly; a float32 tensor on the CPU is read as the
+                short decimal it rounds from (float32 0.99 is 0.99000001, whose rank can be one
+                more), elsewhere as it is.
 
         Returns:
             A tensor in ``accumulator_dtype`` on the stat's device (no host read).
