@@ -34,14 +34,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from statplug.stats import (
-    EMAMoments,
-    QuantileNorm,
-    RunningMinMax,
-    RunningMoments,
-    RunningNorm,
-    RunningQuantiles,
-)
+from statplug.stats import EMAMoments, RunningMinMax, RunningMoments, RunningNorm
+from statplug.stats.quantiles import QuantileNorm, RunningQuantiles
 
 
 class HostSyncError(AssertionError):
