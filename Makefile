@@ -34,6 +34,7 @@ bench: venv
 	$(PY) benchmarks/update.py
 	$(PY) benchmarks/sync.py
 	$(PY) benchmarks/fit_overhead.py
+	$(PY) benchmarks/quantiles.py
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -21,7 +21,15 @@ from statplug.errors import (
     StatplugError,
 )
 from statplug.masks import CausalMask, RandomMask
-from statplug.stats import EMAMoments, RunningMinMax, RunningMoments, RunningNorm, Stat
+from statplug.stats import (
+    EMAMoments,
+    QuantileNorm,
+    RunningMinMax,
+    RunningMoments,
+    RunningNorm,
+    RunningQuantiles,
+    Stat,
+)
 
 __version__ = "0.1.0"
 
@@ -77,12 +85,14 @@ __all__ = [
     "IncompatibleCallbackError",
     "MagnitudePruning",
     "MetricsSyncReport",
+    "QuantileNorm",
     "RandomMask",
     "RecipeRun",
     "RotaryEncoding",
     "RunningMinMax",
     "RunningMoments",
     "RunningNorm",
+    "RunningQuantiles",
     "SinusoidalEncoding",
     "Stat",
     "StatLayoutError",

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from statplug._buffers import dtype_name
 from statplug.errors import ConfigError
-from statplug.stats import EMAMoments, RunningMinMax, RunningMoments
+from statplug.stats import EMAMoments, RunningMinMax, RunningMoments, RunningQuantiles
 from statplug.stats.base import Stat, StateSummary
 
 __all__ = [
@@ -51,8 +51,11 @@ __all__ = [
 # the config stored in one).
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 _KNOWN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-# The stat classes whose saved state is recognised, in the order they are tried.
-_STAT_CLASSES: tuple[type[Stat], ...] = (EMAMoments, RunningMoments, RunningMinMax)
+# The stat classes whose saved state is recognised, in the order they are tried: a sketch's
+# state holds a min/max state's keys too, so the sketch goes first.
+_STAT_CLASSES: tuple[type[Stat], ...] = (
+    RunningQuantiles, EMAMoments, RunningMoments, RunningMinMax
+)
 
 
 @dataclass
@@ -362,6 +365,12 @@ def _stat_entry(name: str, source: str, s: StateSummary) -> Entry:
             "std": _round(_f(f["std"].mean())),
             "min_mean": _round(_f(mean.min())),
             "max_mean": _round(_f(mean.max())),
+        }
+    elif s.count and "q50" in f:  # the lowest q01, the median q50, the highest q99
+        summary = {
+            "q01": _round(_f(f["q01"].min())),
+            "q50": _round(_f(f["q50"].median())),
+            "q99": _round(_f(f["q99"].max())),
         }
     elif s.count and "min" in f:
         summary = {"min": _round(_f(f["min"].min())), "max": _round(_f(f["max"].max()))}

@@ -25,9 +25,19 @@ import torch
 from torch import Tensor, nn
 
 from statplug._compat import lightning_batches_that_stepped
-from statplug.stats import EMAMoments, RunningMinMax, RunningMoments, RunningNorm, Stat
+from statplug.stats import (
+    EMAMoments,
+    RunningMinMax,
+    RunningMoments,
+    RunningNorm,
+    RunningQuantiles,
+    Stat,
+)
 
-__all__ = ["Drift", "DriftTracker", "LogBatch", "emit", "log_step", "readout"]
+__all__ = ["Drift", "DriftTracker", "LogBatch", "emit", "log_step", "quantile_readout", "readout"]
+
+# The quantiles a summary of a sketch reports (as `statplug inspect` does).
+SUMMARY_PROBS = (0.01, 0.5, 0.99)
 
 # Features whose std is 0 (a constant pixel) count their raw change of mean as drift.
 _UNIT = 1.0
@@ -154,6 +164,27 @@ def readout(
         if vectors:
             batch.vectors[f"{prefix}/min"] = stat.min
             batch.vectors[f"{prefix}/max"] = stat.max
+    if isinstance(stat, RunningQuantiles):
+        quantile_readout(batch, prefix, stat, SUMMARY_PROBS, vectors=vectors)
+
+
+def quantile_readout(
+    batch: LogBatch,
+    prefix: str,
+    sketch: RunningQuantiles,
+    probs: Sequence[float],
+    *,
+    vectors: bool = True,
+) -> None:
+    """Add ``q<p>`` for each probability ``p`` (``stats/norm.sketch/q0.99``): the lowest over
+    features for ``p < 0.5``, the highest for ``p > 0.5`` (the range the features span), the
+    mean over features for the median."""
+    values = sketch.quantile(torch.tensor(list(probs), dtype=torch.float64))
+    for p, v in zip(probs, values, strict=True):
+        key = f"{prefix}/q{p:g}"
+        batch.scalars[key] = v.min() if p < 0.5 else v.max() if p > 0.5 else v.mean()
+        if vectors:
+            batch.vectors[key] = v
 
 
 def _histogram_writers(trainer: pl.Trainer) -> list[object]:

@@ -18,7 +18,7 @@ import math
 import numbers
 import operator
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -340,23 +340,22 @@ class Stat(PinnedDtypeModule):
             w = torch.where(valid, w, 0.0)
         return w if keep is None else torch.where(keep, w, 0.0)
 
-    @contextlib.contextmanager
-    def _updating(self) -> Iterator[None]:
-        """Around every read-merge-write of the state: the lock, and no graph."""
-        with state_lock(), torch.no_grad():
-            yield
-
-    def _skip_weights(self, rows: Tensor, weight: Tensor | None) -> Tensor | None:
-        """The row weights with the skip policy applied: a row holding a non-finite value gets
-        weight 0 and is counted in ``n_skipped`` (rows a mask or weight left out are not)."""
+    def _skip(self, rows: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The rows and weights with the skip policy applied: a row holding a non-finite value
+        is dropped and counted in ``n_skipped`` (rows a mask or weight already left out are
+        not). On the CPU the rows are selected (and a clean batch passes untouched); elsewhere
+        such rows get weight 0, decided on the device."""
         if self.nan_policy != "skip":
-            return weight
-        keep = torch.isfinite(rows).all(dim=1)
-        if weight is None:
-            self.n_skipped.add_(rows.shape[0] - keep.sum())
-            return keep.to(rows.dtype)
-        self.n_skipped.add_(((weight > 0) & ~keep).sum())
-        return torch.where(keep, weight, 0.0)
+            return rows, weight
+        keep = (rows * 0).sum(dim=1) == 0  # NaN for a row holding NaN or Inf; two fast passes
+        if weight is not None:
+            self.n_skipped.add_(((weight > 0) & ~keep).sum())
+            return rows, torch.where(keep, weight, 0.0)
+        dropped = rows.shape[0] - keep.sum()
+        self.n_skipped.add_(dropped)
+        if host_reads_free(rows):
+            return (rows, None) if int(dropped) == 0 else (rows[keep], None)
+        return rows, keep.to(rows.dtype)
 
     @staticmethod
     def _rows_counted(rows: Tensor, weight: Tensor | None) -> Tensor | int:
@@ -428,9 +427,10 @@ class Stat(PinnedDtypeModule):
         if got is None:
             return
         rows, w = got
-        with self._updating():
-            w = self._skip_weights(rows, w)
-            self._absorb(rows, w, self._rows_counted(rows, w))
+        with state_lock(), torch.no_grad():
+            rows, w = self._skip(rows, w)
+            if rows.shape[0]:  # every row skipped: nothing to merge
+                self._absorb(rows, w, self._rows_counted(rows, w))
 
     def _absorb(self, rows: Tensor, weight: Tensor | None, n_rows: Tensor | int) -> None:
         """Merge the ``[n, F]`` ``rows`` (``n_rows`` of positive ``weight``) into the state."""
@@ -455,7 +455,7 @@ class Stat(PinnedDtypeModule):
 
     def reset(self) -> None:
         """Forget every sample (keeps frozen-ness, dtype and device)."""
-        with self._updating():
+        with state_lock(), torch.no_grad():
             for name, reduce in self._reduces.items():
                 buf = self._buffers[name]
                 if buf is not None and (reduce is not None or name == "_refused"):
@@ -478,7 +478,7 @@ class Stat(PinnedDtypeModule):
                 f"{self.stat_name}.merge_: expected a {type(self).__name__} of shape {self.shape}, "
                 f"got {type(other).__name__} of shape {getattr(other, 'shape', None)}"
             )
-        with self._updating():
+        with state_lock(), torch.no_grad():
             self._merge_from(other)
             self.count.add_(other.count)
             self.n_skipped.add_(other.n_skipped)
@@ -604,7 +604,7 @@ class Stat(PinnedDtypeModule):
         if ref is None or ref.dim() == 0 or ref.numel() == 0:
             return None
         try:
-            stat = cls(tuple(ref.shape), accumulator_dtype=torch.float64)
+            stat = cls._for_saved_state(tuple(ref.shape), own)
             stat.load_state_dict(own)  # a plain dict: bookkeeping keys may be missing
         except (CheckpointMismatchError, RuntimeError, ValueError, TypeError):
             return None
@@ -624,6 +624,12 @@ class Stat(PinnedDtypeModule):
                 if isinstance(t := b[n], Tensor) and t.is_floating_point() and t.dim() == 0
             },
         )
+
+    @classmethod
+    def _for_saved_state(cls, shape: tuple[int, ...], state: Mapping[str, Tensor]) -> Stat:
+        """A float64 stat of this class and ``shape`` that can load ``state`` (a class whose
+        configuration shapes its state, such as a sketch's bucket count, reads it here)."""
+        return cls(shape, accumulator_dtype=torch.float64)
 
     def _persistent_names(self) -> list[str]:
         return [n for n in self._buffers if n not in self._non_persistent_buffers_set]

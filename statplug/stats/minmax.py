@@ -11,7 +11,22 @@ from torch import Tensor
 
 from statplug.stats.base import NanPolicy, Stat
 
-__all__ = ["RunningMinMax"]
+__all__ = ["RunningMinMax", "extremes_problem"]
+
+
+def extremes_problem(prefix: str, values: dict[str, Tensor]) -> str | None:
+    """Why the saved ``min``/``max`` in ``values`` (CPU) cannot be a stat's exact extremes of
+    ``count`` samples (None if they can): +inf/-inf when empty, ``min <= max`` otherwise."""
+    lo, hi = values["min"].double(), values["max"].double()
+    if int(values["count"]) == 0:
+        if not bool((lo == math.inf).all() and (hi == -math.inf).all()):
+            return (
+                f"an empty state (count 0) must have {prefix + 'min'!r} +inf and "
+                f"{prefix + 'max'!r} -inf"
+            )
+    elif bool((lo > hi).any()):  # NaN compares False: a propagated NaN is a valid state
+        return f"{prefix + 'min'!r} must not exceed {prefix + 'max'!r}"
+    return None
 
 class RunningMinMax(Stat):
     r"""Running per-feature minimum and maximum, exact and merged with MIN/MAX reductions.
@@ -79,19 +94,7 @@ class RunningMinMax(Stat):
         torch.maximum(flat_max, hi, out=flat_max)
 
     def _value_problem(self, prefix: str, values: dict[str, Tensor]) -> str | None:
-        problem = super()._value_problem(prefix, values)
-        if problem is not None:
-            return problem
-        lo, hi = values["min"].double(), values["max"].double()
-        if int(values["count"]) == 0:
-            if not bool((lo == math.inf).all() and (hi == -math.inf).all()):
-                return (
-                    f"an empty state (count 0) must have {prefix + 'min'!r} +inf and "
-                    f"{prefix + 'max'!r} -inf"
-                )
-        elif bool((lo > hi).any()):  # NaN compares False: a propagated NaN is a valid state
-            return f"{prefix + 'min'!r} must not exceed {prefix + 'max'!r}"
-        return None
+        return super()._value_problem(prefix, values) or extremes_problem(prefix, values)
 
     def _merge_from(self, other: Any) -> None:
         self._fold(other.min.reshape(-1), other.max.reshape(-1))

@@ -11,8 +11,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from statplug._buffers import PinnedDtypeModule
 from statplug.stats.base import NanPolicy, real_number
+from statplug.stats.holder import StatHolder
 from statplug.stats.merge import SMALL_BATCH, host_reads_free
 from statplug.stats.moments import RunningMoments
 
@@ -22,7 +22,7 @@ _FINITE_MAX = sys.float_info.max
 _EPS_ON = ("var", "std")
 
 
-class RunningNorm(PinnedDtypeModule):
+class RunningNorm(StatHolder):
     r"""Normalise inputs by an exact running mean and population variance.
 
     ``y = (x - mean) / sqrt(var + eps)`` (or ``/ (std + eps)`` with ``eps_on="std"``, as rsl_rl
@@ -61,6 +61,7 @@ class RunningNorm(PinnedDtypeModule):
     """
 
     _version = 1
+    _held = "moments"
     # Host-side constants, never state: `fixed`'s (mean, m2) kept to survive reset_parameters().
     _statplug_unregistered_ok = ("_fixed",)
 
@@ -301,30 +302,6 @@ class RunningNorm(PinnedDtypeModule):
     def sample_var(self) -> Tensor:
         return self.moments.sample_var
 
-    def update(
-        self, x: Tensor, mask: Tensor | None = None, weight: Tensor | None = None
-    ) -> None:
-        """Update the statistics with ``x`` without normalising (as in ``train()`` mode)."""
-        self.moments.update(x, mask, weight)
-
-    def check(self) -> RunningNorm:
-        """Raise now a bad batch the raise policy left out on the device (see ``Stat.check``)."""
-        self.moments.check()
-        return self
-
-    def merge_(self, other: RunningNorm) -> RunningNorm:
-        """Merge another normaliser's statistics (same shape) exactly."""
-        if not isinstance(other, RunningNorm):
-            raise ValueError(
-                f"RunningNorm.merge_: expected a RunningNorm, got {type(other).__name__}"
-            )
-        self.moments.merge_(other.moments)
-        return self
-
-    def reset(self) -> None:
-        """Forget every sample (keeps frozen-ness)."""
-        self.moments.reset()
-
     def reset_parameters(self) -> None:
         """Empty and unfreeze the statistics -- or, for a normaliser built by :meth:`fixed`,
         hold its constants again (the meta-device flow: ``to_empty()`` then this)."""
@@ -344,19 +321,6 @@ class RunningNorm(PinnedDtypeModule):
     @property
     def std(self) -> Tensor:
         return self.moments.std
-
-    def freeze(self) -> RunningNorm:
-        """Stop updating the statistics (saved with the state)."""
-        self.moments.freeze()
-        return self
-
-    def unfreeze(self) -> RunningNorm:
-        self.moments.unfreeze()
-        return self
-
-    @property
-    def frozen(self) -> bool:
-        return self.moments.frozen
 
     def _affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool | Tensor]:
         """``(shift, scale)`` in ``dtype`` with ``y = (x - shift) * scale``, and whether two
@@ -416,14 +380,7 @@ class RunningNorm(PinnedDtypeModule):
         else:  # BatchNorm's inference kernel: (x - shift) / sqrt(1 + 0) * scale
             y = torch.batch_norm(rows, scale, None, shift, torch.ones_like(scale), False, 0.0,
                                  0.0, False)
-        y = y.view(work.shape)
-        if self.clip is not None and ready is not False:  # never clip the identity
-            if ready is True:
-                y = y.clamp(-self.clip, self.clip)
-            else:
-                bound = torch.where(ready, self.clip, math.inf).to(y.dtype)
-                y = torch.clamp(y, -bound, bound)
-        return y
+        return self._clipped(y.view(work.shape), ready)
 
     def inverse(self, y: Tensor) -> Tensor:
         """Undo :meth:`forward` (up to clipping): ``x = y * sqrt(var + eps) + mean``."""

@@ -234,3 +234,22 @@ def test_sync_quick_run(tmp_path: Path) -> None:
     assert set(results) == {"stats", "big", "metrics"}
     assert results["stats"]["256"]["ddp_buckets"] >= 1
 
+
+
+@pytest.mark.slow
+def test_quantiles_quick_run() -> None:
+    """Accuracy lines for every distribution and one speed line per nan policy against KLL."""
+    out = run_quick("quantiles.py")
+    assert "torch threads 1" in out
+    lines = ratio_lines(out)
+    expected = [
+        f"max relative error at q=0.01/0.5/0.99 / relative_accuracy, {kind}"
+        for kind in ("normal", "lognormal", "cauchy", "mixed", "span 1e-6..1e6")
+    ]
+    expected += [f"RunningQuantiles.update ({policy}) / KLL k=200 update, 4096x64 float32"
+                 for policy in ("raise", "skip", "propagate")]
+    assert_labels(lines, expected)
+    for label in expected:
+        assert "target <=" in lines[label], lines[label]  # measured or reported as failed
+    assert re.search(r"^sketches' extra collectives: \+\d+  target <= \+2  (PASS|FAIL)$", out,
+                     re.MULTILINE), out[-2000:]

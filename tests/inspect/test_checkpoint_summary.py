@@ -83,3 +83,32 @@ def test_plot_every_stat_kind(tmp_path: Path) -> None:
     torch.save({"state_dict": {"w": torch.zeros(2)}}, empty)
     with pytest.raises(ConfigError, match="no stat"):
         plot_summary(summarize_file(empty), tmp_path / "e.png")
+
+
+def test_quantile_sketch_is_recognised_with_its_own_configuration(tmp_path: Path) -> None:
+    """A sketch of any bucket count and accuracy reads back as one (not as a min/max), with
+    q01/q50/q99 within its accuracy of numpy's; it plots as a range."""
+    import numpy as np
+
+    from statplug import QuantileNorm, RunningQuantiles
+
+    model = nn.Module()
+    model.q = RunningQuantiles(3, relative_accuracy=0.02, max_buckets=1024)
+    model.qn = QuantileNorm(2)
+    x = torch.randn(400, 3, dtype=torch.float64) * 2 + 10
+    model.q.update(x)
+    model.qn(x[:, :2])
+    path = tmp_path / "q.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    by_name = {e.name: e for e in summarize_file(path).entries}
+    entry = by_name["q"]
+    assert (entry.kind, entry.count, entry.shape) == ("RunningQuantiles", 400, [3])
+    assert by_name["qn.sketch"].kind == "RunningQuantiles"
+    ref = np.quantile(x.numpy(), [0.01, 0.5, 0.99], axis=0, method="inverted_cdf")
+    for i, key in enumerate(("q01", "q50", "q99")):
+        assert np.allclose(entry.arrays[key], ref[i], rtol=0.02 * (1 + 1e-6), atol=0)
+    assert entry.summary["q01"] == pytest.approx(ref[0].min(), rel=0.02)
+    assert entry.summary["q99"] == pytest.approx(ref[2].max(), rel=0.02)
+    assert entry.arrays["min"] == x.min(0).values.tolist()
+    assert "RunningQuantiles" in format_table(summarize_file(path))
+    assert plot_summary(summarize_file(path), tmp_path / "q.png").stat().st_size > 1000

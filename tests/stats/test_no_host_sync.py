@@ -35,6 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from statplug.stats import EMAMoments, RunningMinMax, RunningMoments, RunningNorm
+from statplug.stats.quantiles import QuantileNorm, RunningQuantiles
 
 
 class HostSyncError(AssertionError):
@@ -96,7 +97,8 @@ class _NoSyncMode(TorchDispatchMode):
 def no_host_sync() -> Iterator[None]:
     """Every host read of a tensor inside the block raises :class:`HostSyncError`."""
     with pytest.MonkeyPatch.context() as mp:
-        for module in ("statplug.stats.merge", "statplug.stats.base", "statplug.stats.norm"):
+        for module in ("statplug.stats.merge", "statplug.stats.base", "statplug.stats.holder",
+                       "statplug.stats.quantiles"):
             mp.setattr(f"{module}.host_reads_free", lambda t: False)  # the accelerator path
         for name in _PATCHED_METHODS:
             mp.setattr(torch.Tensor, name, _raiser(name))
@@ -134,7 +136,7 @@ def test_guard_catches_host_reads(read: Callable[[torch.Tensor], Any]) -> None:
         read(t)
 
 
-@pytest.mark.parametrize("cls", [RunningMoments, EMAMoments, RunningMinMax])
+@pytest.mark.parametrize("cls", [RunningMoments, EMAMoments, RunningMinMax, RunningQuantiles])
 def test_raise_policy_on_the_device_path_reads_nothing_and_reports_at_check(cls: type) -> None:
     """On an accelerator ``nan_policy="raise"`` must not stall the stream: a batch with a NaN
     is left out on the device and its error surfaces at the next host read (here
@@ -242,6 +244,32 @@ def test_running_min_max_update(policy: str, n: int) -> None:
     torch.testing.assert_close(mm.min, data.amin(0))
     torch.testing.assert_close(mm.max, data.amax(0))
     assert int(mm.count) == data.shape[0]
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip", "propagate"])
+@pytest.mark.parametrize("n", [1, 256, 5000])
+def test_running_quantiles_update_and_read_out(policy: str, n: int) -> None:
+    batches = _batches([n, n, 3], 32)
+    bad = batches[1].clone()
+    bad[0, 3] = math.nan  # a row the skip policy drops, on the device
+    sketch = RunningQuantiles(32, nan_policy=policy)  # type: ignore[arg-type]
+    norm = QuantileNorm(32, nan_policy="skip", clip=2.0)
+    probs = torch.tensor([0.0, 0.01, 0.5, 0.99, 1.0], dtype=torch.float64)
+    with no_host_sync():
+        for b in batches:
+            sketch.update(b)
+            norm(b)
+        q = sketch.quantile(probs)
+        if policy == "skip":
+            sketch.update(bad)
+        y = norm.eval()(batches[0])
+    data = torch.cat(batches).double()
+    ref = np.quantile(data.numpy(), probs.numpy(), axis=0, method="inverted_cdf")
+    assert (np.abs(q.numpy() - ref) <= 0.01 * np.abs(ref) * (1 + 1e-5)).all()
+    assert y.abs().max() <= 2.0 and int(norm.count) == data.shape[0]
+    if policy == "skip":
+        assert int(sketch.n_skipped) == 1
+        assert int(sketch.count) == data.shape[0] + bad.shape[0] - 1
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip", "propagate"])

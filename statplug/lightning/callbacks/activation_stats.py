@@ -34,6 +34,12 @@ zero (the values are global, so there is no ``sync_dist`` warning), into
 ``drift``, ``drift_mean``, ``std_drift`` (see StatsMonitor), and with ``log_min_max=True``
 ``min`` and ``max`` over features. Rows carry ``epoch`` and Lightning's ``step``, as
 StatsMonitor's do.
+
+With ``quantiles=(0.001, 0.999)`` each layer also keeps a
+:class:`~statplug.stats.RunningQuantiles` (outliers, calibration ranges), synced and saved with
+the rest, and logs ``q<p>`` for each probability (``activations/<layer>/q0.999``): the lowest
+over features for ``p < 0.5``, the highest for ``p > 0.5`` (the range calibration must cover),
+the mean over features for the median.
 """
 
 from __future__ import annotations
@@ -66,10 +72,11 @@ from typing_extensions import override
 from statplug._buffers import dtype_name
 from statplug.distributed import SyncReport, sync_stats
 from statplug.distributed.group import group_device
-from statplug.lightning._logging import DriftTracker, LogBatch, emit, readout
+from statplug.lightning._logging import DriftTracker, LogBatch, emit, quantile_readout, readout
 from statplug.lightning._utils import matches, process_group
 from statplug.lightning.callbacks._sync_schedule import SyncPoint, SyncSchedule
-from statplug.stats import RunningMinMax, RunningMoments, Stat
+from statplug.stats import RunningMinMax, RunningMoments, RunningQuantiles, Stat
+from statplug.stats.base import real_number
 
 __all__ = ["ActivationStats"]
 
@@ -92,9 +99,10 @@ class _LayerStats:
     feature_dim: int  # 1 (channels) or -1 (last)
     moments: RunningMoments
     minmax: RunningMinMax | None
+    quantiles: RunningQuantiles | None = None
 
     def stats(self) -> list[Stat]:
-        return [self.moments] if self.minmax is None else [self.moments, self.minmax]
+        return [s for s in (self.moments, self.minmax, self.quantiles) if s is not None]
 
     def to(self, device: torch.device) -> None:
         for s in self.stats():
@@ -126,6 +134,13 @@ class ActivationStats(SyncSchedule):
             applied to every hooked output whose sample dims have the mask's shape (rows it
             marks False are not counted); other outputs (pooled ``[B, F]``, say) are recorded
             whole. Default: None (every row counts).
+        quantiles: probabilities whose per-feature quantiles to keep and log (a
+            :class:`~statplug.stats.RunningQuantiles` per layer: ``2 * quantile_buckets + 1``
+            int64 counts per feature, twice with the copy a sync compares against, so 64 KiB
+            per feature at the default). Default: None (no quantiles).
+        quantile_accuracy: relative accuracy of those quantiles. Default: 0.01.
+        quantile_buckets: buckets per sign and feature (the magnitudes resolved; see
+            ``RunningQuantiles.magnitude_range``). Default: 2048.
 
     Attributes:
         layer_stats: ``{layer name: (moments, minmax or None)}``, in creation order.
@@ -159,6 +174,9 @@ class ActivationStats(SyncSchedule):
         accumulator_dtype: torch.dtype = torch.float32,
         prefix: str = "activations",
         mask_fn: Callable[[Any], Tensor | None] | None = None,
+        quantiles: tuple[float, ...] | list[float] | None = None,
+        quantile_accuracy: float = 0.01,
+        quantile_buckets: int = 2048,
     ) -> None:
         if isinstance(patterns, str):
             patterns = (patterns,)
@@ -181,7 +199,24 @@ class ActivationStats(SyncSchedule):
                 "ActivationStats: `log_every_n_steps` must be a positive int or None, got "
                 f"{log_every_n_steps!r}"
             )
+        if quantiles is not None:
+            if isinstance(quantiles, (int, float)):
+                quantiles = (quantiles,)
+            quantiles = tuple(
+                real_number("ActivationStats", "quantiles", q, low=0.0, high=1.0,
+                            expected="probabilities in [0, 1]")
+                for q in quantiles
+            )
+            if not quantiles:
+                raise ValueError(
+                    "ActivationStats: `quantiles` must name at least one probability or be None"
+                )
+            # Built once: the arguments are checked here, not at the first training step.
+            RunningQuantiles(1, relative_accuracy=quantile_accuracy, max_buckets=quantile_buckets)
         super().__init__()
+        self.quantiles = quantiles
+        self.quantile_accuracy = quantile_accuracy
+        self.quantile_buckets = quantile_buckets
         self.patterns = tuple(patterns)
         self.min_max = bool(min_max)
         self.every_n_steps = every_n_steps
@@ -207,8 +242,10 @@ class ActivationStats(SyncSchedule):
         self.last_report: SyncReport | None = None
         self._drift = DriftTracker()
         # Lightning reads state_key around every hook call (profiler names): build it once.
+        # Quantiles join the key only when kept: keys of checkpoints without them are unchanged.
+        extra = {} if quantiles is None else {"quantiles": list(quantiles)}
         self._state_key = self._generate_state_key(
-            patterns=self.patterns, min_max=self.min_max, channels=self.channels
+            patterns=self.patterns, min_max=self.min_max, channels=self.channels, **extra
         )
 
     @property
@@ -221,12 +258,18 @@ class ActivationStats(SyncSchedule):
             f"{type(self).__name__}(patterns={list(self.patterns)!r}, min_max={self.min_max!r}, "
             f"every_n_steps={self.every_n_steps!r}, log_every_n_steps={self.log_every_n_steps!r}, "
             f"log_min_max={self.log_min_max!r}, channels={self.channels!r}, "
-            f"accumulator_dtype={self.accumulator_dtype}, prefix={self.prefix!r})"
+            f"accumulator_dtype={self.accumulator_dtype}, prefix={self.prefix!r}, "
+            f"quantiles={self.quantiles!r})"
         )
 
     @property
     def layer_stats(self) -> dict[str, tuple[RunningMoments, RunningMinMax | None]]:
         return {name: (ls.moments, ls.minmax) for name, ls in self._layers.items()}
+
+    @property
+    def layer_quantiles(self) -> dict[str, RunningQuantiles]:
+        """``{layer name: quantile sketch}`` of every layer, when ``quantiles`` is set."""
+        return {n: ls.quantiles for n, ls in self._layers.items() if ls.quantiles is not None}
 
     def all_stats(self) -> list[Stat]:
         """Every stat, in a fixed order (by layer name) that is the same on every rank."""
@@ -307,6 +350,8 @@ class ActivationStats(SyncSchedule):
         layer.moments.update(x, mask=mask)
         if layer.minmax is not None:
             layer.minmax.update(x, mask=mask)
+        if layer.quantiles is not None:
+            layer.quantiles.update(x, mask=mask)
 
     def _feature_dim(self, module: nn.Module, output: Tensor) -> int:
         if self.channels == "last" or output.dim() < 3:
@@ -334,7 +379,14 @@ class ActivationStats(SyncSchedule):
         if self.min_max:
             minmax = RunningMinMax(n_features, **options)
             minmax.stat_name = f"{name} (activation min/max)"
-        return _LayerStats(feature_dim, moments, minmax)
+        quantiles = None
+        if self.quantiles is not None:
+            quantiles = RunningQuantiles(
+                n_features, relative_accuracy=self.quantile_accuracy,
+                max_buckets=self.quantile_buckets, **options,
+            )
+            quantiles.stat_name = f"{name} (activation quantiles)"
+        return _LayerStats(feature_dim, moments, minmax, quantiles)
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -446,6 +498,8 @@ class ActivationStats(SyncSchedule):
                 batch.scalars[f"{key}/max"] = layer.minmax.max.max()
                 batch.vectors[f"{key}/min"] = layer.minmax.min
                 batch.vectors[f"{key}/max"] = layer.minmax.max
+            if layer.quantiles is not None and self.quantiles is not None:
+                quantile_readout(batch, key, layer.quantiles, self.quantiles)
         return batch
 
     def _log(self, trainer: pl.Trainer, *, epoch_end: bool = False) -> None:
@@ -466,8 +520,12 @@ class ActivationStats(SyncSchedule):
                     "minmax": None if layer.minmax is None else _tensors(layer.minmax),
                     # Each stat's own `_version`: its migration reads it on load, as in a model.
                     "versions": {"moments": type(layer.moments)._version}
-                    | ({} if layer.minmax is None else {"minmax": type(layer.minmax)._version}),
+                    | ({} if layer.minmax is None else {"minmax": type(layer.minmax)._version})
+                    | ({} if layer.quantiles is None
+                       else {"quantiles": type(layer.quantiles)._version}),
                 }
+                # Only when kept: checkpoints without quantiles keep their layout.
+                | ({} if layer.quantiles is None else {"quantiles": _tensors(layer.quantiles)})
             )
         return {
             "accumulator_dtype": dtype_name(self.accumulator_dtype),
@@ -491,12 +549,15 @@ class ActivationStats(SyncSchedule):
             )
             versions = entry.get("versions", {})
             _load(layer.moments, entry["moments"], versions.get("moments"))
-            if layer.minmax is not None:
-                if entry.get("minmax") is not None:
-                    _load(layer.minmax, entry["minmax"], versions.get("minmax"))
+            for part, stat, what in (("minmax", layer.minmax, "min/max"),
+                                     ("quantiles", layer.quantiles, "quantiles")):
+                if stat is None:
+                    continue
+                if entry.get(part) is not None:
+                    _load(stat, entry[part], versions.get(part))
                 else:
                     rank_zero_warn(
-                        f"ActivationStats: the checkpoint has no min/max for layer "
+                        f"ActivationStats: the checkpoint has no {what} for layer "
                         f"{entry['name']!r}; they start empty."
                     )
             self._layers[entry["name"]] = layer

@@ -13,14 +13,17 @@ module                                    keys
 ``RunningNorm`` (its ``moments`` once)    ``count``, ``n_skipped``, ``mean``, ``std``, drifts
 ``RunningMoments``, ``EMAMoments``        ``count``, ``n_skipped``, ``mean``, ``std``, drifts
 ``RunningMinMax``                         ``count``, ``n_skipped``, ``min``, ``max``
+``RunningQuantiles``                      ``count``, ``n_skipped``, ``q0.01``, ``q0.5``, ``q0.99``
 any other ``Stat``                        ``count``, ``n_skipped``
 ``RandomMask``, pruning masks              ``density`` (the fraction kept)
 ========================================  ====================================================
 
-``mean`` and ``std`` are averaged over features, ``min``/``max`` taken over features: raw numbers,
-dominated by the features of the largest scale. The drifts say how far a stat moved since the
-previous log in each feature's own units, so every feature weighs the same whatever its scale:
-``drift`` is the largest change of any feature's mean in units of that feature's std,
+``mean``, ``std`` and ``q0.5`` are averaged over features, ``min``/``max`` and ``q0.01``/``q0.99``
+taken over features (the lowest and the highest; a ``QuantileNorm`` is logged through its
+``sketch``): raw numbers, dominated by the features of the largest scale. The drifts say how far
+a stat moved since the previous log in each feature's own units, so every feature weighs the same
+whatever its scale: ``drift`` is the largest change of any feature's mean in units of that
+feature's std,
 ``drift_mean`` the same change averaged over features, ``std_drift`` the largest relative change
 of a feature's std (``|std / previous std - 1|``). They are first logged at the second log, and
 the previous values are saved in the callback's checkpoint state, so a resumed run logs them at
