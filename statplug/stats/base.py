@@ -347,7 +347,10 @@ class Stat(PinnedDtypeModule):
         such rows get weight 0, decided on the device."""
         if self.nan_policy != "skip":
             return rows, weight
-        keep = (rows * 0).sum(dim=1) == 0  # NaN for a row holding NaN or Inf; two fast passes
+        if host_reads_free(rows):  # eager: x * 0 is NaN for NaN and Inf; two fast passes
+            keep = (rows * 0).sum(dim=1) == 0
+        else:  # compilers may fold x * 0 to 0
+            keep = torch.isfinite(rows).all(dim=1)
         if weight is not None:
             self.n_skipped.add_(((weight > 0) & ~keep).sum())
             return rows, torch.where(keep, weight, 0.0)
