@@ -374,7 +374,7 @@ class RunningNorm(StatHolder):
         low = work.dtype in (torch.float16, torch.bfloat16)
         shift, scale, ready = self._affine(torch.float32 if low else work.dtype)
         rows = work.reshape(-1, m.n_features)
-        if rows.numel() < SMALL_BATCH and host_reads_free(rows):
+        if host_reads_free(rows) and rows.numel() < SMALL_BATCH:
             # Plain ops: the kernel wakes the intra-op pool even for one row (see merge.py).
             y = ((rows - shift) * scale).to(rows.dtype)
         else:  # BatchNorm's inference kernel: (x - shift) / sqrt(1 + 0) * scale
