@@ -347,10 +347,10 @@ class Stat(PinnedDtypeModule):
         such rows get weight 0, decided on the device."""
         if self.nan_policy != "skip":
             return rows, weight
-        if host_reads_free(rows):  # eager: x * 0 is NaN for NaN and Inf; two fast passes
-            keep = (rows * 0).sum(dim=1) == 0
-        else:  # compilers may fold x * 0 to 0
-            keep = torch.isfinite(rows).all(dim=1)
+        if host_reads_free(rows) and bool(rows.sum(dim=1).isfinite().all()):
+            return rows, weight  # one pass: a NaN or Inf makes its row's sum non-finite
+        # Some row's sum is not finite (or we are on a device): decided element by element.
+        keep = torch.isfinite(rows).all(dim=1)
         if weight is not None:
             self.n_skipped.add_(((weight > 0) & ~keep).sum())
             return rows, torch.where(keep, weight, 0.0)
@@ -365,7 +365,7 @@ class Stat(PinnedDtypeModule):
         """How many rows ``count`` gains: those of positive weight."""
         return rows.shape[0] if weight is None else (weight > 0).sum()
 
-    def _nan_check(self, finite: Callable[[], Tensor]) -> Tensor | None:
+    def _nan_check(self, finite: Callable[[], Tensor | bool]) -> Tensor | None:
         """Apply the raise policy to a batch whose statistics are ``finite()`` (a 0-dim bool
         tensor, asked only under this policy). On the CPU: raise now. Elsewhere: count the batch
         in ``_refused`` and return the flag, which the caller uses to leave the batch out.
@@ -375,10 +375,13 @@ class Stat(PinnedDtypeModule):
         refused = self._buffers["_refused"]
         assert refused is not None
         ok = finite()
+        if ok is True:
+            return None
         if host_reads_free(refused):
             if not bool(ok):
                 self._raise_non_finite(1)
             return None
+        assert isinstance(ok, Tensor)
         refused.add_(~ok)
         return ok
 

@@ -7,6 +7,7 @@ ranks' new data into the agreed state with it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +37,13 @@ class Moments:
     n: Tensor | float
     mean: Tensor
     m2: Tensor
+    known_finite: bool = False  # already checked on the host (the CPU kernel path)
 
-    def finite(self) -> Tensor:
-        """A 0-dim bool tensor: every mean and m2 is finite (decided on the device)."""
+    def finite(self) -> Tensor | bool:
+        """Whether every mean and m2 is finite: True when already known, else a 0-dim bool
+        tensor decided on the device."""
+        if self.known_finite:
+            return True
         return torch.isfinite(self.mean).all() & torch.isfinite(self.m2).all()
 
 
@@ -103,9 +108,12 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
     # variance inherits that error squared. One host read (free on the CPU) keeps the result
     # when 0.5 sqrt(rows) ulps stay below REFINE_TOLERANCE of every column's variance.
     k = 0.25 * min(x.shape[0], GROUP_ROWS) * torch.finfo(x.dtype).eps ** 2 / REFINE_TOLERANCE
-    score = torch.addcmul(var, mean, mean, value=-k)
+    lo, hi = torch.aminmax(torch.addcmul(var, mean, mean, value=-k))
+    if float(lo) >= 0 and float(hi) < math.inf:  # False for NaN: every column finite and exact
+        return Moments(n, mean.to(acc), var.to(acc) * n, known_finite=True)
+    score = torch.addcmul(var, mean, mean, value=-k)  # the rare path: decided per column
     if bool((score.isfinite() & ((score >= 0) | (var == 0))).all()):
-        return Moments(n, mean.to(acc), var.to(acc) * n)
+        return Moments(n, mean.to(acc), var.to(acc) * n, known_finite=True)
     if not bool(torch.isfinite(x).all()):
         return Moments(n, mean.to(acc), var.to(acc) * n)  # NaN/Inf: the nan policy decides
     if bool(mean.isfinite().all()):
