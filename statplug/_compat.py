@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "copy_all_",
     "ddp_ignore_buffers",
     "fsdp_clean_name",
     "fsdp_ignored_buffer_names",
@@ -22,6 +23,17 @@ __all__ = [
     "lightning_last_eval_batch",
     "metric_reduction",
 ]
+
+
+def copy_all_(dsts: list[Tensor], srcs: list[Tensor]) -> None:
+    """``dst.copy_(src)`` for every pair, in one call: ``torch._foreach_copy_`` (torch 2.4-2.13;
+    a loop of copies when it is missing)."""
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is None:
+        for d, s in zip(dsts, srcs, strict=True):
+            d.copy_(s)
+    else:
+        foreach(dsts, srcs)
 
 
 def ddp_ignore_buffers(module: nn.Module, names: list[str]) -> None:

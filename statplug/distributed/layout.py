@@ -60,9 +60,14 @@ def agreed_checksum(stats: Iterable[Stat], device: torch.device) -> Tensor:
     """Float64 ``[4]`` on ``device``: the plain and position-weighted sums of the bit patterns
     of every stat's agreed state, in wrapping int64 arithmetic, as float64-exact halves. Equal
     on ranks whose agreed states are equal bit for bit, whatever the summation order."""
-    pieces = [_bits(s.agreed(n)) for s in stats for n in s.agreed_names()]
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for s in stats:
+        for n in s.agreed_names():
+            t = s.agreed(n)
+            by_dtype.setdefault(t.dtype, []).append(t.reshape(-1).to(device))
+    pieces = [_bits(torch.cat(ts)) for ts in by_dtype.values()]  # one cat per dtype
     total = torch.zeros(2, dtype=torch.int64, device=device)
-    flat = torch.cat([p.to(device) for p in pieces]) if pieces else total[:0]
+    flat = torch.cat(pieces) if pieces else total[:0]
     for start in range(0, flat.numel(), _CHUNK):
         chunk = flat[start : start + _CHUNK]
         i = torch.arange(start, start + chunk.numel(), device=device).remainder_(_PRIME)

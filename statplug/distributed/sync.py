@@ -36,7 +36,7 @@ from statplug.distributed.layout import (
     layout_fingerprint,
 )
 from statplug.errors import StatLayoutError, StatplugError
-from statplug.stats.base import Stat, state_lock
+from statplug.stats.base import Stat, StatBatch, state_lock
 from statplug.stats.merge import Moments
 
 __all__ = ["SyncReport", "broadcast_stats", "find_stats", "named_stats", "sync_stats"]
@@ -46,6 +46,7 @@ _F64 = torch.float64
 _CHUNK = 1 << 23
 # One phase keeps at least 43 of float64's 53 bits of every merged m2 (see design-notes.md).
 _ONE_PHASE_RATIO = 2.0**-10
+_TINY = torch.finfo(_F64).tiny
 
 StatsArg = nn.Module | Mapping[str, Stat] | Iterable[Stat]
 
@@ -180,31 +181,39 @@ def _raise_agreed_error(named: list[tuple[str, Stat]], group: dist.ProcessGroup 
     )
 
 
+def _batches(stats: list[Stat]) -> list[StatBatch]:
+    """The stats grouped by class and state layout (names and dtypes), in order of first
+    appearance: each batch syncs with a constant number of tensor calls."""
+    groups: dict[tuple[object, ...], list[Stat]] = {}
+    for s in stats:
+        key = (type(s), *((n, s._buffers[n].dtype) for n in s._reduces))  # type: ignore[union-attr]
+        groups.setdefault(key, []).append(s)
+    return [StatBatch(group) for group in groups.values()]
+
+
 @dataclass
 class _Contribution:
-    """What one stat sends (float64), and then receives, in a sync."""
+    """What one batch of stats sends (float64, flat), and then receives, in a sync."""
 
-    stat: Stat
+    batch: StatBatch
     sums: dict[str, Tensor] = field(default_factory=dict)  # added since the agreed state
     extremes: dict[str, Tensor] = field(default_factory=dict)  # max, or -min; NaN as -inf
     nans: dict[str, Tensor] = field(default_factory=dict)  # 1.0 where a value is NaN
-    new: Moments | None = None  # this rank's data since the agreed state
+    new: Moments | None = None  # this rank's data since the agreed state, per element
     centre: Tensor | None = None  # the agreed mean, equal on every rank
 
     @classmethod
-    def of(cls, stat: Stat) -> _Contribution:
-        c = cls(stat)
-        for name, reduce in stat._reduces.items():
-            buf = stat._buffers[name]
-            assert buf is not None
+    def of(cls, batch: StatBatch) -> _Contribution:
+        c = cls(batch)
+        proto = batch.stats[0]
+        for name, reduce in proto._reduces.items():
             if reduce == "sum":
-                c.sums[name] = buf.to(_F64) - stat.agreed(name).to(_F64)
+                c.sums[name] = batch.read(name) - batch.agreed(name)
             elif reduce in ("min", "max"):
-                sign = 1.0 if reduce == "max" else -1.0
-                value = buf.to(_F64) * sign
+                value = batch.read(name) * (1.0 if reduce == "max" else -1.0)
                 c.extremes[name] = value.nan_to_num(nan=-math.inf)
                 c.nans[name] = value.isnan().to(_F64)
-        found = stat.sync_new_data()
+        found = type(proto).sync_new_data(batch)
         if found is not None:
             c.new, c.centre = found
         return c
@@ -214,39 +223,30 @@ class _Contribution:
         sums = list(self.sums.values())
         if self.new is not None and self.centre is not None:
             n, d = torch.as_tensor(self.new.n, dtype=_F64), self.new.mean - self.centre
-            sums += [n.reshape(1), n * d, self.new.m2 + n * d * d]
+            sums += [n, n * d, self.new.m2 + n * d * d]
         return sums, [*self.extremes.values(), *self.nans.values()]
 
     def write_back(self, sums: list[Tensor], maxes: list[Tensor], new: Moments | None) -> None:
-        """Copy the reduced values into the stat; they become its agreed state."""
-        stat = self.stat
+        """Copy the reduced values into the stats; they become their agreed state."""
+        batch = self.batch
         if new is not None:
-            stat.sync_absorb(new)
+            type(batch.stats[0]).sync_absorb(batch, new)
         for name, total in zip(self.sums, sums, strict=False):
-            buf = stat._buffers[name]
-            assert buf is not None
-            agreed = stat.agreed(name)
-            if buf.is_floating_point():
-                buf.copy_(agreed + total.to(buf.device, buf.dtype))
-            else:  # integer sums travel as float64: exact below 2**53
-                buf.copy_(agreed + total.round().to(buf.device, buf.dtype))
+            if not batch.buffers(name)[0].is_floating_point():
+                total = total.round()  # integer sums travel as float64: exact below 2**53
+            batch.write(name, batch.agreed(name) + total.to(_F64))
         k = len(self.extremes)
-        for (name, reduce), value, nan in zip(
-            ((n, stat._reduces[n]) for n in self.extremes), maxes[:k], maxes[k:], strict=True
-        ):
-            sign = 1.0 if reduce == "max" else -1.0
-            result = torch.where(nan > 0, math.nan, value * sign)
-            buf = stat._buffers[name]
-            assert buf is not None
-            buf.copy_(result.to(buf.device, buf.dtype))
-        stat.settle_()
+        for name, value, nan in zip(self.extremes, maxes[:k], maxes[k:], strict=True):
+            sign = 1.0 if self.batch.stats[0]._reduces[name] == "max" else -1.0
+            batch.write(name, torch.where(nan > 0, math.nan, value * sign))
+        batch.settle()
 
 
 def _merge_moments(
     parts: list[_Contribution], sums: list[list[Tensor]], comm: _Collectives
 ) -> list[Moments | None]:
-    """Every moment stat's global new data from the reduced first round; Chan's second phase
-    (one more SUM) when the one-phase result would lose more than 10 bits somewhere."""
+    """Every batch's global new data from the reduced first round; Chan's second phase (one
+    more SUM) when the one-phase result would lose more than 10 bits somewhere."""
     found: list[Moments | None] = []
     kept: list[Tensor] = []
     for part, reduced in zip(parts, sums, strict=True):
@@ -254,14 +254,14 @@ def _merge_moments(
             found.append(None)
             continue
         n, s1, s2 = (t.to(part.centre.device) for t in reduced[len(part.sums) :])
-        gk = s1 / n.clamp(min=1)  # g - K: the new data's global mean, about the centre
+        gk = s1 / n.clamp(min=_TINY)  # g - K: the new data's global mean, about the centre
         m2 = s2 - gk * s1
         kept.append((m2 >= s2 * _ONE_PHASE_RATIO).all())  # False for NaN too
-        found.append(Moments(n.reshape(()), part.centre + gk, m2))
+        found.append(Moments(n, part.centre + gk, m2))
     if not kept or bool(torch.stack(kept).all()):  # one host read, the same on every rank
         return found
     pieces = [
-        p.new.m2 + p.new.n * (p.new.mean - m.mean).square()
+        p.new.m2 + torch.as_tensor(p.new.n) * (p.new.mean - m.mean).square()
         for p, m in zip(parts, found, strict=True)
         if p.new is not None and m is not None
     ]
@@ -309,7 +309,7 @@ def sync_stats(module_or_stats: StatsArg, group: dist.ProcessGroup | None = None
     comm = _Collectives(group)
     with state_lock(), torch.no_grad():
         _check_ranks(named, comm)
-        parts = [_Contribution.of(s) for _, s in named]
+        parts = [_Contribution.of(b) for b in _batches([s for _, s in named])]
         rounds = [p.first_round() for p in parts]
         sums = _split(comm.all_reduce([t for r in rounds for t in r[0]], dist.ReduceOp.SUM),
                       [len(r[0]) for r in rounds])

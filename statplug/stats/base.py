@@ -26,10 +26,19 @@ import torch
 from torch import Tensor
 
 from statplug._buffers import PinnedDtypeModule
+from statplug._compat import copy_all_
 from statplug.errors import CheckpointMismatchError
 from statplug.stats.merge import Moments, host_reads_free
 
-__all__ = ["NanPolicy", "Reduce", "Stat", "StateSummary", "real_number", "state_lock"]
+__all__ = [
+    "NanPolicy",
+    "Reduce",
+    "Stat",
+    "StatBatch",
+    "StateSummary",
+    "real_number",
+    "state_lock",
+]
 
 NanPolicy = Literal["raise", "skip", "propagate"]
 Reduce = Literal["sum", "min", "max", "moments"]
@@ -512,14 +521,16 @@ class Stat(PinnedDtypeModule):
         return self
 
     # ----------------------------------------------------------------------------- sync hooks
-    def sync_new_data(self) -> tuple[Moments, Tensor] | None:
-        """This rank's data since the agreed state as float64 :class:`Moments` (flat), and the
-        centre every rank shares (the agreed mean) -- for stats with ``"moments"`` state."""
+    @classmethod
+    def sync_new_data(cls, batch: StatBatch) -> tuple[Moments, Tensor] | None:
+        """The batch's data since its agreed state as float64 :class:`Moments` per element, and
+        the centre every rank shares (the agreed mean) -- for stats with ``"moments"`` state."""
         return None
 
-    def sync_absorb(self, new: Moments) -> None:
-        """Merge every rank's new data (float64 moments) into the agreed state; after it the
-        saved state is the global state."""
+    @classmethod
+    def sync_absorb(cls, batch: StatBatch, new: Moments) -> None:
+        """Merge every rank's new data (float64 moments per element) into the agreed state;
+        after it the saved state is the global state."""
 
     # ----------------------------------------------------------------------------- persistence
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
@@ -705,3 +716,51 @@ class Stat(PinnedDtypeModule):
             extra += f", nan_policy={self.nan_policy!r}"
         # A repr is not a hot path: one host read for the count is fine here.
         return extra + f", count={int(self.count)}"
+
+
+class StatBatch:
+    """Stats of one class and layout whose state a sync reads and writes as flat float64
+    tensors: each state's elements, stat after stat (a 0-dim state gives one per stat).
+
+    Reads gather with one ``cat`` per state, writes copy back with one multi-tensor copy: a
+    sync's work is a constant number of tensor calls per batch, whatever the number of stats.
+    """
+
+    def __init__(self, stats: list[Stat]) -> None:
+        self.stats = stats
+
+    def buffers(self, name: str) -> list[Tensor]:
+        return [s._buffers[name] for s in self.stats]  # type: ignore[misc]
+
+    def read(self, name: str) -> Tensor:
+        """State ``name`` of every stat, flat, in float64."""
+        return torch.cat([b.reshape(-1) for b in self.buffers(name)]).to(torch.float64)
+
+    def agreed(self, name: str) -> Tensor:
+        """The agreed copy of state ``name`` of every stat, flat, in float64."""
+        return self.read(AGREED + name)
+
+    def write(self, name: str, value: Tensor) -> None:
+        """Copy the flat ``value`` into state ``name`` of every stat (cast to its dtype)."""
+        bufs = self.buffers(name)
+        parts = value.to(bufs[0].device, bufs[0].dtype).split([b.numel() for b in bufs])
+        copy_all_(bufs, [p.view(b.shape) for p, b in zip(parts, bufs, strict=True)])
+
+    def per_element(self, per_stat: Tensor, name: str) -> Tensor:
+        """A ``[K]`` value per stat repeated over the elements of state ``name``."""
+        sizes = torch.tensor([b.numel() for b in self.buffers(name)], device=per_stat.device)
+        return per_stat.repeat_interleave(sizes)
+
+    def settle(self) -> None:
+        """Make every stat's state its agreed state (see :meth:`Stat.settle_`)."""
+        for name in self.stats[0].agreed_names():
+            values, agreed = self.buffers(name), self.buffers(AGREED + name)
+            if all(
+                (a.device, a.dtype, a.shape) == (v.device, v.dtype, v.shape)
+                for a, v in zip(agreed, values, strict=True)
+            ):
+                copy_all_(agreed, values)
+            else:  # a load with assign=True replaced some buffers: one stat at a time
+                for s in self.stats:
+                    s.settle_()
+                return

@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from statplug.stats.base import NanPolicy, Stat, real_number
+from statplug.stats.base import NanPolicy, Stat, StatBatch, real_number
 from statplug.stats.merge import Moments, batch_moments, chan_merge, host_reads_free
 
 __all__ = ["EMAMoments", "RunningMoments"]
 
 _F64 = torch.float64
+_TINY = torch.finfo(_F64).tiny
 
 
 def _dropped(batch: Moments, keep: Tensor | None) -> Moments:
@@ -163,27 +164,27 @@ class RunningMoments(Stat):
         self._merge_moments(Moments(n, other.mean.reshape(-1), other.m2.reshape(-1)), 0)
 
     # ------------------------------------------------------------------ sync hooks
-    def sync_new_data(self) -> tuple[Moments, Tensor]:
+    @classmethod
+    def sync_new_data(cls, batch: StatBatch) -> tuple[Moments, Tensor]:
         # The data since the agreed state (n_a, K, m2_a): Chan's merge solved for its second
         # part. mean_b - K = (mean - K) n / n_b, and m2 = m2_a + m2_b + (mean - K)**2 n n_a / n_b.
-        agreed_n = self.agreed("weight_sum").reshape(()) if self.weighted else self.agreed("count")
-        n, n_a = self._n().to(_F64), agreed_n.to(_F64)
-        k = self.agreed("mean").reshape(-1).to(_F64)
-        mean, m2 = self.mean.reshape(-1).to(_F64), self.m2.reshape(-1).to(_F64)
+        counts = "weight_sum" if batch.stats[0].weighted else "count"  # type: ignore[attr-defined]
+        n = batch.per_element(batch.read(counts), "mean")
+        n_a = batch.per_element(batch.agreed(counts), "mean")
+        k, mean = batch.agreed("mean"), batch.read("mean")
         n_b = n - n_a
-        ratio = n / n_b.clamp(min=1)
+        ratio = torch.where(n_b > 0, n / n_b, 0.0)  # no new data: nothing to solve for
         mean_b = k + (mean - k) * ratio
-        m2_b = m2 - self.agreed("m2").reshape(-1).to(_F64) - (mean - k).square() * (n_a * ratio)
+        m2_b = batch.read("m2") - batch.agreed("m2") - (mean - k).square() * (n_a * ratio)
         return Moments(n_b, mean_b, m2_b.clamp(min=0)), k
 
-    def sync_absorb(self, new: Moments) -> None:
-        acc = self.accumulator_dtype
-        agreed_n = self.agreed("weight_sum").reshape(()) if self.weighted else self.agreed("count")
-        n_a = agreed_n.to(_F64)
-        k, m2_a = self.agreed("mean").reshape(-1), self.agreed("m2").reshape(-1)
-        merged = chan_merge(n_a, k.to(_F64), m2_a.to(_F64), new.n, new.mean, new.m2)
-        self.mean.view(-1).copy_(merged.mean.to(acc))
-        self.m2.view(-1).copy_(merged.m2.to(acc))
+    @classmethod
+    def sync_absorb(cls, batch: StatBatch, new: Moments) -> None:
+        counts = "weight_sum" if batch.stats[0].weighted else "count"  # type: ignore[attr-defined]
+        n_a = batch.per_element(batch.agreed(counts), "mean")
+        merged = chan_merge(n_a, batch.agreed("mean"), batch.agreed("m2"), new.n, new.mean, new.m2)
+        batch.write("mean", merged.mean)
+        batch.write("m2", merged.m2)
 
     # ------------------------------------------------------------------ checks
     def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
@@ -346,10 +347,24 @@ class EMAMoments(Stat):
         self._set_summary(chan_merge(a.n, a.mean, a.m2, b.n, b.mean, b.m2))
 
     # ------------------------------------------------------------------ sync hooks
-    def sync_new_data(self) -> tuple[Moments, Tensor]:
-        # Each rank's summary counts with the samples it saw since the last sync.
-        centre = torch.cat([self.agreed("weight"), self.agreed("mean").reshape(-1)]).to(_F64)
-        return self._summary(self.count - self.agreed("count")), centre
+    # Each rank's summary counts with the samples it saw since the last sync; the weights
+    # travel as one more element per stat, before the features.
+    @classmethod
+    def sync_new_data(cls, batch: StatBatch) -> tuple[Moments, Tensor]:
+        n_b = batch.read("count") - batch.agreed("count")
+        per_feature = batch.per_element(n_b, "mean")
+        n = torch.cat([n_b, per_feature])
+        mean = torch.cat([batch.read("weight"), batch.read("mean")])
+        m2 = torch.cat([torch.zeros_like(n_b), batch.read("var") * per_feature])
+        centre = torch.cat([batch.agreed("weight"), batch.agreed("mean")])
+        return Moments(n, mean, m2), centre
 
-    def sync_absorb(self, new: Moments) -> None:
-        self._set_summary(new)
+    @classmethod
+    def sync_absorb(cls, batch: StatBatch, new: Moments) -> None:
+        k = len(batch.stats)
+        n = torch.as_tensor(new.n)
+        ok = n > 0  # elements of stats no rank added to keep their value
+        batch.write("weight", torch.where(ok[:k], new.mean[:k], batch.read("weight")))
+        batch.write("mean", torch.where(ok[k:], new.mean[k:], batch.read("mean")))
+        var = new.m2[k:] / n[k:].clamp(min=_TINY)
+        batch.write("var", torch.where(ok[k:], var, batch.read("var")))
