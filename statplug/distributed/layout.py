@@ -25,7 +25,18 @@ _PRIME = 65521
 
 
 def describe_stat(stat: Stat, name: str | None = None) -> str:
-    """One line naming the stat, its class and shape, and each state's shape and dtype."""
+    """One line naming the stat, its class and shape, and each state's shape and dtype (kept
+    on the stat while its name and buffers stay the same: a sync describes every stat)."""
+    key = (name, stat.stat_name, *map(id, stat._buffers.values()))
+    held = stat.__dict__.get("_statplug_layout")
+    if held is not None and held[0] == key:
+        return str(held[1])
+    text = _describe(stat, name)
+    stat.__dict__["_statplug_layout"] = (key, text)
+    return text
+
+
+def _describe(stat: Stat, name: str | None) -> str:
     states = ",".join(
         f"{n}:{tuple(b.shape)}:{dtype_name(b.dtype)}"
         for n in stat.state_names
@@ -64,8 +75,8 @@ def agreed_checksum(stats: Iterable[Stat], device: torch.device) -> Tensor:
     for s in stats:
         for n in s.agreed_names():
             t = s.agreed(n)
-            by_dtype.setdefault(t.dtype, []).append(t.reshape(-1).to(device))
-    pieces = [_bits(torch.cat(ts)) for ts in by_dtype.values()]  # one cat per dtype
+            by_dtype.setdefault(t.dtype, []).append(t if t.dim() == 1 else t.reshape(-1))
+    pieces = [_bits(torch.cat(ts).to(device)) for ts in by_dtype.values()]  # a cat per dtype
     total = torch.zeros(2, dtype=torch.int64, device=device)
     flat = torch.cat(pieces) if pieces else total[:0]
     for start in range(0, flat.numel(), _CHUNK):

@@ -186,7 +186,7 @@ def _batches(stats: list[Stat]) -> list[StatBatch]:
     appearance: each batch syncs with a constant number of tensor calls."""
     groups: dict[tuple[object, ...], list[Stat]] = {}
     for s in stats:
-        key = (type(s), *((n, s._buffers[n].dtype) for n in s._reduces))  # type: ignore[union-attr]
+        key = (type(s), s.accumulator_dtype, *s._reduces)
         groups.setdefault(key, []).append(s)
     return [StatBatch(group) for group in groups.values()]
 

@@ -36,6 +36,7 @@ __all__ = [
     "Stat",
     "StatBatch",
     "StateSummary",
+    "flat_cat",
     "real_number",
     "state_lock",
 ]
@@ -722,19 +723,24 @@ class StatBatch:
     """Stats of one class and layout whose state a sync reads and writes as flat float64
     tensors: each state's elements, stat after stat (a 0-dim state gives one per stat).
 
-    Reads gather with one ``cat`` per state, writes copy back with one multi-tensor copy: a
-    sync's work is a constant number of tensor calls per batch, whatever the number of stats.
+    Reads gather with one ``cat`` (or ``stack``) per state and are kept until that state is
+    written; writes copy back with one multi-tensor copy: a sync's work is a constant number of
+    tensor calls per batch, whatever the number of stats.
     """
 
     def __init__(self, stats: list[Stat]) -> None:
         self.stats = stats
+        self._read: dict[str, Tensor] = {}
 
     def buffers(self, name: str) -> list[Tensor]:
         return [s._buffers[name] for s in self.stats]  # type: ignore[misc]
 
     def read(self, name: str) -> Tensor:
         """State ``name`` of every stat, flat, in float64."""
-        return torch.cat([b.reshape(-1) for b in self.buffers(name)]).to(torch.float64)
+        value = self._read.get(name)
+        if value is None:
+            value = self._read[name] = flat_cat(self.buffers(name)).to(torch.float64)
+        return value
 
     def agreed(self, name: str) -> Tensor:
         """The agreed copy of state ``name`` of every stat, flat, in float64."""
@@ -742,9 +748,14 @@ class StatBatch:
 
     def write(self, name: str, value: Tensor) -> None:
         """Copy the flat ``value`` into state ``name`` of every stat (cast to its dtype)."""
+        self._read.pop(name, None)
         bufs = self.buffers(name)
-        parts = value.to(bufs[0].device, bufs[0].dtype).split([b.numel() for b in bufs])
-        copy_all_(bufs, [p.view(b.shape) for p, b in zip(parts, bufs, strict=True)])
+        value = value.to(bufs[0].device, bufs[0].dtype)
+        if all(b.dim() == 0 for b in bufs):
+            copy_all_(bufs, list(value.unbind(0)))
+            return
+        parts = zip(value.split([b.numel() for b in bufs]), bufs, strict=True)
+        copy_all_(bufs, [p if b.dim() == 1 else p.view(b.shape) for p, b in parts])
 
     def per_element(self, per_stat: Tensor, name: str) -> Tensor:
         """A ``[K]`` value per stat repeated over the elements of state ``name``."""
@@ -753,6 +764,7 @@ class StatBatch:
 
     def settle(self) -> None:
         """Make every stat's state its agreed state (see :meth:`Stat.settle_`)."""
+        self._read.clear()
         for name in self.stats[0].agreed_names():
             values, agreed = self.buffers(name), self.buffers(AGREED + name)
             if all(
@@ -764,3 +776,11 @@ class StatBatch:
                 for s in self.stats:
                     s.settle_()
                 return
+
+
+def flat_cat(tensors: list[Tensor]) -> Tensor:
+    """The tensors' elements in one flat tensor (0-dim ones stacked, 1-D ones concatenated
+    as they are: a ``reshape`` per tensor costs a microsecond each)."""
+    if all(t.dim() == 0 for t in tensors):
+        return torch.stack(tensors)
+    return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors])
