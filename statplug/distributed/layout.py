@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from statplug._buffers import dtype_name
-from statplug.stats.base import Stat
+from statplug.stats.base import Stat, StatBatch
 
 __all__ = ["agreed_checksum", "describe_stat", "first_difference", "layout_fingerprint"]
 
@@ -67,18 +67,15 @@ def _bits(t: Tensor) -> Tensor:
     return flat.to(torch.int64)
 
 
-def agreed_checksum(stats: Iterable[Stat], device: torch.device) -> Tensor:
+def agreed_checksum(batches: Iterable[StatBatch], device: torch.device) -> Tensor:
     """Float64 ``[4]`` on ``device``: the plain and position-weighted sums of the bit patterns
-    of every stat's agreed state, in wrapping int64 arithmetic, as float64-exact halves. Equal
-    on ranks whose agreed states are equal bit for bit, whatever the summation order."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for s in stats:
-        for n in s.agreed_names():
-            t = s.agreed(n)
-            by_dtype.setdefault(t.dtype, []).append(t if t.dim() == 1 else t.reshape(-1))
-    pieces = [_bits(torch.cat(ts).to(device)) for ts in by_dtype.values()]  # a cat per dtype
+    of every stat's agreed state (as the batches read it, in float64: exact and one-to-one for
+    the counts and floats a stat holds), in wrapping int64 arithmetic, as float64-exact halves.
+    Equal on ranks whose agreed states are equal bit for bit, whatever the summation order. The
+    sync reuses the batches' reads."""
+    pieces = [b.agreed(n).to(device) for b in batches for n in b.stats[0].agreed_names()]
     total = torch.zeros(2, dtype=torch.int64, device=device)
-    flat = torch.cat(pieces) if pieces else total[:0]
+    flat = _bits(torch.cat(pieces)) if pieces else total[:0]
     for start in range(0, flat.numel(), _CHUNK):
         chunk = flat[start : start + _CHUNK]
         i = torch.arange(start, start + chunk.numel(), device=device).remainder_(_PRIME)

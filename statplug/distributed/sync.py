@@ -124,13 +124,18 @@ class _Collectives:
 
 
 def _check_ranks(
-    named: list[tuple[str, Stat]], comm: _Collectives, *, agreed: bool = True
+    named: list[tuple[str, Stat]],
+    batches: list[StatBatch],
+    comm: _Collectives,
+    *,
+    agreed: bool = True,
 ) -> None:
     """The fixed-size exchange that goes first; raises on every rank when ranks hold different
     layouts or (with ``agreed``) different agreed states, or when a rank refused a batch."""
     stats = [s for _, s in named]
     fingerprint = torch.tensor(layout_fingerprint(stats, [n for n, _ in named]), dtype=_F64)
-    same = torch.cat([fingerprint.to(comm.device), agreed_checksum(stats, comm.device)])
+    checksum = agreed_checksum(batches if agreed else [], comm.device)
+    same = torch.cat([fingerprint.to(comm.device), checksum])
     refused = [s.get_buffer("_refused").to(comm.device, _F64) for s in stats]
     n_refused = torch.stack(refused).sum().reshape(1) if refused else same[:1] * 0
     vector = torch.cat([same, -same, n_refused])
@@ -166,7 +171,10 @@ def _raise_layout_error(layout: list[str], group: dist.ProcessGroup | None) -> N
 def _raise_agreed_error(named: list[tuple[str, Stat]], group: dist.ProcessGroup | None) -> None:
     """Name the first stat whose agreed state differs (error path: gathers per-stat sums)."""
     cpu = torch.device("cpu")
-    mine = [(int(s.agreed("count")), agreed_checksum([s], cpu).tolist()) for _, s in named]
+    mine = [
+        (int(s.agreed("count")), agreed_checksum([StatBatch([s])], cpu).tolist())
+        for _, s in named
+    ]
     lists: list[list[tuple[int, list[float]]] | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(lists, mine, group=group)
     every = [lst or [] for lst in lists]
@@ -308,8 +316,9 @@ def sync_stats(module_or_stats: StatsArg, group: dist.ProcessGroup | None = None
         return SyncReport(len(named), 0, 0, time.perf_counter() - start)
     comm = _Collectives(group)
     with state_lock(), torch.no_grad():
-        _check_ranks(named, comm)
-        parts = [_Contribution.of(b) for b in _batches([s for _, s in named])]
+        batches = _batches([s for _, s in named])
+        _check_ranks(named, batches, comm)
+        parts = [_Contribution.of(b) for b in batches]
         rounds = [p.first_round() for p in parts]
         sums = _split(comm.all_reduce([t for r in rounds for t in r[0]], dist.ReduceOp.SUM),
                       [len(r[0]) for r in rounds])
@@ -356,7 +365,7 @@ def broadcast_stats(
     comm = _Collectives(group)
     global_src = src if group is None else dist.get_global_rank(group, src)
     with state_lock(), torch.no_grad():
-        _check_ranks(named, comm, agreed=False)  # the agreed state is replaced
+        _check_ranks(named, [], comm, agreed=False)  # the agreed state is replaced
         bufs = [b for s in stats for n in s.state_names if (b := s._buffers[n]) is not None]
         if bufs:
             flat = torch.cat([b.reshape(-1).to(comm.device, _F64) for b in bufs])
