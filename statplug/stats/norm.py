@@ -289,15 +289,7 @@ class RunningNorm(StatHolder):
         folded.train(linear.training)
         return folded
 
-    # Read-outs and the rules every stat follows delegate to the moments.
-    @property
-    def count(self) -> Tensor:
-        return self.moments.count
-
-    @property
-    def n_skipped(self) -> Tensor:
-        return self.moments.n_skipped
-
+    # Read-outs; the rules every stat follows delegate to the moments (StatHolder).
     @property
     def sample_var(self) -> Tensor:
         return self.moments.sample_var

@@ -21,7 +21,7 @@ from torch import Tensor
 from statplug.stats.base import NanPolicy, Stat, real_number
 from statplug.stats.holder import StatHolder
 from statplug.stats.merge import host_reads_free
-from statplug.stats.minmax import extremes_problem
+from statplug.stats.minmax import batch_extremes, extremes_problem
 
 __all__ = ["QuantileNorm", "RunningQuantiles"]
 
@@ -235,24 +235,14 @@ class RunningQuantiles(Stat):
         """Count the rows (those of positive weight: a sketch counts rows, it does not weigh
         them) into their buckets: a few elementwise passes (bucket index from ``log|x|``) and one
         ``scatter_add_`` into the flat bucket counts, with no loop over features."""
-        if weight is None:
-            # amin and amax: each one fast pass (aminmax over dim 0 is ~20x slower); they carry
-            # any NaN or Inf of their column, so they tell whether the batch is finite.
-            lo, hi = rows.amin(0), rows.amax(0)
-            src = torch.ones((), dtype=torch.int64, device=rows.device).expand(rows.shape[0])
-        else:
-            keep = weight.unsqueeze(1) > 0  # left out: +inf for the min, -inf for the max
-            lo = torch.where(keep, rows, math.inf).amin(0)
-            hi = torch.where(keep, rows, -math.inf).amax(0)
-            src = (weight > 0).to(torch.int64)
-        keep_batch = self._nan_check(
-            lambda: ((lo.isfinite() | (lo == math.inf)) & (hi.isfinite() | (hi == -math.inf))).all()
+        lo, hi, keep = batch_extremes(self, rows, weight)
+        src = (
+            torch.ones((), dtype=torch.int64, device=rows.device).expand(rows.shape[0])
+            if weight is None else (weight > 0).to(torch.int64)
         )
-        if keep_batch is not None:
-            lo = torch.where(keep_batch, lo, math.inf)
-            hi = torch.where(keep_batch, hi, -math.inf)
-            n_rows = torch.where(keep_batch, n_rows, 0)
-            src = src * keep_batch
+        if keep is not None:
+            n_rows = torch.where(keep, n_rows, 0)
+            src = src * keep
         slots = self._slots(rows)  # [F, N]
         counts = self.counts.view(self.n_features, self.n_slots)
         counts.scatter_add_(1, slots, src.expand(self.n_features, -1))
