@@ -127,3 +127,26 @@ def test_drifts_are_per_feature_and_scale_free() -> None:
     rescaled = _drifts(first * units, second * units)
     for key, value in got.items():
         assert rescaled[key] == pytest.approx(value, rel=1e-6)
+
+
+def _activation_drift_rows(logger: CSVLogger) -> dict[int, float]:
+    with (Path(logger.log_dir) / "metrics.csv").open() as f:
+        return {
+            int(r["epoch"]): float(r["activations/net.0/drift"])
+            for r in csv.DictReader(f) if r.get("activations/net.0/drift")
+        }
+
+
+def test_activation_drift_survives_a_resume(tmp_path: Path) -> None:
+    def callbacks() -> list:
+        return [ActivationStats(patterns=["net.0"])]
+
+    whole = _activation_drift_rows(_fit(tmp_path / "whole", callbacks(), 3))
+    assert sorted(whole) == [1, 2]
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    _fit(tmp_path / "first", [*callbacks(), saver], 2)
+    resumed = _activation_drift_rows(
+        _fit(tmp_path / "resumed", callbacks(), 3, ckpt=str(tmp_path / "ckpt" / "epoch=1.ckpt"))
+    )
+    assert sorted(resumed) == [2]  # logged at the first log after the resume
+    assert resumed[2] == pytest.approx(whole[2], rel=1e-12, abs=1e-15)

@@ -530,6 +530,7 @@ class ActivationStats(SyncSchedule):
         return {
             "accumulator_dtype": dtype_name(self.accumulator_dtype),
             "layers": layers,
+            "drift": self._drift.state_dict(),  # so drift is logged right after a resume
         }
 
     @override
@@ -543,6 +544,10 @@ class ActivationStats(SyncSchedule):
             return
         self._layers = {}
         self._skipped = set()
+        try:
+            self._drift.load_state_dict(state_dict["drift"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            self._drift.reset()  # an older checkpoint: drifts again from the second log
         for entry in layers:
             layer = self._new_layer(
                 entry["name"], int(entry["feature_dim"]), int(entry["n_features"]), "cpu"
