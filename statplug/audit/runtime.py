@@ -366,7 +366,8 @@ def _same_layout(stats: list[tuple[str, Stat]], group: dist.ProcessGroup | None)
 def _diverged(fps: _StatVector, group: dist.ProcessGroup | None, rtol: float) -> list[bool]:
     """Per entry: does it differ across ranks?"""
     hi, lo = _max_and_min(fps.vector, group)
-    return ((hi - lo) > rtol * torch.maximum(hi.abs(), lo.abs())).tolist()  # type: ignore[no-any-return]
+    differs = (hi - lo) > rtol * torch.maximum(hi.abs(), lo.abs())
+    return [bool(d) for d in differs.tolist()]
 
 
 def _layout_finding(stats: list[tuple[str, Stat]], group: dist.ProcessGroup | None) -> Finding:

@@ -20,7 +20,7 @@ import operator
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -346,7 +346,9 @@ class Stat(PinnedDtypeModule):
                     f"of {w[~(torch.isfinite(w) & (w >= 0))][0].item()!r}; the stat is unchanged"
                 )
         else:
-            self._buffers["_refused"].add_(~valid)  # type: ignore[union-attr]
+            refused = self._buffers["_refused"]
+            assert refused is not None
+            refused.add_(~valid)
             w = torch.where(valid, w, 0.0)
         return w if keep is None else torch.where(keep, w, 0.0)
 
@@ -733,7 +735,7 @@ class StatBatch:
         self._read: dict[str, Tensor] = {}
 
     def buffers(self, name: str) -> list[Tensor]:
-        return [s._buffers[name] for s in self.stats]  # type: ignore[misc]
+        return cast(list[Tensor], [s._buffers[name] for s in self.stats])
 
     def read(self, name: str) -> Tensor:
         """State ``name`` of every stat, flat, in float64."""

@@ -168,7 +168,7 @@ class RunningMoments(Stat):
     def sync_new_data(cls, batch: StatBatch) -> tuple[Moments, Tensor]:
         # The data since the agreed state (n_a, K, m2_a): Chan's merge solved for its second
         # part. mean_b - K = (mean - K) n / n_b, and m2 = m2_a + m2_b + (mean - K)**2 n n_a / n_b.
-        counts = "weight_sum" if batch.stats[0].weighted else "count"  # type: ignore[attr-defined]
+        counts = "weight_sum" if getattr(batch.stats[0], "weighted", False) else "count"
         n = batch.per_element(batch.read(counts), "mean")
         n_a = batch.per_element(batch.agreed(counts), "mean")
         k, mean = batch.agreed("mean"), batch.read("mean")
@@ -180,7 +180,7 @@ class RunningMoments(Stat):
 
     @classmethod
     def sync_absorb(cls, batch: StatBatch, new: Moments) -> None:
-        counts = "weight_sum" if batch.stats[0].weighted else "count"  # type: ignore[attr-defined]
+        counts = "weight_sum" if getattr(batch.stats[0], "weighted", False) else "count"
         n_a = batch.per_element(batch.agreed(counts), "mean")
         merged = chan_merge(n_a, batch.agreed("mean"), batch.agreed("m2"), new.n, new.mean, new.m2)
         batch.write("mean", merged.mean)

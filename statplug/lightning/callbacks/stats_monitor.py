@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -152,7 +152,7 @@ class StatsMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         drift = state_dict.get("drift")
         try:
-            self._drift.load_state_dict(drift)  # type: ignore[arg-type]
+            self._drift.load_state_dict(cast(dict[str, dict[str, list[float]]], drift))
         except (AttributeError, KeyError, TypeError, ValueError):
             rank_zero_warn(
                 "StatsMonitor: the checkpoint's state for this callback holds no readable "
@@ -196,7 +196,7 @@ class StatsMonitor(Callback):
         if self.logging_interval != "step":
             return
         step = trainer.global_step
-        n = self.every_n_steps or int(trainer.log_every_n_steps)  # type: ignore[attr-defined]
+        n = self.every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
         # Once per optimizer step (gradient accumulation runs several batches per step).
         if step == self._last_step_logged or n < 1 or step % n != 0:
             return
