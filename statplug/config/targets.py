@@ -110,12 +110,18 @@ def _package_object(target: str, package: str, *, load: bool = True) -> Any:
 
 def _is_allowed_class(obj: Any, package: str) -> bool:
     module = getattr(obj, "__module__", None) or ""
+    if inspect.isfunction(obj) and module.startswith(_RECIPE_FUNCTIONS):
+        return True  # a recipe's own helper, such as statplug.recipes.padding_mask
     if not (inspect.isclass(obj) and (module == package or module.startswith(package + "."))):
         return False
     base = ALLOWED_PACKAGES[package]
     if base is None:
         return True
     return issubclass(obj, getattr(importlib.import_module(base[0]), base[1]))
+
+
+# Plain functions a stored config may name (as `_partial_` callables): the recipes' own.
+_RECIPE_FUNCTIONS = "statplug.recipes."
 
 
 def is_allowed_target(target: Any) -> bool:
@@ -152,7 +158,9 @@ def _refused(target: Any, *, load: bool) -> bool:
 def allowed_description() -> str:
     """The allowlist in words, for messages."""
     packages = [f"{p}.*" for p in ALLOWED_PACKAGES if p != _PACKAGE]
-    return "statplug's own classes, " + ", ".join([*sorted(ALLOWED_TARGETS), *packages])
+    return "statplug's own classes and recipe functions, " + ", ".join(
+        [*sorted(ALLOWED_TARGETS), *packages]
+    )
 
 
 def iter_all_targets(node: Any, where: str = "") -> Iterator[tuple[str, Any]]:
