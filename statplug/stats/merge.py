@@ -102,7 +102,13 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
         x64 = x.to(torch.float64)
         mean = x64[0] if x.shape[0] == 1 else x64.mean(0)
         d = x64 - mean
-        return Moments(n, mean.to(acc), (d * d).sum(0).to(acc))
+        m2 = (d * d).sum(0)
+        if acc is not torch.float64:
+            return Moments(n, mean.to(acc), m2.to(acc))
+        # Finite means of float32 (or narrower) input give finite float64 squares: one sum
+        # and one host number tell whether the batch held a NaN or Inf.
+        known = x.dtype is not torch.float64 and math.isfinite(float(mean.sum()))
+        return Moments(n, mean, m2, known_finite=known)
     mean, var = _cpu_stats(x)
     # The kernel's column sums carry ~0.35 sqrt(rows) ulps of the mean (measured); the
     # variance inherits that error squared. One host read (free on the CPU) keeps the result

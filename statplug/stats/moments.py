@@ -147,7 +147,8 @@ class RunningMoments(Stat):
             n_a, n_b = float(n), b.n
         else:
             n_a, n_b = n.to(acc), torch.as_tensor(b.n, dtype=acc, device=mean.device)
-        merged = chan_merge(n_a, mean, m2, n_b, b.mean.to(acc), b.m2.to(acc))
+        mean_b, m2_b = (b.mean, b.m2) if b.mean.dtype is acc else (b.mean.to(acc), b.m2.to(acc))
+        merged = chan_merge(n_a, mean, m2, n_b, mean_b, m2_b)
         mean.copy_(merged.mean)
         m2.copy_(merged.m2)
         if self.weighted:
