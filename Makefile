@@ -32,7 +32,10 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/update.py
-	$(PY) benchmarks/sync.py
+	$(PY) benchmarks/rl_step.py
+	$(PY) benchmarks/norm_vs_peers.py
+	# sync.py without --quick syncs one 50M-feature stat: several GB per rank
+	$(PY) benchmarks/sync.py --quick
 	$(PY) benchmarks/fit_overhead.py
 	$(PY) benchmarks/quantiles.py
 
