@@ -10,7 +10,14 @@ import torch
 from dist_utils import run_distributed  # tests/ is on sys.path via its conftest.py
 from torch import nn
 
-from statplug import EMAMoments, RunningMinMax, RunningMoments, RunningNorm, sync_stats
+from statplug import (
+    EMAMoments,
+    RunningMinMax,
+    RunningMoments,
+    RunningNorm,
+    RunningQuantiles,
+    sync_stats,
+)
 
 F64 = torch.float64
 
@@ -204,3 +211,73 @@ def test_masks_and_weights_compile_with_inductor_like_eager() -> None:
         # the float32 kernel's batch mean is good to an ulp of 1e3, which enters Chan's cross
         # term: ~4e-6 of m2 (the compiled path sums in float64)
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-5, msg=name)
+
+
+def _reference(cls: type, rows: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """float64 numpy of what each class holds after one masked/weighted batch (momentum 1)."""
+    kept = rows[w > 0]
+    if cls is RunningMinMax:
+        return {"min": kept.min(0), "max": kept.max(0)}
+    if cls is RunningQuantiles:
+        return {"q": np.quantile(kept, 0.5, axis=0, method="inverted_cdf")}
+    mean = np.average(rows, axis=0, weights=w)
+    var = np.average((rows - mean) ** 2, axis=0, weights=w)
+    return {"mean": mean, "var": var}
+
+
+@pytest.mark.parametrize("cls", [RunningMoments, EMAMoments, RunningMinMax, RunningQuantiles])
+def test_every_class_takes_masks_weights_all_masked_batches_and_zero_weights(cls) -> None:
+    x, mask, _ = _padded(5, [6, 3, 0, 8])  # a sample with no real row at all
+    g = torch.Generator().manual_seed(2)
+    w = torch.randint(0, 3, mask.shape, generator=g).to(F64)  # zero weights included
+    kw: dict = {"momentum": 1.0} if cls is EMAMoments else {}
+    if cls is RunningMoments:
+        kw["weighted"] = True
+    stat = cls(3, accumulator_dtype=F64, **kw)
+    stat.update(x, mask=torch.zeros_like(mask))  # all masked: nothing changes
+    stat.update(x, mask=mask, weight=torch.zeros_like(w))  # all weights zero: nothing either
+    assert int(stat.count) == 0
+    stat.update(x, mask=mask, weight=w)
+    keep = (mask & (w > 0)).numpy()
+    assert int(stat.count) == int(keep.sum())
+    rows = x.numpy()[mask.numpy()]
+    ref = _reference(cls, rows, w.numpy()[mask.numpy()])
+    if cls is RunningQuantiles:
+        got = stat.quantile(0.5).numpy()
+        np.testing.assert_allclose(got, ref["q"], rtol=0.01)  # the sketch's relative accuracy
+        return
+    for name, value in ref.items():
+        np.testing.assert_allclose(getattr(stat, name).double().numpy(), value, rtol=1e-10)
+
+
+def _class_rank(rank: int, world: int, kind: str) -> dict:
+    lengths = [[4, 0, 7], [0, 0, 0], [2, 9, 1]][rank]
+    x, mask, _ = _padded(20 + rank, lengths)
+    stat = {"minmax": RunningMinMax(3, accumulator_dtype=F64),
+            "ema": EMAMoments(3, momentum=1.0, accumulator_dtype=F64),
+            "quantiles": RunningQuantiles(3)}[kind]
+    stat.update(x, mask=mask)
+    sync_stats([stat])
+    return {k: v.clone() for k, v in stat.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["minmax", "ema", "quantiles"])
+def test_masked_sync_of_every_class_across_three_uneven_ranks(kind: str) -> None:
+    results = run_distributed(_class_rank, 3, kind)
+    rows = []
+    for rank in range(3):
+        lengths = [[4, 0, 7], [0, 0, 0], [2, 9, 1]][rank]
+        x, mask, _ = _padded(20 + rank, lengths)
+        rows.append(x[mask].numpy())
+    data = np.concatenate(rows)
+    for res in results:
+        assert int(res["count"]) == len(data)
+        torch.testing.assert_close(res, results[0], rtol=0, atol=0)  # every rank the same
+    if kind == "minmax":
+        np.testing.assert_array_equal(results[0]["min"].numpy(), data.min(0))
+        np.testing.assert_array_equal(results[0]["max"].numpy(), data.max(0))
+    elif kind == "quantiles":  # the sketch of the union, bit for bit
+        single = RunningQuantiles(3)
+        single.update(torch.from_numpy(data))
+        assert torch.equal(results[0]["counts"], single.counts)
