@@ -738,7 +738,8 @@ class StatBatch:
         return cast(list[Tensor], [s._buffers[name] for s in self.stats])
 
     def read(self, name: str) -> Tensor:
-        """State ``name`` of every stat, flat, in float64."""
+        """State ``name`` of every stat, flat, in float64 (for one float64 stat a view of its
+        buffer: read, never write into it)."""
         value = self._read.get(name)
         if value is None:
             value = self._read[name] = flat_cat(self.buffers(name)).to(torch.float64)
@@ -761,7 +762,10 @@ class StatBatch:
 
     def per_element(self, per_stat: Tensor, name: str) -> Tensor:
         """A ``[K]`` value per stat repeated over the elements of state ``name``."""
-        sizes = torch.tensor([b.numel() for b in self.buffers(name)], device=per_stat.device)
+        bufs = self.buffers(name)
+        if len(bufs) == 1:  # one stat: a broadcast view, no copy
+            return per_stat.expand(bufs[0].numel())
+        sizes = torch.tensor([b.numel() for b in bufs], device=per_stat.device)
         return per_stat.repeat_interleave(sizes)
 
     def settle(self) -> None:
@@ -785,4 +789,6 @@ def flat_cat(tensors: list[Tensor]) -> Tensor:
     as they are: a ``reshape`` per tensor costs a microsecond each)."""
     if all(t.dim() == 0 for t in tensors):
         return torch.stack(tensors)
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1)  # a view: one big stat is not copied to be read
     return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors])
