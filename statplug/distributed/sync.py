@@ -37,7 +37,7 @@ from statplug.distributed.layout import (
 )
 from statplug.errors import StatLayoutError, StatplugError
 from statplug.stats.base import Stat, StatBatch, state_lock
-from statplug.stats.merge import Moments
+from statplug.stats.merge import Moments, positive
 
 __all__ = ["SyncReport", "broadcast_stats", "find_stats", "named_stats", "sync_stats"]
 
@@ -46,7 +46,6 @@ _F64 = torch.float64
 _CHUNK = 1 << 23
 # One phase keeps at least 43 of float64's 53 bits of every merged m2 (see design-notes.md).
 _ONE_PHASE_RATIO = 2.0**-10
-_TINY = torch.finfo(_F64).tiny
 
 StatsArg = nn.Module | Mapping[str, Stat] | Iterable[Stat]
 
@@ -262,7 +261,7 @@ def _merge_moments(
             found.append(None)
             continue
         n, s1, s2 = (t.to(part.centre.device) for t in reduced[len(part.sums) :])
-        gk = s1 / n.clamp(min=_TINY)  # g - K: the new data's global mean, about the centre
+        gk = s1 / positive(n)  # g - K: the new data's global mean, about the centre
         m2 = s2 - gk * s1
         kept.append((m2 >= s2 * _ONE_PHASE_RATIO).all())  # False for NaN too
         found.append(Moments(n, part.centre + gk, m2))

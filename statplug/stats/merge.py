@@ -15,7 +15,7 @@ from torch import Tensor
 
 from statplug._compat import is_functorch_wrapped
 
-__all__ = ["GROUP_ROWS", "Moments", "batch_moments", "chan_merge", "host_reads_free"]
+__all__ = ["GROUP_ROWS", "Moments", "batch_moments", "chan_merge", "host_reads_free", "positive"]
 
 # At most this many rows are summed per column in float32 by the CPU kernel: with mean 1e4 and
 # std 1, 65536 rows in one sum give 5e-3 relative variance error, 1024 rows ~1e-4.
@@ -24,7 +24,7 @@ _TINY = torch.finfo(torch.float64).tiny
 # Batches of fewer elements (one observation per step, vectorised environments) take plain
 # two-pass ops on the CPU, which stay on one thread; larger ones the fused kernel.
 SMALL_BATCH = 4096
-# A batch is recomputed in float64 when the kernel's float32 sums may be off by more than this
+# A batch takes a second pass when the kernel's float32 sums may be off by more than half this
 # fraction of a column's variance (measurements: docs/design-notes.md).
 REFINE_TOLERANCE = 1e-3
 
@@ -69,7 +69,7 @@ def chan_merge(
         (3.0, [3.0], [8.0])
     """
     n = n_a + n_b
-    frac = n_b / (_positive(n) if isinstance(n, Tensor) else max(n, _TINY))  # 0 if b is empty
+    frac = n_b / (positive(n) if isinstance(n, Tensor) else max(n, _TINY))  # 0 if b is empty
     d = mean_b - mean_a
     mean = mean_a + d * frac
     m2 = m2_a + m2_b + d * (d * (n_a * frac))  # d * 0 first: no inf * 0 for an empty a
@@ -82,11 +82,11 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
     With ``weight`` (``[n]``, >= 0; rows of weight 0 may hold anything, NaN included) the
     weighted moments. Eager on the CPU small batches take two plain passes in float64, larger
     ones torch's fused batch-norm statistics kernel (one pass; by groups of at most
-    :data:`GROUP_ROWS` rows for float32), and recomputes in float64
-    around a pivot a batch far from 0 against its spread, or whose result is not finite (values
-    near the float32 maximum). Elsewhere
-    -- accelerators, ``torch.compile``, tracing -- one ``var_mean`` in ``acc``, which never
-    overflows for float32 input and has a fake kernel for dynamic shapes.
+    :data:`GROUP_ROWS` rows for float32), with one more pass about the kernel's own mean for a
+    batch far from 0 against its spread, and a float64 recomputation about a pivot for one whose
+    sums overflowed (values near the float32 maximum). Elsewhere -- accelerators,
+    ``torch.compile``, tracing -- one ``var_mean`` in ``acc``, which never overflows for float32
+    input and has a fake kernel for dynamic shapes.
     """
     if weight is not None:
         return _weighted(x, weight, acc)
@@ -114,10 +114,11 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
     # variance inherits that error squared. One host read (free on the CPU) keeps the result
     # when 0.5 sqrt(rows) ulps stay below REFINE_TOLERANCE of every column's variance.
     k = 0.25 * min(x.shape[0], GROUP_ROWS) * torch.finfo(x.dtype).eps ** 2 / REFINE_TOLERANCE
-    lo, hi = torch.aminmax(torch.addcmul(var, mean, mean, value=-k))
+    score = torch.addcmul(var, mean, mean, value=-k)
+    lo, hi = torch.aminmax(score)
     if float(lo) >= 0 and float(hi) < math.inf:  # False for NaN: every column finite and exact
         return Moments(n, mean.to(acc), var.to(acc) * n, known_finite=True)
-    score = torch.addcmul(var, mean, mean, value=-k)  # the rare path: decided per column
+    # The rare path: decided per column (exactly constant columns need no second pass).
     if bool((score.isfinite() & ((score >= 0) | (var == 0))).all()):
         return Moments(n, mean.to(acc), var.to(acc) * n, known_finite=True)
     if not bool(torch.isfinite(x).all()):
@@ -134,8 +135,8 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
     return Moments(n, mean.to(acc), var.to(acc) * n)
 
 
-def _positive(n: Tensor) -> Tensor:
-    """``n``, with 0 raised to the dtype's smallest normal number: ``x / _positive(n)`` is 0,
+def positive(n: Tensor) -> Tensor:
+    """``n``, with 0 raised to the dtype's smallest normal number: ``x / positive(n)`` is 0,
     not NaN, for an empty side (counts and weights are never that small otherwise)."""
     return n.clamp(min=torch.finfo(n.dtype).tiny)
 
@@ -167,10 +168,11 @@ def _cpu_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     main = rows * g
     mean, var = torch.batch_norm_update_stats(x[:main].reshape(rows, g * f), None, None, 0.0)
     means, m2s = mean.view(g, f).double(), var.view(g, f).double() * rows
+    grand = means.mean(0)
     total = Moments(
         torch.tensor(float(main), dtype=torch.float64),
-        means.mean(0),
-        m2s.sum(0) + rows * (means - means.mean(0)).square().sum(0),
+        grand,
+        m2s.sum(0) + rows * (means - grand).square().sum(0),
     )
     if main < n:
         t_mean, t_var = torch.batch_norm_update_stats(x[main:], None, None, 0.0)
@@ -186,6 +188,6 @@ def _weighted(x: Tensor, weight: Tensor, acc: torch.dtype) -> Moments:
     keep = (w > 0).unsqueeze(1)
     xz = torch.where(keep, x.to(acc), 0.0)
     n = w.sum()
-    mean = (w @ xz) / _positive(n)
+    mean = (w @ xz) / positive(n)
     d = torch.where(keep, xz - mean, 0.0)
     return Moments(float(n) if host_reads_free(n) else n, mean, w @ (d * d))

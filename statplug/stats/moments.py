@@ -9,12 +9,11 @@ import torch
 from torch import Tensor
 
 from statplug.stats.base import NanPolicy, Stat, StatBatch, real_number
-from statplug.stats.merge import Moments, batch_moments, chan_merge, host_reads_free
+from statplug.stats.merge import Moments, batch_moments, chan_merge, host_reads_free, positive
 
 __all__ = ["EMAMoments", "RunningMoments"]
 
 _F64 = torch.float64
-_TINY = torch.finfo(_F64).tiny
 
 
 def _dropped(batch: Moments, keep: Tensor | None) -> Moments:
@@ -96,7 +95,7 @@ class RunningMoments(Stat):
         """Population variance (ddof=0; weighted: ``m2`` over the total weight); 0 before the
         first sample."""
         if self.weighted:
-            return self.m2 / self.weight_sum.reshape(()).clamp(min=torch.finfo(_F64).tiny)
+            return self.m2 / positive(self.weight_sum.reshape(()))
         return self.m2 / self.count.clamp(min=1)
 
     @property
@@ -294,7 +293,7 @@ class EMAMoments(Stat):
         r = torch.where(step, m / new_weight.clamp(min=1e-30), 0.0)
         mean, var = self.mean.view(-1), self.var.view(-1)
         mb = torch.where(step, b.mean, mean)  # a left-out batch may hold NaN
-        vb = torch.where(step, b.m2 / n.clamp(min=torch.finfo(n.dtype).tiny), var)
+        vb = torch.where(step, b.m2 / positive(n), var)
         delta = mb - mean
         new_mean = mean + delta * r
         var.copy_(torch.lerp(var, vb + delta * (mb - new_mean), r))
@@ -337,7 +336,7 @@ class EMAMoments(Stat):
         n = torch.as_tensor(merged.n, dtype=_F64)
         ok = n > 0
         acc = self.accumulator_dtype
-        var = merged.m2[1:] / n.clamp(min=1e-300)
+        var = merged.m2[1:] / positive(n)
         self.weight.copy_(torch.where(ok, merged.mean[:1].to(acc), self.weight))
         self.mean.view(-1).copy_(torch.where(ok, merged.mean[1:].to(acc), self.mean.view(-1)))
         self.var.view(-1).copy_(torch.where(ok, var.to(acc), self.var.view(-1)))
@@ -367,5 +366,5 @@ class EMAMoments(Stat):
         ok = n > 0  # elements of stats no rank added to keep their value
         batch.write("weight", torch.where(ok[:k], new.mean[:k], batch.read("weight")))
         batch.write("mean", torch.where(ok[k:], new.mean[k:], batch.read("mean")))
-        var = new.m2[k:] / n[k:].clamp(min=_TINY)
+        var = new.m2[k:] / positive(n[k:])
         batch.write("var", torch.where(ok[k:], var, batch.read("var")))
