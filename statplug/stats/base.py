@@ -195,6 +195,7 @@ class Stat(PinnedDtypeModule):
         self.n_features = math.prod(self.shape)
         self._device = _device_arg(device, name)
         self._reduces: dict[str, str | None] = {}
+        self._state_names: tuple[str, ...] = ()
         self._defaults: dict[str, Tensor] = {}  # what reset() fills each state with
         # Frozen-ness is configuration, like `training` (an update returns without touching the
         # device), and saved in `frozen_flag`, which every load reads back.
@@ -240,6 +241,7 @@ class Stat(PinnedDtypeModule):
         on_device = default.to(self._device or torch.get_default_device())
         self.register_buffer(name, on_device, persistent=persistent)
         self._reduces[name] = reduce
+        self._state_names = tuple(n for n, r in self._reduces.items() if r is not None)
         # What reset() fills in: the default's first value, kept as a 0-dim CPU tensor (no
         # host read here: stats are also built inside forward hooks on accelerators).
         self._defaults[name] = default.reshape(-1)[0].clone() if default.numel() else default.sum()
@@ -249,11 +251,22 @@ class Stat(PinnedDtypeModule):
     @property
     def state_names(self) -> tuple[str, ...]:
         """Names of the declared state buffers that sync."""
-        return tuple(n for n, r in self._reduces.items() if r is not None)
+        return self._state_names
 
     def agreed_names(self) -> list[str]:
         """Names of the declared states that keep an agreed copy."""
         return [n for n in self._reduces if AGREED + n in self._buffers]
+
+    def state_tensors(self) -> tuple[Tensor, ...]:
+        """The declared state buffers that sync (see :attr:`state_names`), in order."""
+        bufs = self._buffers
+        return tuple(cast(Tensor, bufs[n]) for n in self.state_names)
+
+    def flat(self, name: str) -> Tensor:
+        """State ``name`` as a flat tensor sharing its memory (the buffer itself when 1-D)."""
+        buf = self._buffers[name]
+        assert buf is not None
+        return buf if buf.dim() == 1 else buf.view(-1)
 
     def agreed(self, name: str) -> Tensor:
         """The agreed copy of state ``name`` (what every rank held at the last sync or load)."""
@@ -278,7 +291,7 @@ class Stat(PinnedDtypeModule):
             x = x.to(self.accumulator_dtype)
         elif x.dtype not in _ACCUMULATOR_DTYPES:  # float16, bfloat16, float8: no kernels
             x = x.float()
-        rows = x.reshape(-1, self.n_features)
+        rows = x if x.dim() == 2 and len(self.shape) == 1 else x.reshape(-1, self.n_features)
         if w is not None and w.dtype is torch.bool and host_reads_free(w):
             rows = rows[w]  # on the CPU a mask selects its rows (one copy, no weights)
             return (rows, None) if rows.shape[0] else None
@@ -445,7 +458,7 @@ class Stat(PinnedDtypeModule):
         if got is None:
             return
         rows, w = got
-        with state_lock(), torch.no_grad():
+        with state_lock():  # no graph is built: the rows are detached, buffers need no grad
             rows, w = self._skip(rows, w)
             if rows.shape[0]:  # every row skipped: nothing to merge
                 self._absorb(rows, w, self._rows_counted(rows, w))

@@ -15,18 +15,29 @@ from torch import Tensor
 
 from statplug._compat import is_functorch_wrapped
 
-__all__ = ["GROUP_ROWS", "Moments", "batch_moments", "chan_merge", "host_reads_free", "positive"]
+__all__ = [
+    "GROUP_ROWS",
+    "NO_SPREAD",
+    "Moments",
+    "batch_moments",
+    "chan_merge",
+    "host_reads_free",
+    "positive",
+]
 
 # At most this many rows are summed per column in float32 by the CPU kernel: with mean 1e4 and
 # std 1, 65536 rows in one sum give 5e-3 relative variance error, 1024 rows ~1e-4.
 GROUP_ROWS = 1024
-_TINY = torch.finfo(torch.float64).tiny
-# Batches of fewer elements (one observation per step, vectorised environments) take plain
-# two-pass ops on the CPU, which stay on one thread; larger ones the fused kernel.
+_F64 = torch.float64
+_TINY = torch.finfo(_F64).tiny
+# Batches of at most this many elements (one observation per step, vectorised environments)
+# take plain two-pass ops on the CPU, which stay on one thread; larger ones the fused kernel.
 SMALL_BATCH = 4096
 # A batch takes a second pass when the kernel's float32 sums may be off by more than half this
 # fraction of a column's variance (measurements: docs/design-notes.md).
 REFINE_TOLERANCE = 1e-3
+# The m2 of a single sample (0): a merge with it skips adding it. Never written.
+NO_SPREAD = torch.zeros((), dtype=_F64, device="cpu")
 
 
 @dataclass
@@ -54,12 +65,16 @@ def chan_merge(
     n_b: Tensor | float,
     mean_b: Tensor,
     m2_b: Tensor,
+    *,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> Moments:
     """Chan et al.'s exact merge of two sets of moments (``n``: floating tensors, 0-dim or per
-    element, or Python numbers -- the CPU's one-observation-per-step path, where that saves
-    half the small ops).
+    element, or Python numbers where the host knows them; ``m2_b`` may be :data:`NO_SPREAD`,
+    the m2 of one sample).
 
     Either side may be empty (``n == 0``): the result is then the other side, bit for bit.
+    With ``out=(mean, m2)`` the merged mean and m2 are written into those tensors (a stat's own
+    buffers, usually ``mean_a`` and ``m2_a``: the merge then allocates no state-sized result).
 
     Example:
         >>> import torch
@@ -71,13 +86,20 @@ def chan_merge(
     n = n_a + n_b
     frac = n_b / (positive(n) if isinstance(n, Tensor) else max(n, _TINY))  # 0 if b is empty
     d = mean_b - mean_a
-    mean = mean_a + d * frac
-    m2 = m2_a + m2_b + d * (d * (n_a * frac))  # d * 0 first: no inf * 0 for an empty a
+    mean_out, m2_out = (None, None) if out is None else out
+    m2_ab = m2_a if m2_b is NO_SPREAD else m2_a + m2_b
+    if isinstance(frac, Tensor):
+        mean = torch.addcmul(mean_a, d, frac, out=mean_out)
+        m2 = torch.addcmul(m2_ab, d, d * (n_a * frac), out=m2_out)  # d * 0 first: no inf * 0
+    else:  # host numbers: the factors are computed on the host, fewer tensor calls
+        mean = torch.add(mean_a, d, alpha=frac, out=mean_out)
+        m2 = torch.addcmul(m2_ab, d, d, value=float(n_a) * frac, out=m2_out)  # (value * d) * d
     return Moments(n, mean, m2)
 
 
 def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> Moments:
-    """The moments of the rows of ``x`` (``[n, F]``, float), in the accumulator dtype ``acc``.
+    """The moments of the rows of ``x`` (``[n, F]``, float), in the accumulator dtype ``acc``
+    or wider (a merge into ``acc`` state casts).
 
     With ``weight`` (``[n]``, >= 0; rows of weight 0 may hold anything, NaN included) the
     weighted moments. Eager on the CPU small batches take two plain passes in float64, larger
@@ -96,17 +118,22 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
         v, m = torch.var_mean(x.to(acc), dim=0, correction=0)
         return Moments(rows, m, v * rows)
     n = float(x.shape[0])
-    if x.numel() < SMALL_BATCH:
+    if x.shape[0] == 1:  # one sample (one observation per step): its own mean, no spread
+        row = x[0]
+        # A finite sum means finite values; one that overflowed is checked element-wise.
+        known = math.isfinite(float(row.sum())) or bool(row.isfinite().all())
+        return Moments(1.0, row, NO_SPREAD, known_finite=known)
+    # float32 (or narrower) values have finite float64 sums and squares: one float64 sum and
+    # one host number tell whether such a small batch held a NaN or Inf.
+    if x.numel() <= SMALL_BATCH:
         # Two passes in float64: exact, and single-threaded (the kernel wakes the intra-op
-        # pool even for one row: 0.4 ms for 1x4 on a busy 2-core machine).
-        x64 = x.to(torch.float64)
-        mean = x64[0] if x.shape[0] == 1 else x64.mean(0)
+        # pool even for a few rows: 0.4 ms for 64x4 on a busy 2-core machine).
+        x64 = x.to(_F64)
+        mean = x64.mean(0)
         d = x64 - mean
         m2 = (d * d).sum(0)
-        if acc is not torch.float64:
+        if acc is not _F64:  # float32 state: finite in float64 may overflow there
             return Moments(n, mean.to(acc), m2.to(acc))
-        # Finite means of float32 (or narrower) input give finite float64 squares: one sum
-        # and one host number tell whether the batch held a NaN or Inf.
         known = x.dtype is not torch.float64 and math.isfinite(float(mean.sum()))
         return Moments(n, mean, m2, known_finite=known)
     mean, var = _cpu_stats(x)
@@ -117,7 +144,7 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
     score = torch.addcmul(var, mean, mean, value=-k)
     lo, hi = torch.aminmax(score)
     if float(lo) >= 0 and float(hi) < math.inf:  # False for NaN: every column finite and exact
-        return Moments(n, mean.to(acc), var.to(acc) * n, known_finite=True)
+        return Moments(n, mean, var.to(acc) * n, known_finite=True)
     # The rare path: decided per column (exactly constant columns need no second pass).
     if bool((score.isfinite() & ((score >= 0) | (var == 0))).all()):
         return Moments(n, mean.to(acc), var.to(acc) * n, known_finite=True)

@@ -132,26 +132,22 @@ class RunningMoments(Stat):
 
     def _n(self) -> Tensor:
         """The samples behind the moments: ``count``, or ``weight_sum`` when weighted."""
-        return self.weight_sum.reshape(()) if self.weighted else self.count
+        return self.weight_sum if self.weighted else self.count
 
     def _merge_moments(self, b: Moments, n_rows: Tensor | int) -> None:
         """Chan's merge of the batch moments ``b`` (of ``n_rows`` rows) into the state."""
-        acc = self.accumulator_dtype
-        n = self._n()
-        mean, m2 = self.mean.view(-1), self.m2.view(-1)
-        n_a: Tensor | float
-        n_b: Tensor | float
-        if isinstance(b.n, float) and host_reads_free(n):
-            # On the CPU both counts are host numbers (a memory read): half the merge's ops.
-            n_a, n_b = float(n), b.n
-        else:
-            n_a, n_b = n.to(acc), torch.as_tensor(b.n, dtype=acc, device=mean.device)
-        mean_b, m2_b = (b.mean, b.m2) if b.mean.dtype is acc else (b.mean.to(acc), b.m2.to(acc))
-        merged = chan_merge(n_a, mean, m2, n_b, mean_b, m2_b)
-        mean.copy_(merged.mean)
-        m2.copy_(merged.m2)
+        n, mean, m2 = self._n(), self.flat("mean"), self.flat("m2")
+        # On the CPU both counts are host numbers: fewer tensor calls.
+        host = isinstance(b.n, float) and host_reads_free(n)
+        n_a = float(n) if host else n.to(self.accumulator_dtype)
+        # On the host the merge writes the buffers itself; elsewhere (vmap takes no `out=`)
+        # its result is copied in.
+        merged = chan_merge(n_a, mean, m2, b.n, b.mean, b.m2, out=(mean, m2) if host else None)
+        if not host:
+            mean.copy_(merged.mean)
+            m2.copy_(merged.m2)
         if self.weighted:
-            self.weight_sum.add_(n_b)
+            self.weight_sum.add_(b.n)
         self.count.add_(n_rows)
 
     def _merge_from(self, other: Any) -> None:
@@ -285,15 +281,16 @@ class EMAMoments(Stat):
         """One EMA step with the batch."""
         b = batch_moments(rows, self.accumulator_dtype, weight)
         keep = self._nan_check(b.finite)
-        n = torch.as_tensor(b.n, dtype=b.mean.dtype, device=b.mean.device)
+        acc = self.accumulator_dtype
+        n = torch.as_tensor(b.n, dtype=acc, device=b.mean.device)
         # A batch left out, or whose rows were all masked or skipped, is no step at all.
         step = n > 0 if keep is None else keep & (n > 0)
         m = self.momentum
         new_weight = torch.where(step, self.weight * (1.0 - m) + m, self.weight)
         r = torch.where(step, m / new_weight.clamp(min=1e-30), 0.0)
         mean, var = self.mean.view(-1), self.var.view(-1)
-        mb = torch.where(step, b.mean, mean)  # a left-out batch may hold NaN
-        vb = torch.where(step, b.m2 / positive(n), var)
+        mb = torch.where(step, b.mean.to(acc), mean)  # a left-out batch may hold NaN
+        vb = torch.where(step, b.m2.to(acc) / positive(n), var)
         delta = mb - mean
         new_mean = mean + delta * r
         var.copy_(torch.lerp(var, vb + delta * (mb - new_mean), r))

@@ -11,15 +11,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from statplug._compat import tensor_versions
 from statplug.stats.base import NanPolicy, real_number
 from statplug.stats.holder import StatHolder
-from statplug.stats.merge import SMALL_BATCH, host_reads_free
+from statplug.stats.merge import host_reads_free
 from statplug.stats.moments import RunningMoments
 
 __all__ = ["RunningNorm"]
 
 _FINITE_MAX = sys.float_info.max
 _EPS_ON = ("var", "std")
+# torch's grain size: elementwise ops on at most this many elements run on one thread.
+_PLAIN_OPS = 32768
 
 
 class RunningNorm(StatHolder):
@@ -62,8 +65,9 @@ class RunningNorm(StatHolder):
 
     _version = 1
     _held = "moments"
-    # Host-side constants, never state: `fixed`'s (mean, m2) kept to survive reset_parameters().
-    _statplug_unregistered_ok = ("_fixed",)
+    # Host-side constants, never state: `fixed`'s (mean, m2) kept to survive reset_parameters();
+    # the eval-mode parameters of the current statistics, recomputed when those change.
+    _statplug_unregistered_ok = ("_fixed", "_eval_cache")
 
     def __init__(
         self,
@@ -91,6 +95,9 @@ class RunningNorm(StatHolder):
         # (mean, m2) of a normaliser built by `fixed`: configuration, like eps, that
         # reset_parameters() restores (kept off the device: to_empty() would leave garbage).
         self._fixed: tuple[Tensor, Tensor] | None = None
+        self._eval_cache: tuple[tuple[object, ...], tuple[Tensor, Tensor, bool], object] | None = (
+            None
+        )
         self.moments = RunningMoments(
             shape, accumulator_dtype=accumulator_dtype, nan_policy=nan_policy,
             weighted=weighted, device=device,
@@ -273,9 +280,10 @@ class RunningNorm(StatHolder):
                 f"({linear.in_features},), the in_features of `linear`; fold into a Linear that "
                 f"takes the normalised features"
             )
-        shift, scale, _ = self._affine(torch.float64)
+        shift, scale, _ = self._affine()
         with torch.no_grad():
-            scale, shift = scale.to(linear.weight.device), shift.to(linear.weight.device)
+            scale = scale.to(linear.weight.device, torch.float64)
+            shift = shift.to(linear.weight.device, torch.float64)
             weight = linear.weight.detach().to(torch.float64) * scale
             bias = -(weight @ shift)
             if linear.bias is not None:
@@ -314,22 +322,22 @@ class RunningNorm(StatHolder):
     def std(self) -> Tensor:
         return self.moments.std
 
-    def _affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool | Tensor]:
-        """``(shift, scale)`` in ``dtype`` with ``y = (x - shift) * scale``, and whether two
-        samples were seen (the identity before: shift 0, scale 1), decided on the host when
-        that is free and on the device otherwise. ``scale`` is ``1 / sqrt(var + eps)`` (``1 /
-        (std + eps)`` with ``eps_on="std"``), and 0 where that is infinite: a constant feature
-        with ``eps=0`` maps to 0, not NaN."""
+    def _affine(self) -> tuple[Tensor, Tensor, bool | Tensor]:
+        """``(shift, scale)`` in the accumulator dtype with ``y = (x - shift) * scale``, and
+        whether two samples were seen (the identity before: shift 0, scale 1), decided on the
+        host when that is free and on the device otherwise. ``scale`` is ``1 / sqrt(var + eps)``
+        (``1 / (std + eps)`` with ``eps_on="std"``), and 0 where that is infinite: a constant
+        feature with ``eps=0`` maps to 0, not NaN. ``shift`` may be the ``mean`` buffer itself:
+        copy it before autograd can save it."""
         m = self.moments
         m._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise, never use them
-        count = m.count
-        on_host = host_reads_free(count)
+        mean, m2, n, count = m.flat("mean"), m.flat("m2"), m._n(), m.count
+        on_host = host_reads_free(n)
         ready: bool | Tensor = int(count) >= 2 if on_host else count >= 2
         if ready is False:
-            ones = torch.ones(m.n_features, dtype=dtype, device=count.device)
+            ones = torch.ones(m.n_features, dtype=mean.dtype, device=mean.device)
             return ones * 0, ones, False
-        n = m._n()
-        mean, var = m.mean.reshape(-1), m.m2.reshape(-1) / (float(n) if on_host else n)
+        var = m2 / (float(n) if on_host else n)  # n > 0 once ready
         if self.eps_on == "var":
             scale = (var + self.eps).rsqrt()
         else:
@@ -339,12 +347,7 @@ class RunningNorm(StatHolder):
         if isinstance(ready, Tensor):
             mean = torch.where(ready, mean, 0.0)
             scale = torch.where(ready, scale, 1.0)
-        # Fresh tensors: autograd may save them, never the buffers the next update writes.
-        return mean.to(dtype, copy=True), scale.to(dtype), ready
-
-    @property
-    def _kernel_eps(self) -> float:
-        return self.eps if self.eps_on == "var" else 0.0
+        return mean, scale, ready
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, weight: Tensor | None = None
@@ -362,21 +365,43 @@ class RunningNorm(StatHolder):
         if self.training:
             m.update(x, mask, weight)
         work = x if x.is_floating_point() else x.to(m.accumulator_dtype)
-        # float16/bfloat16 inputs normalise with float32 statistics (the kernel's mixed mode).
-        low = work.dtype in (torch.float16, torch.bfloat16)
-        shift, scale, ready = self._affine(torch.float32 if low else work.dtype)
-        rows = work.reshape(-1, m.n_features)
-        if host_reads_free(rows) and rows.numel() < SMALL_BATCH:
-            # Plain ops: the kernel wakes the intra-op pool even for one row (see merge.py).
-            y = ((rows - shift) * scale).to(rows.dtype)
+        rows = work if work.dim() == 2 and len(m.shape) == 1 else work.reshape(-1, m.n_features)
+        # In the input's dtype (float32 for float16/bfloat16: the kernel's mixed mode).
+        dtype = torch.float32 if work.dtype in (torch.float16, torch.bfloat16) else work.dtype
+        shift, scale, ready = self._params(dtype)
+        if host_reads_free(rows) and rows.numel() <= _PLAIN_OPS:
+            # Plain ops: they stay on one thread, where the kernel wakes the intra-op pool even
+            # for one row (see merge.py), and cost less up to about this size.
+            y = ((rows - shift) * scale).to(work.dtype)
         else:  # BatchNorm's inference kernel: (x - shift) / sqrt(1 + 0) * scale
             y = torch.batch_norm(rows, scale, None, shift, torch.ones_like(scale), False, 0.0,
                                  0.0, False)
-        return self._clipped(y.view(work.shape), ready)
+        return self._clipped(y if y.shape == work.shape else y.view(work.shape), ready)
+
+    def _params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool | Tensor]:
+        """:meth:`_affine` in ``dtype``, as fresh tensors (autograd may save them, never the
+        buffers the next update writes). In eval mode on the CPU they are kept and reused while
+        the statistics' buffers are the same tensors at the same version (an eval forward is
+        then one kernel, as ``nn.BatchNorm``'s is); a write through ``buffer.data`` is not
+        seen: call :meth:`reset` or load a state instead."""
+        m = self.moments
+        key: tuple[object, ...] | None = None
+        if not self.training and host_reads_free(m.count):
+            state = m.state_tensors()
+            key = (dtype, self.eps, self.eps_on, tensor_versions(state))
+            cached = self._eval_cache
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        shift, scale, ready = self._affine()
+        params = shift.to(dtype, copy=True), scale.to(dtype), ready
+        if key is not None and not isinstance(ready, Tensor):
+            # The state is kept with the key, so that no new tensor can take its ids.
+            self._eval_cache = (key, (params[0], params[1], ready), state)
+        return params
 
     def inverse(self, y: Tensor) -> Tensor:
         """Undo :meth:`forward` (up to clipping): ``x = y * sqrt(var + eps) + mean``."""
-        shift, scale, _ = self._affine(self.moments.accumulator_dtype)
+        shift, scale, _ = self._affine()
         std = torch.where(scale > 0, scale.reciprocal(), 0.0)
         out = y.to(shift.dtype) * std + shift
         return out.to(y.dtype) if y.is_floating_point() else out
