@@ -140,6 +140,10 @@ class StateSummary:
     scalars: dict[str, float]
 
 
+class _NotFinite(Exception):
+    """A batch whose statistics are not finite, under the skip policy on the host."""
+
+
 class Stat(PinnedDtypeModule):
     """Base class of every running statistic.
 
@@ -366,23 +370,17 @@ class Stat(PinnedDtypeModule):
         return w if keep is None else torch.where(keep, w, 0.0)
 
     def _skip(self, rows: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """The rows and weights with the skip policy applied: a row holding a non-finite value
-        is dropped and counted in ``n_skipped`` (rows a mask or weight already left out are
-        not). On the CPU the rows are selected (and a clean batch passes untouched); elsewhere
-        such rows get weight 0, decided on the device."""
-        if self.nan_policy != "skip":
-            return rows, weight
-        if host_reads_free(rows) and bool(rows.sum(dim=1).isfinite().all()):
-            return rows, weight  # one pass: a NaN or Inf makes its row's sum non-finite
-        # Some row's sum is not finite (or we are on a device): decided element by element.
+        """The rows and weights without the rows holding a NaN or Inf, which are counted in
+        ``n_skipped`` (rows a mask or weight already left out are not): selected on the CPU,
+        given weight 0 elsewhere (decided on the device)."""
         keep = torch.isfinite(rows).all(dim=1)
         if weight is not None:
             self.n_skipped.add_(((weight > 0) & ~keep).sum())
             return rows, torch.where(keep, weight, 0.0)
-        dropped = rows.shape[0] - keep.sum()
-        self.n_skipped.add_(dropped)
         if host_reads_free(rows):
-            return (rows, None) if int(dropped) == 0 else (rows[keep], None)
+            self.n_skipped.add_(rows.shape[0] - int(keep.sum()))
+            return rows[keep], None
+        self.n_skipped.add_(rows.shape[0] - keep.sum())
         return rows, keep.to(rows.dtype)
 
     @staticmethod
@@ -391,14 +389,21 @@ class Stat(PinnedDtypeModule):
         return rows.shape[0] if weight is None else (weight > 0).sum()
 
     def _nan_check(self, finite: Callable[[], Tensor | bool]) -> Tensor | None:
-        """Apply the raise policy to a batch whose statistics are ``finite()`` (a 0-dim bool
-        tensor, asked only under this policy). On the CPU: raise now. Elsewhere: count the batch
-        in ``_refused`` and return the flag, which the caller uses to leave the batch out.
-        None: nothing to leave out."""
-        if self.nan_policy != "raise":
+        """Apply the nan policy to a batch whose statistics are ``finite()`` (True, or a 0-dim
+        bool tensor; not asked under "propagate"). Raise policy on the CPU: raise now;
+        elsewhere: count the batch in ``_refused`` and return the flag, which the caller uses to
+        leave the batch out. Skip policy on the CPU: signal :meth:`update` to drop the bad rows
+        and try again (elsewhere they were given weight 0 before). None: nothing to leave out.
+        Every ``_absorb`` calls it before it writes any state."""
+        if self.nan_policy == "propagate":
             return None
         refused = self._buffers["_refused"]
         assert refused is not None
+        if self.nan_policy == "skip":
+            # On the host the skip policy looks for bad rows only in a batch found not finite.
+            if host_reads_free(refused) and not bool(finite()):
+                raise _NotFinite
+            return None
         ok = finite()
         if ok is True:
             return None
@@ -459,9 +464,17 @@ class Stat(PinnedDtypeModule):
             return
         rows, w = got
         with state_lock():  # no graph is built: the rows are detached, buffers need no grad
-            rows, w = self._skip(rows, w)
-            if rows.shape[0]:  # every row skipped: nothing to merge
+            if self.nan_policy == "skip" and not host_reads_free(rows):
+                rows, w = self._skip(rows, w)
+            try:
                 self._absorb(rows, w, self._rows_counted(rows, w))
+            except _NotFinite:  # the skip policy on the host, for a batch with a NaN or Inf
+                rows, w = self._skip(rows, w)
+                if rows.shape[0]:  # every row skipped: nothing to merge
+                    try:
+                        self._absorb(rows, w, self._rows_counted(rows, w))
+                    except _NotFinite:  # finite rows whose statistics overflow the state
+                        self._raise_non_finite(1)
 
     def _absorb(self, rows: Tensor, weight: Tensor | None, n_rows: Tensor | int) -> None:
         """Merge the ``[n, F]`` ``rows`` (``n_rows`` of positive ``weight``) into the state."""
