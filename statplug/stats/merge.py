@@ -136,30 +136,30 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
             return Moments(n, mean.to(acc), m2.to(acc))
         known = x.dtype is not torch.float64 and math.isfinite(float(mean.sum()))
         return Moments(n, mean, m2, known_finite=known)
-    mean, var = _cpu_stats(x)
+    mean, m2 = _cpu_stats(x)
     # The kernel's column sums carry ~0.35 sqrt(rows) ulps of the mean (measured); the
     # variance inherits that error squared. One host read (free on the CPU) keeps the result
     # when 0.5 sqrt(rows) ulps stay below REFINE_TOLERANCE of every column's variance.
     k = 0.25 * min(x.shape[0], GROUP_ROWS) * torch.finfo(x.dtype).eps ** 2 / REFINE_TOLERANCE
-    score = torch.addcmul(var, mean, mean, value=-k)
+    score = torch.addcmul(m2, mean, mean, value=-k * n)  # n (var - k mean**2)
     lo, hi = torch.aminmax(score)
     if float(lo) >= 0 and float(hi) < math.inf:  # False for NaN: every column finite and exact
-        return Moments(n, mean, var.to(acc) * n, known_finite=True)
+        return Moments(n, mean, m2, known_finite=True)
     # The rare path: decided per column (exactly constant columns need no second pass).
-    if bool((score.isfinite() & ((score >= 0) | (var == 0))).all()):
-        return Moments(n, mean.to(acc), var.to(acc) * n, known_finite=True)
+    if bool((score.isfinite() & ((score >= 0) | (m2 == 0))).all()):
+        return Moments(n, mean, m2, known_finite=True)
     if not bool(torch.isfinite(x).all()):
-        return Moments(n, mean.to(acc), var.to(acc) * n)  # NaN/Inf: the nan policy decides
+        return Moments(n, mean, m2)  # NaN/Inf: the nan policy decides
     if bool(mean.isfinite().all()):
         # Data far from 0 against their spread: one more pass about the kernel's own mean (in
         # the input's dtype x - mean is exact for x within a factor 2 of it, Sterbenz).
-        d_mean, var = _cpu_stats(x - mean.to(x.dtype))
+        d_mean, m2 = _cpu_stats(x - mean.to(x.dtype))
         mean = mean.double() + d_mean.double()
     else:  # sums that overflowed (values near the float32 maximum): float64 about a pivot
-        pivot = x[0].to(torch.float64)
-        d_mean, var = _cpu_stats(x.to(torch.float64) - pivot)
+        pivot = x[0].to(_F64)
+        d_mean, m2 = _cpu_stats(x.to(_F64) - pivot)
         mean = d_mean + pivot
-    return Moments(n, mean.to(acc), var.to(acc) * n)
+    return Moments(n, mean, m2)
 
 
 def positive(n: Tensor) -> Tensor:
@@ -182,30 +182,28 @@ def host_reads_free(t: Tensor) -> bool:
 
 
 def _cpu_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Column mean and population variance by torch's fused kernel; float32 batches larger
-    than :data:`GROUP_ROWS` are reduced as interleaved groups (one pass over memory) and the
-    groups combined in float64."""
+    """Column mean (in ``x``'s dtype or float64) and float64 m2 by torch's fused kernel;
+    float32 batches larger than :data:`GROUP_ROWS` are reduced as interleaved groups (one pass
+    over memory), the groups combined in float64."""
     n, f = x.shape
-    if n <= GROUP_ROWS or x.dtype is torch.float64:
-        return torch.batch_norm_update_stats(x, None, None, 0.0)
+    if n <= GROUP_ROWS or x.dtype is _F64:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        return mean, var.to(_F64) * n
     g = 1
     while n // g > GROUP_ROWS:
         g *= 2
     rows = n // g
     main = rows * g
     mean, var = torch.batch_norm_update_stats(x[:main].reshape(rows, g * f), None, None, 0.0)
-    means, m2s = mean.view(g, f).double(), var.view(g, f).double() * rows
-    grand = means.mean(0)
-    total = Moments(
-        torch.tensor(float(main), dtype=torch.float64),
-        grand,
-        m2s.sum(0) + rows * (means - grand).square().sum(0),
-    )
-    if main < n:
-        t_mean, t_var = torch.batch_norm_update_stats(x[main:], None, None, 0.0)
-        k = torch.tensor(float(n - main), dtype=torch.float64)
-        total = chan_merge(total.n, total.mean, total.m2, k, t_mean.double(), t_var.double() * k)
-    return total.mean, total.m2 / n
+    means = mean.view(g, f)
+    grand = means.mean(0, dtype=_F64)
+    d = means - grand
+    m2 = (var.view(g, f).sum(0, dtype=_F64) + (d * d).sum(0)) * rows
+    if main == n:
+        return grand, m2
+    t_mean, t_m2 = _cpu_stats(x[main:])
+    total = chan_merge(float(main), grand, m2, float(n - main), t_mean, t_m2)
+    return total.mean, total.m2
 
 
 def _weighted(x: Tensor, weight: Tensor, acc: torch.dtype) -> Moments:
