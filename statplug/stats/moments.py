@@ -132,7 +132,7 @@ class RunningMoments(Stat):
 
     def _n(self) -> Tensor:
         """The samples behind the moments: ``count``, or ``weight_sum`` when weighted."""
-        return self.weight_sum if self.weighted else self.count
+        return self.state("weight_sum" if self.weighted else "count")
 
     def _merge_moments(self, b: Moments, n_rows: Tensor | int) -> None:
         """Chan's merge of the batch moments ``b`` (of ``n_rows`` rows) into the state."""
@@ -147,8 +147,8 @@ class RunningMoments(Stat):
             mean.copy_(merged.mean)
             m2.copy_(merged.m2)
         if self.weighted:
-            self.weight_sum.add_(b.n)
-        self.count.add_(n_rows)
+            self.state("weight_sum").add_(b.n)
+        self.state("count").add_(n_rows)
 
     def _merge_from(self, other: Any) -> None:
         if other.weighted != self.weighted:

@@ -331,7 +331,7 @@ class RunningNorm(StatHolder):
         copy it before autograd can save it."""
         m = self.moments
         m._check_pinned_dtypes()  # a wrapper's `buffer.data` cast: raise, never use them
-        mean, m2, n, count = m.flat("mean"), m.flat("m2"), m._n(), m.count
+        mean, m2, n, count = m.flat("mean"), m.flat("m2"), m._n(), m.state("count")
         on_host = host_reads_free(n)
         ready: bool | Tensor = int(count) >= 2 if on_host else count >= 2
         if ready is False:
@@ -386,7 +386,7 @@ class RunningNorm(StatHolder):
         seen: call :meth:`reset` or load a state instead."""
         m = self.moments
         key: tuple[object, ...] | None = None
-        if not self.training and host_reads_free(m.count):
+        if not self.training and host_reads_free(m.state("count")):
             state = m.state_tensors()
             key = (dtype, self.eps, self.eps_on, tensor_versions(state))
             cached = self._eval_cache
