@@ -7,6 +7,7 @@ the only file to read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,9 +74,8 @@ def fsdp_ignored_buffer_names(fsdp: nn.Module) -> set[str] | None:
     return ignored if isinstance(ignored, set) else None
 
 
-def is_functorch_wrapped(t: Tensor) -> bool:
-    """Whether ``t`` is a functorch (vmap/grad) wrapper: ``torch._C._functorch``, 2.4-2.13."""
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+# Whether a tensor is a functorch (vmap/grad) wrapper: ``torch._C._functorch``, 2.4-2.13.
+is_functorch_wrapped: Callable[[Tensor], bool] = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def lightning_batches_that_stepped(trainer: Any) -> int:

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from statplug._compat import is_functorch_wrapped
 from statplug.stats.base import NanPolicy, Stat, StatBatch, real_number
-from statplug.stats.merge import Moments, batch_moments, chan_merge, host_reads_free, positive
+from statplug.stats.merge import Moments, batch_moments, chan_merge, positive
 
 __all__ = ["EMAMoments", "RunningMoments"]
 
@@ -137,8 +138,9 @@ class RunningMoments(Stat):
     def _merge_moments(self, b: Moments, n_rows: Tensor | int) -> None:
         """Chan's merge of the batch moments ``b`` (of ``n_rows`` rows) into the state."""
         n, mean, m2 = self._n(), self.flat("mean"), self.flat("m2")
-        # On the CPU both counts are host numbers: fewer tensor calls.
-        host = isinstance(b.n, float) and host_reads_free(n)
+        # On the CPU both counts are host numbers: fewer tensor calls (a batch counted on the
+        # host has a host count; the state's may still be a vmap wrapper).
+        host = isinstance(b.n, float) and not is_functorch_wrapped(n)
         n_a = float(n) if host else n.to(self.accumulator_dtype)
         # On the host the merge writes the buffers itself; elsewhere (vmap takes no `out=`)
         # its result is copied in.

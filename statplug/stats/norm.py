@@ -369,7 +369,7 @@ class RunningNorm(StatHolder):
         # In the input's dtype (float32 for float16/bfloat16: the kernel's mixed mode).
         dtype = torch.float32 if work.dtype in (torch.float16, torch.bfloat16) else work.dtype
         shift, scale, ready = self._params(dtype)
-        if host_reads_free(rows) and rows.numel() <= _PLAIN_OPS:
+        if rows.is_cpu and rows.numel() <= _PLAIN_OPS:
             # Plain ops: they stay on one thread, where the kernel wakes the intra-op pool even
             # for one row (see merge.py), and cost less up to about this size.
             y = ((rows - shift) * scale).to(work.dtype)
