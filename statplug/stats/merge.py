@@ -128,9 +128,8 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
     if x.numel() <= SMALL_BATCH:
         # Two passes in float64: exact, and single-threaded (the kernel wakes the intra-op
         # pool even for a few rows: 0.4 ms for 64x4 on a busy 2-core machine).
-        x64 = x.to(_F64)
-        mean = x64.mean(0)
-        d = x64 - mean
+        mean = x.sum(0, dtype=_F64) / n
+        d = x - mean  # float64
         m2 = (d * d).sum(0)
         if acc is not _F64:  # float32 state: finite in float64 may overflow there
             return Moments(n, mean.to(acc), m2.to(acc))
