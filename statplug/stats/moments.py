@@ -17,17 +17,6 @@ __all__ = ["EMAMoments", "RunningMoments"]
 _F64 = torch.float64
 
 
-def _dropped(batch: Moments, keep: Tensor | None) -> Moments:
-    """``batch``, or an empty batch where ``keep`` (a 0-dim bool tensor) is False."""
-    if keep is None:
-        return batch
-    return Moments(
-        torch.where(keep, torch.as_tensor(batch.n), 0.0),
-        torch.where(keep, batch.mean, 0.0),
-        torch.where(keep, batch.m2, 0.0),
-    )
-
-
 class RunningMoments(Stat):
     r"""Exact running mean and variance over every sample seen (Welford/Chan merging).
 
@@ -127,9 +116,11 @@ class RunningMoments(Stat):
     def _absorb(self, rows: Tensor, weight: Tensor | None, n_rows: Tensor | int) -> None:
         batch = batch_moments(rows, self.accumulator_dtype, weight)
         keep = self._nan_check(batch.finite)
-        if keep is not None:
+        if keep is not None:  # a batch the raise policy leaves out on the device: no data
+            n = torch.where(keep, torch.as_tensor(batch.n), 0.0)
+            batch = Moments(n, torch.where(keep, batch.mean, 0.0), torch.where(keep, batch.m2, 0.0))
             n_rows = torch.where(keep, n_rows, 0)
-        self._merge_moments(_dropped(batch, keep), n_rows)
+        self._merge_moments(batch, n_rows)
 
     def _n(self) -> Tensor:
         """The samples behind the moments: ``count``, or ``weight_sum`` when weighted."""
