@@ -477,7 +477,14 @@ class Stat(PinnedDtypeModule):
                     try:
                         self._absorb(rows, w, self._rows_counted(rows, w))
                     except _NotFinite:  # finite rows whose statistics overflow the state
-                        self._raise_non_finite(1)
+                        acc = self.accumulator_dtype
+                        fix = "" if acc is torch.float64 else (
+                            "; build the stat with accumulator_dtype=torch.float64"
+                        )
+                        raise ValueError(
+                            f"{self.stat_name}: the statistics of these finite values are too "
+                            f"large for a {acc} accumulator{fix}"
+                        ) from None
 
     def _absorb(self, rows: Tensor, weight: Tensor | None, n_rows: Tensor | int) -> None:
         """Merge the ``[n, F]`` ``rows`` (``n_rows`` of positive ``weight``) into the state."""
