@@ -7,6 +7,7 @@ uses the same fingerprint, so a layout differs for the audit exactly when it dif
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 
@@ -18,9 +19,8 @@ from statplug.stats.base import Stat, StatBatch
 
 __all__ = ["agreed_checksum", "describe_stat", "first_difference", "layout_fingerprint"]
 
-# Pieces of at most this many elements are checksummed at a time (bounded extra memory).
-_CHUNK = 1 << 22
-# Position weights of the checksum: a quadratic hash of the position, modulo a prime.
+# Position weights of the checksum: a quadratic hash of the position, modulo this prime; values
+# are summed one period (512 KiB of int64) at a time.
 _PRIME = 65521
 
 
@@ -72,16 +72,30 @@ def agreed_checksum(batches: Iterable[StatBatch], device: torch.device) -> Tenso
     of every stat's agreed state (as the batches read it, in float64: exact and one-to-one for
     the counts and floats a stat holds), in wrapping int64 arithmetic, as float64-exact halves.
     Equal on ranks whose agreed states are equal bit for bit, whatever the summation order. The
-    sync reuses the batches' reads."""
-    pieces = [b.agreed(n).to(device) for b in batches for n in b.stats[0].agreed_names()]
+    sync reuses the batches' reads; they are summed a period of weights at a time, not copied."""
     total = torch.zeros(2, dtype=torch.int64, device=device)
-    flat = _bits(torch.cat(pieces)) if pieces else total[:0]
-    for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start : start + _CHUNK]
-        i = torch.arange(start, start + chunk.numel(), device=device).remainder_(_PRIME)
-        w = (i * i % _PRIME * 40503 + i * 9973).remainder_(_PRIME).add_(1)
-        total += torch.stack((chunk.sum(), (chunk * w).sum()))
+    weights = _weights(device)
+    start = 0  # the position of the piece's first value among all the batches' values
+    for b in batches:
+        for name in b.stats[0].agreed_names():
+            flat = _bits(b.agreed(name))
+            for lo in range(0, flat.numel(), _PRIME):
+                chunk = flat[lo : lo + _PRIME].to(device)
+                at = (start + lo) % _PRIME
+                w = weights[at : at + chunk.numel()]
+                total += torch.stack((chunk.sum(), (chunk * w).sum()))
+            start += flat.numel()
     return torch.cat((total >> 32, total & 0xFFFFFFFF)).to(torch.float64)
+
+
+@functools.cache
+def _weights(device: torch.device) -> Tensor:
+    """The checksum's position weights, a quadratic hash of the position modulo :data:`_PRIME`
+    (so periodic), for two periods: ``[at : at + n]`` are those of ``n <= _PRIME`` consecutive
+    positions from one ``at`` positions into a period (2 x 512 KiB, kept per device)."""
+    i = torch.arange(_PRIME, device=device)
+    w = (i * i % _PRIME * 40503 + i * 9973).remainder_(_PRIME).add_(1)
+    return torch.cat((w, w))
 
 
 def first_difference(layouts: list[list[str]], missing: str) -> tuple[int, str]:

@@ -8,10 +8,13 @@ A sync, in order:
    Ranks that differ raise :class:`~statplug.errors.StatLayoutError` on every rank, never hang;
 3. :class:`_Contribution` of each stat: what it added since the agreed state (``"sum"`` states),
    its extremes (``"min"``/``"max"``), its new data summed around the centre every rank shares
-   (``"moments"``). They are packed into one SUM and one MAX bucket and reduced;
-4. moments whose one-phase merge would lose more than 10 bits take Chan's second phase: one more
-   SUM of squared deviations about the global new mean;
-5. results are copied back into each stat's buffers and become the agreed state.
+   (``"moments"``: per stat its count, per element two sums, written into the bucket a chunk
+   of features at a time). They go in one SUM and one MAX bucket, reduced in place;
+4. from the reduced moment sums, the global new data; where its one-phase merge would lose
+   more than 10 bits, Chan's second phase: one more SUM of squared deviations about the global
+   new mean;
+5. results are merged from the buckets, a chunk at a time, and copied into each stat's buffers;
+   they become the agreed state.
 
 At most 4 collectives (more only when a bucket exceeds 64 MiB and is sent in chunks).
 """
@@ -44,6 +47,9 @@ __all__ = ["SyncReport", "broadcast_stats", "find_stats", "named_stats", "sync_s
 _F64 = torch.float64
 # A bucket larger than this many float64 values (64 MiB) is reduced in chunks.
 _CHUNK = 1 << 23
+# Moments are worked on at most this many features at a time: the temporaries of a chunk stay
+# in cache and the extra memory is the bucket's (see design-notes.md).
+_PIECE = 1 << 16
 # One phase keeps at least 43 of float64's 53 bits of every merged m2 (see design-notes.md).
 _ONE_PHASE_RATIO = 2.0**-10
 
@@ -102,16 +108,25 @@ class _Collectives:
         self.calls = 0
         self.n_bytes = 0
 
+    def bucket(self, sizes: list[int]) -> tuple[Tensor, list[Tensor]]:
+        """One flat float64 bucket on the group's device, and its consecutive views of ``sizes``."""
+        flat = torch.empty(sum(sizes), dtype=_F64, device=self.device)
+        return flat, list(flat.split(sizes))
+
+    def reduce_(self, flat: Tensor, op: dist.ReduceOp.RedOpType) -> None:
+        """All-reduce the flat bucket in place."""
+        for start in range(0, flat.numel(), _CHUNK):
+            dist.all_reduce(flat[start : start + _CHUNK], op=op, group=self.group)
+            self.calls += 1
+        self.n_bytes += flat.numel() * flat.element_size()
+
     def all_reduce(self, pieces: list[Tensor], op: dist.ReduceOp.RedOpType) -> list[Tensor]:
         """Reduce ``pieces`` (float64, any device) as one flat bucket; returns the reduced
         pieces (views of the bucket, on the group's device)."""
         if not pieces:
             return []
         flat = torch.cat([p.reshape(-1).to(self.device, _F64) for p in pieces])
-        for start in range(0, flat.numel(), _CHUNK):
-            dist.all_reduce(flat[start : start + _CHUNK], op=op, group=self.group)
-            self.calls += 1
-        self.n_bytes += flat.numel() * flat.element_size()
+        self.reduce_(flat, op)
         return [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in pieces]), pieces,
                                                  strict=True)]
 
@@ -199,6 +214,48 @@ def _batches(stats: list[Stat]) -> list[StatBatch]:
 
 
 @dataclass
+class _Piece:
+    """A chunk of a batch's moments (:meth:`StatBatch.chunks`) and its views of the SUM bucket:
+    this rank's new data summed about the centre every rank shares -- ``n`` per stat, and per
+    element ``s1`` = n (mean - centre) and ``s2`` = m2 + n (mean - centre)**2 -- reduced in
+    place into every rank's."""
+
+    batch: StatBatch
+    n: Tensor
+    s1: Tensor
+    s2: Tensor
+    # Every rank's m2 about the global new mean, when Chan's second phase was taken.
+    second: Tensor | None = None
+
+    def per_element(self, per_stat: Tensor) -> Tensor:
+        """One value per stat over the moments' elements."""
+        return self.batch.per_element(per_stat, *type(self.batch.stats[0]).sync_elements)
+
+    def new_data(self) -> Moments:
+        """This rank's new data, from its stats (on their device)."""
+        new = type(self.batch.stats[0]).sync_new_data(self.batch)
+        assert new is not None
+        return new
+
+    def send(self) -> None:
+        """Write this rank's new data into the bucket, as sums about the centre."""
+        new = self.new_data()
+        d = new.mean.to(self.s1.device)
+        self.n.copy_(torch.as_tensor(new.n))
+        torch.mul(self.per_element(self.n), d, out=self.s1)
+        torch.addcmul(new.m2.to(self.s2.device), self.s1, d, out=self.s2)
+
+    def received(self, device: torch.device | None = None) -> Moments:
+        """Every rank's new data (its mean about the centre) from the reduced sums, on
+        ``device`` (default: the bucket's)."""
+        mean = self.s1 / positive(self.per_element(self.n))
+        m2 = self.second
+        if m2 is None:  # one phase: S2 - S1**2 / n
+            m2 = torch.addcmul(self.s2, mean, self.s1, value=-1.0)
+        return Moments(self.n.to(device), mean.to(device), m2.to(device))
+
+
+@dataclass
 class _Contribution:
     """What one batch of stats sends (float64, flat), and then receives, in a sync."""
 
@@ -206,8 +263,9 @@ class _Contribution:
     sums: dict[str, Tensor] = field(default_factory=dict)  # added since the agreed state
     extremes: dict[str, Tensor] = field(default_factory=dict)  # max, or -min; NaN as -inf
     nans: dict[str, Tensor] = field(default_factory=dict)  # 1.0 where a value is NaN
-    new: Moments | None = None  # this rank's data since the agreed state, per element
-    centre: Tensor | None = None  # the agreed mean, equal on every rank
+    chunks: list[StatBatch] = field(default_factory=list)  # of the "moments" state
+    totals: dict[str, Tensor] = field(default_factory=dict)  # the sums' views of the bucket
+    pieces: list[_Piece] = field(default_factory=list)  # the chunks' views of the bucket
 
     @classmethod
     def of(cls, batch: StatBatch) -> _Contribution:
@@ -220,25 +278,37 @@ class _Contribution:
                 value = batch.read(name) * (1.0 if reduce == "max" else -1.0)
                 c.extremes[name] = value.nan_to_num(nan=-math.inf)
                 c.nans[name] = value.isnan().to(_F64)
-        found = type(proto).sync_new_data(batch)
-        if found is not None:
-            c.new, c.centre = found
+        if "moments" in proto._reduces.values():
+            c.chunks = batch.chunks(_PIECE)
         return c
 
-    def first_round(self) -> tuple[list[Tensor], list[Tensor]]:
-        """The SUM pieces (sums, then the new data about the centre) and the MAX pieces."""
-        sums = list(self.sums.values())
-        if self.new is not None and self.centre is not None:
-            n, d = torch.as_tensor(self.new.n, dtype=_F64), self.new.mean - self.centre
-            sums += [n, n * d, self.new.m2 + n * d * d]
-        return sums, [*self.extremes.values(), *self.nans.values()]
+    def n_sums(self) -> int:
+        """How many values the batch sends in the SUM bucket."""
+        elements = type(self.batch.stats[0]).sync_elements
+        per_chunk = [len(c.stats) + 2 * sum(c.numel(e) for e in elements) for c in self.chunks]
+        return sum(t.numel() for t in self.sums.values()) + sum(per_chunk)
 
-    def write_back(self, sums: list[Tensor], maxes: list[Tensor], new: Moments | None) -> None:
+    def send(self, flat: Tensor) -> None:
+        """Write the SUM values into ``flat`` (the batch's :meth:`n_sums` values of the bucket):
+        the sums, then the moments a chunk at a time; keep the views for the results."""
+        elements = type(self.batch.stats[0]).sync_elements
+        for name, value in self.sums.items():
+            total, flat = flat.split([value.numel(), flat.numel() - value.numel()])
+            self.totals[name] = total.view(value.shape)
+            total.copy_(value.reshape(-1))
+        for chunk in self.chunks:
+            k, e = len(chunk.stats), sum(chunk.numel(name) for name in elements)
+            n, s1, s2, flat = flat.split([k, e, e, flat.numel() - k - 2 * e])
+            self.pieces.append(_Piece(chunk, n, s1, s2))
+            self.pieces[-1].send()
+
+    def write_back(self, maxes: list[Tensor]) -> None:
         """Copy the reduced values into the stats; they become their agreed state."""
         batch = self.batch
-        if new is not None:
-            type(batch.stats[0]).sync_absorb(batch, new)
-        for name, total in zip(self.sums, sums, strict=False):
+        device = batch.stats[0].count.device
+        for piece in self.pieces:
+            type(batch.stats[0]).sync_absorb(piece.batch, piece.received(device))
+        for name, total in self.totals.items():
             if not batch.buffers(name)[0].is_floating_point():
                 total = total.round()  # integer sums travel as float64: exact below 2**53
             batch.write(name, batch.agreed(name) + total.to(_F64))
@@ -249,34 +319,20 @@ class _Contribution:
         batch.settle()
 
 
-def _merge_moments(
-    parts: list[_Contribution], sums: list[list[Tensor]], comm: _Collectives
-) -> list[Moments | None]:
-    """Every batch's global new data from the reduced first round; Chan's second phase (one
-    more SUM) when the one-phase result would lose more than 10 bits somewhere."""
-    found: list[Moments | None] = []
-    kept: list[Tensor] = []
-    for part, reduced in zip(parts, sums, strict=True):
-        if part.new is None or part.centre is None:
-            found.append(None)
-            continue
-        n, s1, s2 = (t.to(part.centre.device) for t in reduced[len(part.sums) :])
-        gk = s1 / positive(n)  # g - K: the new data's global mean, about the centre
-        m2 = s2 - gk * s1
-        kept.append((m2 >= s2 * _ONE_PHASE_RATIO).all())  # False for NaN too
-        found.append(Moments(n, part.centre + gk, m2))
-    if not kept or bool(torch.stack(kept).all()):  # one host read, the same on every rank
-        return found
-    pieces = [
-        p.new.m2 + torch.as_tensor(p.new.n) * (p.new.mean - m.mean).square()
-        for p, m in zip(parts, found, strict=True)
-        if p.new is not None and m is not None
-    ]
-    second = iter(comm.all_reduce(pieces, dist.ReduceOp.SUM))
-    return [
-        None if m is None else Moments(m.n, m.mean, next(second).to(m.mean.device))
-        for m in found
-    ]
+def _second_phase(pieces: list[_Piece], comm: _Collectives) -> None:
+    """Chan's second phase when the one-phase merge of the reduced sums would lose more than 10
+    bits somewhere: one more SUM, of every rank's m2 about the global new mean."""
+    # False for NaN too; one host read, the same on every rank.
+    kept = [(p.received().m2 >= p.s2 * _ONE_PHASE_RATIO).all() for p in pieces]
+    if not kept or bool(torch.stack(kept).all()):
+        return
+    flat, second = comm.bucket([p.s2.numel() for p in pieces])
+    for p, out in zip(pieces, second, strict=True):
+        new = p.new_data()  # this rank's again (the stats are unchanged so far)
+        d = new.mean.to(out.device) - p.received().mean
+        n = p.per_element(torch.as_tensor(new.n).to(out.device))
+        p.second = torch.addcmul(new.m2.to(out.device), n * d, d, out=out)
+    comm.reduce_(flat, dist.ReduceOp.SUM)
 
 
 def _distributed(group: dist.ProcessGroup | None) -> bool:
@@ -318,14 +374,16 @@ def sync_stats(module_or_stats: StatsArg, group: dist.ProcessGroup | None = None
         batches = _batches([s for _, s in named])
         _check_ranks(named, batches, comm)
         parts = [_Contribution.of(b) for b in batches]
-        rounds = [p.first_round() for p in parts]
-        sums = _split(comm.all_reduce([t for r in rounds for t in r[0]], dist.ReduceOp.SUM),
-                      [len(r[0]) for r in rounds])
-        maxes = _split(comm.all_reduce([t for r in rounds for t in r[1]], dist.ReduceOp.MAX),
-                       [len(r[1]) for r in rounds])
-        news = _merge_moments(parts, sums, comm)
-        for part, s, m, new in zip(parts, sums, maxes, news, strict=True):
-            part.write_back(s, m, new)
+        flat, views = comm.bucket([p.n_sums() for p in parts])
+        for part, view in zip(parts, views, strict=True):
+            part.send(view)
+        comm.reduce_(flat, dist.ReduceOp.SUM)
+        extremes = [[*p.extremes.values(), *p.nans.values()] for p in parts]
+        maxes = _split(comm.all_reduce([t for e in extremes for t in e], dist.ReduceOp.MAX),
+                       [len(e) for e in extremes])
+        _second_phase([piece for p in parts for piece in p.pieces], comm)
+        for part, m in zip(parts, maxes, strict=True):
+            part.write_back(m)
     return SyncReport(len(named), comm.calls, comm.n_bytes, time.perf_counter() - start)
 
 

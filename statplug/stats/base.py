@@ -560,16 +560,22 @@ class Stat(PinnedDtypeModule):
         return self
 
     # ----------------------------------------------------------------------------- sync hooks
+    # The states whose elements the moments of the sync hooks are, in turn (for "moments" state).
+    sync_elements: tuple[str, ...] = ()
+
     @classmethod
-    def sync_new_data(cls, batch: StatBatch) -> tuple[Moments, Tensor] | None:
-        """The batch's data since its agreed state as float64 :class:`Moments` per element, and
-        the centre every rank shares (the agreed mean) -- for stats with ``"moments"`` state."""
+    def sync_new_data(cls, batch: StatBatch) -> Moments | None:
+        """The batch's data since its agreed state as float64 :class:`Moments` -- ``n`` one
+        count per stat (``[K]``), ``mean`` about the centre every rank shares (the agreed mean)
+        and ``m2`` per element of :attr:`sync_elements` -- for stats with ``"moments"`` state.
+        The sync calls it on pieces of a batch (:meth:`StatBatch.chunks`)."""
         return None
 
     @classmethod
     def sync_absorb(cls, batch: StatBatch, new: Moments) -> None:
-        """Merge every rank's new data (float64 moments per element) into the agreed state;
-        after it the saved state is the global state."""
+        """Merge every rank's new data (as :meth:`sync_new_data` gives it: counts per stat,
+        means about the agreed mean) into the agreed state; after it the saved state is the
+        global state."""
 
     # ----------------------------------------------------------------------------- persistence
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
@@ -763,15 +769,47 @@ class StatBatch:
 
     Reads gather with one ``cat`` (or ``stack``) per state and are kept until that state is
     written; writes copy back with one multi-tensor copy: a sync's work is a constant number of
-    tensor calls per batch, whatever the number of stats.
+    tensor calls per batch, whatever the number of stats. A large batch is worked on in
+    :meth:`chunks`, batches of their own: runs of whole stats, or a range of the features of one
+    stat (whose feature-shaped states are then read and written in that range, the others whole).
     """
 
-    def __init__(self, stats: list[Stat]) -> None:
+    def __init__(self, stats: list[Stat], features: slice | None = None) -> None:
         self.stats = stats
+        self.features = features  # a range of the one stat's features; None: all of them
         self._read: dict[str, Tensor] = {}
+        self._sizes: dict[tuple[str, torch.device], Tensor] = {}  # elements per stat
 
     def buffers(self, name: str) -> list[Tensor]:
-        return cast(list[Tensor], [s._buffers[name] for s in self.stats])
+        """State ``name`` of every stat (of a feature-shaped state, the batch's features)."""
+        bufs = cast(list[Tensor], [s._buffers[name] for s in self.stats])
+        if self.features is None or bufs[0].shape != self.stats[0].shape:
+            return bufs
+        return [bufs[0].view(-1)[self.features]]
+
+    def numel(self, name: str) -> int:
+        """The elements of state ``name`` in the batch."""
+        return sum(b.numel() for b in self.buffers(name))
+
+    def chunks(self, size: int) -> list[StatBatch]:
+        """The batch as batches of at most ``size`` features where it can be cut: runs of whole
+        stats, and ranges of the features of a larger stat (with contiguous buffers); ``[self]``
+        when the whole batch is small."""
+        if sum(s.n_features for s in self.stats) <= size:
+            return [self]
+        out: list[StatBatch] = []
+        run: list[Stat] = []
+        in_run = 0  # features of the stats in `run`
+        for s in self.stats:
+            if run and in_run + s.n_features > size:
+                out.append(StatBatch(run))
+                run, in_run = [], 0
+            if s.n_features > size and all(b.is_contiguous() for b in s.buffers()):
+                out += [StatBatch([s], slice(lo, lo + size)) for lo in range(0, s.n_features, size)]
+            else:
+                run.append(s)
+                in_run += s.n_features
+        return [*out, StatBatch(run)] if run else out
 
     def read(self, name: str) -> Tensor:
         """State ``name`` of every stat, flat, in float64 (for one float64 stat a view of its
@@ -796,12 +834,20 @@ class StatBatch:
         parts = zip(value.split([b.numel() for b in bufs]), bufs, strict=True)
         copy_all_(bufs, [p if b.dim() == 1 else p.view(b.shape) for p, b in parts])
 
-    def per_element(self, per_stat: Tensor, name: str) -> Tensor:
-        """A ``[K]`` value per stat repeated over the elements of state ``name``."""
-        bufs = self.buffers(name)
-        if len(bufs) == 1:  # one stat: a broadcast view, no copy
-            return per_stat.expand(bufs[0].numel())
-        sizes = torch.tensor([b.numel() for b in bufs], device=per_stat.device)
+    def per_element(self, per_stat: Tensor, *names: str) -> Tensor:
+        """A ``[K]`` value per stat repeated over the elements of states ``names`` (the
+        elements of each state in turn) -- for one stat and one state, the ``[1]`` value
+        itself, which broadcasts over them (an op on it costs one element, not one per
+        feature)."""
+        if len(names) > 1:
+            return torch.cat([self.per_element(per_stat, n).expand(self.numel(n)) for n in names])
+        bufs = self.buffers(names[0])
+        if len(bufs) == 1:
+            return per_stat
+        key = (names[0], per_stat.device)  # a sync expands over the same states several times
+        sizes = self._sizes.get(key)
+        if sizes is None:
+            sizes = self._sizes[key] = torch.tensor([b.numel() for b in bufs], device=key[1])
         return per_stat.repeat_interleave(sizes)
 
     def settle(self) -> None:

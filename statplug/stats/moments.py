@@ -153,26 +153,31 @@ class RunningMoments(Stat):
         self._merge_moments(Moments(n, other.mean.reshape(-1), other.m2.reshape(-1)), 0)
 
     # ------------------------------------------------------------------ sync hooks
+    sync_elements = ("mean",)
+
     @classmethod
-    def sync_new_data(cls, batch: StatBatch) -> tuple[Moments, Tensor]:
+    def sync_new_data(cls, batch: StatBatch) -> Moments:
         # The data since the agreed state (n_a, K, m2_a): Chan's merge solved for its second
         # part. mean_b - K = (mean - K) n / n_b, and m2 = m2_a + m2_b + (mean - K)**2 n n_a / n_b.
         counts = "weight_sum" if getattr(batch.stats[0], "weighted", False) else "count"
-        n = batch.per_element(batch.read(counts), "mean")
-        n_a = batch.per_element(batch.agreed(counts), "mean")
-        k, mean = batch.agreed("mean"), batch.read("mean")
+        n, n_a = batch.read(counts), batch.agreed(counts)  # one per stat
         n_b = n - n_a
         ratio = torch.where(n_b > 0, n / n_b, 0.0)  # no new data: nothing to solve for
-        mean_b = k + (mean - k) * ratio
-        m2_b = batch.read("m2") - batch.agreed("m2") - (mean - k).square() * (n_a * ratio)
-        return Moments(n_b, mean_b, m2_b.clamp(min=0)), k
+        dk = batch.read("mean") - batch.agreed("mean")
+        m2_b = batch.read("m2") - batch.agreed("m2")
+        m2_b.addcmul_(dk, dk * batch.per_element(n_a * ratio, "mean"), value=-1.0)
+        return Moments(n_b, dk * batch.per_element(ratio, "mean"), m2_b.clamp_(min=0))
 
     @classmethod
     def sync_absorb(cls, batch: StatBatch, new: Moments) -> None:
+        # Chan's merge about the agreed mean K: the agreed state sits at 0, the new data at
+        # new.mean (its mean - K).
         counts = "weight_sum" if getattr(batch.stats[0], "weighted", False) else "count"
         n_a = batch.per_element(batch.agreed(counts), "mean")
-        merged = chan_merge(n_a, batch.agreed("mean"), batch.agreed("m2"), new.n, new.mean, new.m2)
-        batch.write("mean", merged.mean)
+        n_b = batch.per_element(torch.as_tensor(new.n), "mean")
+        zero = new.mean.new_zeros(())
+        merged = chan_merge(n_a, zero, batch.agreed("m2"), n_b, new.mean, new.m2)
+        batch.write("mean", batch.agreed("mean") + merged.mean)
         batch.write("m2", merged.m2)
 
     # ------------------------------------------------------------------ checks
@@ -339,22 +344,26 @@ class EMAMoments(Stat):
     # ------------------------------------------------------------------ sync hooks
     # Each rank's summary counts with the samples it saw since the last sync; the weights
     # travel as one more element per stat, before the features.
+    sync_elements = ("weight", "mean")
+
     @classmethod
-    def sync_new_data(cls, batch: StatBatch) -> tuple[Moments, Tensor]:
+    def sync_new_data(cls, batch: StatBatch) -> Moments:
         n_b = batch.read("count") - batch.agreed("count")
-        per_feature = batch.per_element(n_b, "mean")
-        n = torch.cat([n_b, per_feature])
-        mean = torch.cat([batch.read("weight"), batch.read("mean")])
-        m2 = torch.cat([torch.zeros_like(n_b), batch.read("var") * per_feature])
-        centre = torch.cat([batch.agreed("weight"), batch.agreed("mean")])
-        return Moments(n, mean, m2), centre
+        mean = torch.cat([
+            batch.read("weight") - batch.agreed("weight"),
+            batch.read("mean") - batch.agreed("mean"),
+        ])
+        m2 = torch.cat([torch.zeros_like(n_b), batch.read("var") * batch.per_element(n_b, "mean")])
+        return Moments(n_b, mean, m2)
 
     @classmethod
     def sync_absorb(cls, batch: StatBatch, new: Moments) -> None:
         k = len(batch.stats)
-        n = torch.as_tensor(new.n)
+        n = batch.per_element(torch.as_tensor(new.n), *cls.sync_elements)
         ok = n > 0  # elements of stats no rank added to keep their value
-        batch.write("weight", torch.where(ok[:k], new.mean[:k], batch.read("weight")))
-        batch.write("mean", torch.where(ok[k:], new.mean[k:], batch.read("mean")))
+        weight = batch.agreed("weight") + new.mean[:k]
+        batch.write("weight", torch.where(ok[:k], weight, batch.read("weight")))
+        mean = batch.agreed("mean") + new.mean[k:]
+        batch.write("mean", torch.where(ok[k:], mean, batch.read("mean")))
         var = new.m2[k:] / positive(n[k:])
         batch.write("var", torch.where(ok[k:], var, batch.read("var")))

@@ -235,6 +235,84 @@ def test_collective_count_is_constant_in_the_number_of_stats():
         assert res["mixed", 200, "next"][0] == 4
 
 
+def _payload_body(rank: int, world: int, features: int) -> int:
+    stat = RunningMoments(features)
+    for _ in range(2):  # the second sync is centred on the agreed mean: one phase
+        stat.update(torch.randn(64 + rank, features))
+        report = sync_stats(stat)
+    assert report.n_collectives == 2  # the layout check and one SUM
+    return report.n_bytes
+
+
+def test_one_big_stat_sends_two_values_per_feature():
+    """A stat's count travels once per stat (per chunk of features), not once per feature: the
+    payload of a moments sync is the new data's two sums per feature, plus a few values."""
+    features = 100_000
+    for n_bytes in run_distributed(_payload_body, 2, features):
+        assert 2 * 8 * features <= n_bytes <= 2 * 8 * features + 8 * 64, n_bytes
+
+
+class _ManyShapes(nn.Module):
+    """Stats a sync works on in pieces when pieces hold at most 5 features: ranges of one
+    stat's features (13 = 5 + 5 + 3, weighted, float32, EMA) and runs of small stats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = RunningMoments(13, accumulator_dtype=DTYPE)
+        self.a = RunningMoments(2, accumulator_dtype=DTYPE)
+        self.b = RunningMoments(2, accumulator_dtype=DTYPE)
+        self.c = RunningMoments(2, accumulator_dtype=DTYPE)
+        self.weighted = RunningMoments(7, accumulator_dtype=DTYPE, weighted=True)
+        self.f32 = RunningMoments(12)
+        self.ema = EMAMoments(11, momentum=0.3, accumulator_dtype=DTYPE)
+        self.minmax = RunningMinMax(6)
+
+
+def _pieces_data(rank: int, round_: int, features: int) -> np.ndarray:
+    rows = (ROWS[3][rank], 7 + 5 * rank)[round_]  # the first round leaves rank 1 empty
+    rng = np.random.default_rng(100 * round_ + 10 * rank + features)
+    return rng.normal(1e3 + 5.0 * rank + round_, 1.0 + rank, size=(rows, features))
+
+
+def _pieces_body(rank: int, world: int, piece: int | None) -> dict:
+    import statplug.distributed.sync as sync_module
+
+    if piece is not None:
+        sync_module._PIECE = piece
+    model = _ManyShapes()
+    out: dict = {"collectives": []}
+    for round_ in range(2):
+        for name, stat in model.named_children():
+            x = torch.from_numpy(_pieces_data(rank, round_, stat.shape[0]))
+            if name == "weighted":
+                stat.update(x, weight=torch.linspace(0.5, 2.0, len(x), dtype=DTYPE))
+            elif len(x):
+                stat.update(x)
+        out["collectives"].append(sync_stats(model).n_collectives)
+        out[round_] = _summary(model)
+    return out
+
+
+def test_stats_worked_on_in_pieces_sync_as_if_whole():
+    """Pieces of 5 features (ranges of a stat, runs of stats) give the results of whole
+    batches, the single-process float64 results, with no more collectives."""
+    whole = run_distributed(_pieces_body, 3, None)
+    cut = run_distributed(_pieces_body, 3, 5)
+    for res in whole + cut:
+        assert all(n <= 4 for n in res["collectives"]), res["collectives"]
+        for key, value in whole[0][1].items():
+            torch.testing.assert_close(res[1][key], value, rtol=1e-12, atol=0)
+    final = whole[0][1]
+    for name, features in (("big", 13), ("a", 2), ("f32", 12)):
+        data = np.concatenate([_pieces_data(r, k, features) for k in range(2) for r in range(3)])
+        tol = 1e-12 if name != "f32" else 1e-6
+        assert final[f"{name}.count"].item() == len(data)
+        np.testing.assert_allclose(final[f"{name}.mean"].double().numpy(), data.mean(0), rtol=tol)
+        np.testing.assert_allclose(
+            final[f"{name}.m2"].double().numpy() / len(data), data.var(0), rtol=100 * tol
+        )
+
+
 def _mismatch_body(rank: int, world: int) -> str:
     stats = nn.Module()
     stats.a = RunningMoments(3)
