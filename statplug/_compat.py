@@ -23,7 +23,6 @@ __all__ = [
     "lightning_epoch_results",
     "lightning_last_eval_batch",
     "metric_reduction",
-    "tensor_versions",
 ]
 
 
@@ -36,14 +35,6 @@ def copy_all_(dsts: list[Tensor], srcs: list[Tensor]) -> None:
             d.copy_(s)
     else:
         foreach(dsts, srcs)
-
-
-def tensor_versions(tensors: tuple[Tensor, ...]) -> tuple[object, ...]:
-    """Each tensor's identity, storage address and count of in-place writes (its version
-    counter, ``Tensor._version``: torch 2.4-2.13, autograd's own check): equal only while every
-    tensor is the same object holding the same values. Writes through ``t.data`` are not
-    counted."""
-    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
 
 def ddp_ignore_buffers(module: nn.Module, names: list[str]) -> None:

@@ -261,11 +261,6 @@ class Stat(PinnedDtypeModule):
         """Names of the declared states that keep an agreed copy."""
         return [n for n in self._reduces if AGREED + n in self._buffers]
 
-    def state_tensors(self) -> tuple[Tensor, ...]:
-        """The declared state buffers that sync (see :attr:`state_names`), in order."""
-        bufs = self._buffers
-        return tuple(cast(Tensor, bufs[n]) for n in self.state_names)
-
     def state(self, name: str) -> Tensor:
         """The buffer of state ``name`` (``stat.state("mean")`` is ``stat.mean``, found faster)."""
         return cast(Tensor, self._buffers[name])
@@ -372,19 +367,18 @@ class Stat(PinnedDtypeModule):
             w = torch.where(valid, w, 0.0)
         return w if keep is None else torch.where(keep, w, 0.0)
 
-    def _skip(self, rows: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """The rows and weights without the rows holding a NaN or Inf, which are counted in
-        ``n_skipped`` (rows a mask or weight already left out are not): selected on the CPU,
-        given weight 0 elsewhere (decided on the device)."""
+    def _skip(
+        self, rows: Tensor, weight: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | int]:
+        """The rows and weights without the rows holding a NaN or Inf, and how many rows that
+        leaves out (rows a mask or weight already left out are not counted): selected on the
+        CPU, given weight 0 elsewhere (decided on the device)."""
         keep = torch.isfinite(rows).all(dim=1)
         if weight is not None:
-            self.n_skipped.add_(((weight > 0) & ~keep).sum())
-            return rows, torch.where(keep, weight, 0.0)
+            return rows, torch.where(keep, weight, 0.0), ((weight > 0) & ~keep).sum()
         if host_reads_free(rows):
-            self.n_skipped.add_(rows.shape[0] - int(keep.sum()))
-            return _select(rows, keep), None
-        self.n_skipped.add_(rows.shape[0] - keep.sum())
-        return rows, keep.to(rows.dtype)
+            return _select(rows, keep), None, rows.shape[0] - int(keep.sum())
+        return rows, keep.to(rows.dtype), rows.shape[0] - keep.sum()
 
     @staticmethod
     def _rows_counted(rows: Tensor, weight: Tensor | None) -> Tensor | int:
@@ -417,6 +411,14 @@ class Stat(PinnedDtypeModule):
         assert isinstance(ok, Tensor)
         refused.add_(~ok)
         return ok
+
+    def _raise_too_large(self) -> None:
+        acc = self.accumulator_dtype
+        fix = "" if acc is torch.float64 else "; build it with accumulator_dtype=torch.float64"
+        raise ValueError(
+            f"{self.stat_name}: the statistics of these finite values are too large for a {acc} "
+            f"accumulator{fix}; the stat is unchanged"
+        )
 
     def check(self) -> Stat:
         """Raise the raise policy's error now if a batch was left out on the device since the
@@ -466,25 +468,21 @@ class Stat(PinnedDtypeModule):
         if got is None:
             return
         rows, w = got
-        with state_lock():  # no graph is built: the rows are detached, buffers need no grad
+        with state_lock(), torch.no_grad():
+            skipped: Tensor | int = 0
             if self.nan_policy == "skip" and not host_reads_free(rows):
-                rows, w = self._skip(rows, w)
+                rows, w, skipped = self._skip(rows, w)
             try:
                 self._absorb(rows, w, self._rows_counted(rows, w))
             except _NotFinite:  # the skip policy on the host, for a batch with a NaN or Inf
-                rows, w = self._skip(rows, w)
+                rows, w, skipped = self._skip(rows, w)
                 if rows.shape[0]:  # every row skipped: nothing to merge
                     try:
                         self._absorb(rows, w, self._rows_counted(rows, w))
                     except _NotFinite:  # finite rows whose statistics overflow the state
-                        acc = self.accumulator_dtype
-                        fix = "" if acc is torch.float64 else (
-                            "; build the stat with accumulator_dtype=torch.float64"
-                        )
-                        raise ValueError(
-                            f"{self.stat_name}: the statistics of these finite values are too "
-                            f"large for a {acc} accumulator{fix}"
-                        ) from None
+                        self._raise_too_large()
+            if self.nan_policy == "skip":  # after the merge: a batch refused changes nothing
+                self.state("n_skipped").add_(skipped)
 
     def _absorb(self, rows: Tensor, weight: Tensor | None, n_rows: Tensor | int) -> None:
         """Merge the ``[n, F]`` ``rows`` (``n_rows`` of positive ``weight``) into the state."""

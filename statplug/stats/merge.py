@@ -99,16 +99,14 @@ def chan_merge(
 
 def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> Moments:
     """The moments of the rows of ``x`` (``[n, F]``, float), in the accumulator dtype ``acc``
-    or wider (a merge into ``acc`` state casts).
+    (for float64 state, eager on the CPU, possibly in float32: the merge promotes).
 
     With ``weight`` (``[n]``, >= 0; rows of weight 0 may hold anything, NaN included) the
-    weighted moments. Eager on the CPU small batches take two plain passes in float64, larger
-    ones torch's fused batch-norm statistics kernel (one pass; by groups of at most
-    :data:`GROUP_ROWS` rows for float32), with one more pass about the kernel's own mean for a
-    batch far from 0 against its spread, and a float64 recomputation about a pivot for one whose
-    sums overflowed (values near the float32 maximum). Elsewhere -- accelerators,
-    ``torch.compile``, tracing -- one ``var_mean`` in ``acc``, which never overflows for float32
-    input and has a fake kernel for dynamic shapes.
+    weighted moments. Eager on the CPU (:func:`_host_moments`) a row is its own mean, small
+    batches take float64 sums, larger ones torch's fused batch-norm statistics kernel.
+    Elsewhere -- accelerators, ``torch.compile``, tracing -- one ``var_mean`` in ``acc``, which
+    never overflows for float32 input and has a fake kernel for dynamic shapes. For float32
+    state the moments are cast to it, so that what overflows there is found not finite.
     """
     if weight is not None:
         return _weighted(x, weight, acc)
@@ -117,22 +115,36 @@ def batch_moments(x: Tensor, acc: torch.dtype, weight: Tensor | None = None) -> 
         rows = torch.ones_like(x[:, 0], dtype=acc).sum()
         v, m = torch.var_mean(x.to(acc), dim=0, correction=0)
         return Moments(rows, m, v * rows)
+    batch = _host_moments(x)
+    if acc is not _F64:  # float32 state: what is finite in float64 may overflow there
+        return Moments(batch.n, batch.mean.to(acc), batch.m2.to(acc))
+    return batch
+
+
+def _host_moments(x: Tensor) -> Moments:
+    """:func:`batch_moments` eager on the CPU, in float64 or float32 (the kernel's mean).
+
+    One row is its own mean, with no spread (one observation per step). Up to
+    :data:`SMALL_BATCH` elements, float64 column sums of the input and one float64 pass of
+    squared deviations: exact, and single-threaded (the kernel wakes the intra-op pool even for
+    a few rows: 0.4 ms for 64x4 on a busy 2-core machine). Larger batches take torch's fused
+    batch-norm statistics kernel (one pass; by groups of at most :data:`GROUP_ROWS` rows for
+    float32), with one more pass about the kernel's own mean for a batch far from 0 against its
+    spread, and a float64 recomputation about a pivot for one whose sums overflowed (values
+    near the float32 maximum).
+    """
     n = float(x.shape[0])
-    if x.shape[0] == 1:  # one sample (one observation per step): its own mean, no spread
+    if x.shape[0] == 1:
         row = x[0]
         # A finite sum means finite values; one that overflowed is checked element-wise.
         known = math.isfinite(float(row.sum())) or bool(row.isfinite().all())
         return Moments(1.0, row, NO_SPREAD, known_finite=known)
-    # float32 (or narrower) values have finite float64 sums and squares: one float64 sum and
-    # one host number tell whether such a small batch held a NaN or Inf.
     if x.numel() <= SMALL_BATCH:
-        # Two passes in float64: exact, and single-threaded (the kernel wakes the intra-op
-        # pool even for a few rows: 0.4 ms for 64x4 on a busy 2-core machine).
         mean = x.sum(0, dtype=_F64) / n
         d = x - mean  # float64
         m2 = (d * d).sum(0)
-        if acc is not _F64:  # float32 state: finite in float64 may overflow there
-            return Moments(n, mean.to(acc), m2.to(acc))
+        # float32 (or narrower) values have finite float64 sums and squares: one sum and one
+        # host number tell whether the batch held a NaN or Inf.
         known = x.dtype is not torch.float64 and math.isfinite(float(mean.sum()))
         return Moments(n, mean, m2, known_finite=known)
     mean, m2 = _cpu_stats(x)

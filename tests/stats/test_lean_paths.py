@@ -191,3 +191,99 @@ def test_eval_matches_numpy_at_kernel_sizes() -> None:
     for _ in range(2):
         out = norm(torch.from_numpy(x)).double().numpy()
         np.testing.assert_allclose(out, _ref_norm(data, x.astype(np.float64)), atol=2e-5)
+
+
+# ---------------------------------------------------------------------- writes torch does not count
+def _write_numpy_view(norm: RunningNorm) -> None:
+    norm.moments.m2.numpy()[:] *= 4.0  # a numpy view of the buffer: no version bump
+
+
+def _write_data(norm: RunningNorm) -> None:
+    norm.moments.mean.data.copy_(torch.tensor([9.0, -9.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("write", [_write_numpy_view, _write_data])
+def test_eval_output_follows_writes_that_bypass_version_counters(write) -> None:  # type: ignore[no-untyped-def]
+    """Shared memory written by another process, collectives writing the buffers, and
+    Lightning's weight-averaging swap (``.data``) all bypass torch's version counters."""
+    norm = _fed_norm()
+    before = norm(X)
+    write(norm)
+    after = norm(X)
+    torch.testing.assert_close(after, _expected(norm))
+    assert not torch.equal(after, before)
+
+
+def _broadcast_body(rank: int, world: int) -> list[list[float]]:
+    import torch.distributed as dist
+
+    norm = RunningNorm(2).eval()
+    norm.update(torch.tensor([[1.0, 2.0], [3.0, 6.0]]) * (rank + 1))
+    x = torch.tensor([[2.0, 4.0]])
+    norm(x)  # parameters kept from this rank's statistics
+    for buf in (norm.moments.count, norm.moments.mean, norm.moments.m2):
+        dist.broadcast(buf, src=0)  # writes the buffers without a version bump
+    return norm(x).tolist()
+
+
+def test_eval_output_follows_a_collective_writing_the_buffers() -> None:
+    from dist_utils import run_distributed
+
+    out = run_distributed(_broadcast_body, 2)
+    assert out[0] == out[1]  # rank 1 now normalises by rank 0's statistics
+
+
+def test_a_normaliser_built_in_inference_mode_normalises_in_eval() -> None:
+    with torch.inference_mode():
+        norm = RunningNorm.fixed([0.5, 1.0], [0.25, 2.0])
+    assert norm(torch.tensor([[1.0, 3.0]])).tolist() == [[2.0, 1.0]]
+    assert norm(torch.tensor([[1.0, 3.0]])).tolist() == [[2.0, 1.0]]
+
+
+# ---------------------------------------------------------------------- float32 state, wider input
+@pytest.mark.parametrize("rows", [1, 100, 2000])
+@pytest.mark.parametrize("cls", [RunningMoments, EMAMoments])
+def test_float64_input_too_large_for_float32_state_raises(cls: type, rows: int) -> None:
+    stat = cls(4, accumulator_dtype=torch.float32)
+    big = torch.full((rows, 4), 1e39, dtype=torch.float64)
+    with pytest.raises(ValueError, match="NaN or Inf.*float64"):
+        stat.update(big)
+    assert int(stat.count) == 0
+
+
+def test_a_spread_too_large_for_float32_state_raises() -> None:
+    """Each value fits float32, their variance (1e40) does not: under "raise" it is an error."""
+    stat = RunningMoments(2, accumulator_dtype=torch.float32)
+    x = torch.tensor([[1e20, -1e20], [-1e20, 1e20]] * 50, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        stat.update(x)
+    assert int(stat.count) == 0
+
+
+def test_a_failed_skip_retry_leaves_the_stat_unchanged() -> None:
+    stat = RunningMoments(1, accumulator_dtype=torch.float32, nan_policy="skip")
+    stat.update(torch.tensor([[1.0], [2.0]]))
+    before = copy.deepcopy(stat.state_dict())
+    with pytest.raises(ValueError, match="too large"):
+        stat.update(torch.tensor([[float("nan")], [-3e38], [3e38]]))
+    for key, value in stat.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_update_runs_without_grad_even_on_buffers_that_require_it() -> None:
+    """DESIGN §1: an update never builds a graph, whatever requires grad."""
+    stat = RunningMoments(2)
+    stat.m2.requires_grad_(True)  # a misconfigured stat (the audit reports it), still updates
+    x = torch.tensor([[1.0, 2.0], [3.0, 8.0]], requires_grad=True)
+    stat.update(x)
+    assert stat.m2.grad_fn is None and stat.mean.grad_fn is None
+    np.testing.assert_allclose(stat.m2.detach().numpy(), [2.0, 18.0])
+
+
+def test_inverse_of_a_multi_dimensional_normaliser() -> None:
+    rng = np.random.default_rng(9)
+    data = rng.normal(3.0, 2.0, size=(50, 2, 3))
+    norm = RunningNorm((2, 3))
+    norm.update(torch.from_numpy(data))
+    x = torch.from_numpy(rng.normal(3.0, 2.0, size=(4, 2, 3)))
+    torch.testing.assert_close(norm.eval().inverse(norm(x)), x)
