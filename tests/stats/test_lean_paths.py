@@ -246,7 +246,7 @@ def test_a_normaliser_built_in_inference_mode_normalises_in_eval() -> None:
 def test_float64_input_too_large_for_float32_state_raises(cls: type, rows: int) -> None:
     stat = cls(4, accumulator_dtype=torch.float32)
     big = torch.full((rows, 4), 1e39, dtype=torch.float64)
-    with pytest.raises(ValueError, match="NaN or Inf.*float64"):
+    with pytest.raises(ValueError, match=r"NaN or Inf.*float64"):
         stat.update(big)
     assert int(stat.count) == 0
 
