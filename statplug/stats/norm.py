@@ -29,8 +29,8 @@ _PLAIN_OPS = 32768
 class _EvalParams:
     """Eval-mode shift and scale, with what they were computed from."""
 
-    config: tuple[object, ...]  # input dtype, accumulator dtype, device, eps, eps_on
-    state: tuple[Tensor, ...]  # copies of count, mean, m2 and the sample weight
+    config: tuple[object, ...]  # count, input dtype, accumulator dtype, device, eps, eps_on
+    state: tuple[Tensor, ...]  # copies of mean, m2 (and the total weight of a weighted stat)
     params: tuple[Tensor, Tensor, bool | Tensor]
 
 
@@ -389,16 +389,17 @@ class RunningNorm(StatHolder):
         """:meth:`_affine` in ``dtype``, as fresh tensors (autograd may save them, never the
         buffers the next update writes). In eval mode, eager on the CPU, they are kept with a
         copy of the statistics they came from and reused while the statistics are equal to it,
-        value for value (three ``torch.equal``, ~0.5 us each): whatever wrote the buffers -- an
-        update, a load, a collective, another process through shared memory, ``.data`` -- the
-        output follows."""
+        value for value (the count, and ``torch.equal`` of the rest): whatever wrote the
+        buffers -- an update, a load, a collective, another process through shared memory,
+        ``.data`` -- the output follows."""
         if self.training:
             return self._fresh_params(dtype)
         m = self.moments
-        state = (m.state("count"), m.state("mean"), m.state("m2"), m._n())
-        if not host_reads_free(state[0]):
+        count = m.state("count")
+        if not host_reads_free(count):
             return self._fresh_params(dtype)
-        config = (dtype, state[1].dtype, state[1].device, self.eps, self.eps_on)
+        state = (m.state("mean"), m.state("m2"), *((m.state("weight_sum"),) if m.weighted else ()))
+        config = (int(count), dtype, state[0].dtype, state[0].device, self.eps, self.eps_on)
         cached = self._eval_cache
         if cached is not None and cached.config == config and all(
             torch.equal(now, then) for now, then in zip(state, cached.state, strict=True)
