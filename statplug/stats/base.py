@@ -199,7 +199,6 @@ class Stat(PinnedDtypeModule):
         self.n_features = math.prod(self.shape)
         self._device = _device_arg(device, name)
         self._reduces: dict[str, str | None] = {}
-        self._state_names: tuple[str, ...] = ()
         self._defaults: dict[str, Tensor] = {}  # what reset() fills each state with
         # Frozen-ness is configuration, like `training` (an update returns without touching the
         # device), and saved in `frozen_flag`, which every load reads back.
@@ -245,7 +244,6 @@ class Stat(PinnedDtypeModule):
         on_device = default.to(self._device or torch.get_default_device())
         self.register_buffer(name, on_device, persistent=persistent)
         self._reduces[name] = reduce
-        self._state_names = tuple(n for n, r in self._reduces.items() if r is not None)
         # What reset() fills in: the default's first value, kept as a 0-dim CPU tensor (no
         # host read here: stats are also built inside forward hooks on accelerators).
         self._defaults[name] = default.reshape(-1)[0].clone() if default.numel() else default.sum()
@@ -255,7 +253,7 @@ class Stat(PinnedDtypeModule):
     @property
     def state_names(self) -> tuple[str, ...]:
         """Names of the declared state buffers that sync."""
-        return self._state_names
+        return tuple(n for n, r in self._reduces.items() if r is not None)
 
     def agreed_names(self) -> list[str]:
         """Names of the declared states that keep an agreed copy."""
