@@ -71,6 +71,36 @@ def test_sync_stats_and_sync_metrics_under_nccl() -> None:
         assert torch.equal(res["metrics"]["cat"].sort().values, col.sort().values)
 
 
+def _nccl_big_sync(rank: int, world: int) -> dict[str, Any]:
+    """One stat larger than a sync chunk (65536 features), far from 0 so that Chan's second
+    phase runs too, synced twice; the last rank holds no sample."""
+    from statplug import sync_stats
+
+    device = torch.device("cuda", rank)
+    features = 70_000
+    g = torch.Generator(device="cpu").manual_seed(rank)
+    rows = 0 if rank == world - 1 and world > 1 else 5 + 3 * rank
+    data = torch.randn(rows, features, generator=g, dtype=torch.float64) + 1e6
+    stat = RunningMoments(features).to(device)
+    if rows:
+        stat.update(data.to(device))
+    first = sync_stats([stat])
+    again = sync_stats([stat])  # nothing new: changes nothing
+    return {"data": data, "count": int(stat.count), "mean": stat.mean.cpu(),
+            "var": stat.var.cpu(), "calls": (first.n_collectives, again.n_collectives)}
+
+
+def test_a_stat_larger_than_a_sync_chunk_syncs_exactly_under_nccl() -> None:
+    """The chunked moments sync (bucket views on the GPU, reduced in place by NCCL) against a
+    float64 reference over every rank's rows."""
+    results = run_distributed(_nccl_big_sync, _world(), backend="nccl", timeout=300)
+    data = torch.cat([r["data"] for r in results])
+    for res in results:
+        assert res["calls"][0] > 0 and res["count"] == data.shape[0]
+        torch.testing.assert_close(res["mean"], data.mean(0), rtol=1e-12, atol=0)
+        torch.testing.assert_close(res["var"], data.var(0, unbiased=False), rtol=1e-6, atol=0)
+
+
 def test_lightning_ddp_fit_on_gpus_with_metrics_and_activation_stats(tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lightning"))
     from lit_models import run_ranks
